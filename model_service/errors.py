@@ -1,0 +1,113 @@
+"""OpenAI-style errors for both HTTP servers (worker and manager).
+
+Every error leaves as `{"error": {"message", "type", "param", "code"}}`; validation and
+malformed JSON become 400 `invalid_request_error`, unknown routes 404, anything
+unexpected 500 `server_error` without leaking internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model_service.protocol import ErrorDetail, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error with an HTTP status that is returned to the client in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=detail).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def not_found(message: str, *, param: str | None = None, code: str = "not_found") -> ApiError:
+    return ApiError(404, message, type="invalid_request_error", param=param, code=code)
+
+
+def _loc_to_param(loc: Sequence[Any]) -> str | None:
+    # ("body", "messages", 0, "role") -> "messages.0.role"
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    if not errors:
+        return ApiError(400, "invalid request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "request body is not valid JSON", code="invalid_json")
+    if tuple(first.get("loc", ())) == ("body",):
+        # The body as a whole is wrong: missing, not JSON, or not a JSON object.
+        return ApiError(400, "request body must be a JSON object", code="invalid_json")
+    param = _loc_to_param(first.get("loc", ()))
+    message = str(first.get("msg", "invalid value"))
+    if param:
+        message = f"{param}: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return ApiError(400, message, param=param, code="invalid_value")
+
+
+_STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error `app` returns use OpenAI's error shape."""
+
+    async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        return exc.response()
+
+    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return _validation_error(exc).response()
+
+    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        error_type = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
+        if exc.status_code >= 500:
+            error_type = "server_error"
+        code = "not_found" if exc.status_code == 404 else None
+        return ApiError(
+            exc.status_code, str(exc.detail), type=error_type, code=code, headers=exc.headers
+        ).response()
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return ApiError(500, "internal server error", type="server_error").response()
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,312 @@
+"""Turns OpenAI requests into engine jobs and engine output into OpenAI responses."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from model_service.backends.base import BackendError, RenderedPrompt, SamplingParams
+from model_service.engine import Engine, EngineError, GenerationStream
+from model_service.errors import ApiError
+from model_service.metrics import WorkerMetrics
+from model_service.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorDetail,
+    ErrorResponse,
+    ResponseFormat,
+    SamplingFields,
+    Usage,
+    new_completion_id,
+    unix_now,
+)
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Sampling defaults from the registry entry, used when a request leaves them out."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int | None = None
+
+    @classmethod
+    def from_settings(cls, raw: dict[str, Any] | None) -> ModelDefaults:
+        raw = raw or {}
+        return cls(**{k: raw[k] for k in ("temperature", "top_p", "max_tokens") if k in raw})
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    prompt: RenderedPrompt
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str] = field(default_factory=list)
+
+
+def _schema_of(response_format: ResponseFormat | None) -> dict[str, Any] | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return {}
+    if response_format.json_schema is None:
+        raise ApiError(
+            400,
+            "response_format.json_schema is required when type is 'json_schema'",
+            param="response_format.json_schema",
+            code="invalid_value",
+        )
+    return response_format.json_schema.json_schema
+
+
+def _sse(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
+
+
+class InferenceService:
+    """The worker's request logic. Methods raise ApiError for anything the client got wrong."""
+
+    def __init__(
+        self,
+        model_id: str,
+        engine: Engine,
+        defaults: ModelDefaults,
+        metrics: WorkerMetrics,
+        aliases: frozenset[str] = frozenset(),
+    ) -> None:
+        self.model_id = model_id
+        self.engine = engine
+        self._backend = engine.backend
+        self._defaults = defaults
+        self._metrics = metrics
+        self._names = frozenset({model_id, *aliases})
+
+    # --- request preparation ------------------------------------------------------------
+
+    def _check_model(self, name: str) -> None:
+        if name not in self._names:
+            raise ApiError(
+                404,
+                f"The model '{name}' is not served here; this worker serves '{self.model_id}'",
+                param="model",
+                code="model_not_found",
+            )
+
+    def _prepare(
+        self,
+        request: SamplingFields,
+        prompt: RenderedPrompt,
+        requested_max: int | None,
+        response_format: ResponseFormat | None,
+    ) -> Prepared:
+        context = self._backend.context_length
+        prompt_tokens = len(prompt.tokens)
+        if prompt_tokens >= context:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {context} tokens, but the prompt "
+                f"has {prompt_tokens} tokens. Shorten the prompt.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if requested_max is not None and requested_max > context:
+            raise ApiError(
+                400,
+                f"max_tokens is too large: {requested_max}. This model's maximum context "
+                f"length is {context} tokens.",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        max_tokens = requested_max or self._defaults.max_tokens or context - prompt_tokens
+        params = SamplingParams(
+            temperature=(
+                request.temperature
+                if request.temperature is not None
+                else self._defaults.temperature
+            ),
+            top_p=request.top_p if request.top_p is not None else self._defaults.top_p,
+            seed=request.seed,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            json_schema=_schema_of(response_format),
+        )
+        try:
+            self._backend.check_sampling(params)
+        except BackendError as exc:
+            raise ApiError(400, str(exc), param="response_format", code="invalid_value") from exc
+        return Prepared(prompt, params, max_tokens, stop=prompt.stop + request.stop_sequences())
+
+    def _submit(self, prepared: Prepared) -> GenerationStream:
+        return self.engine.submit(
+            prepared.prompt.tokens, prepared.params, prepared.max_tokens, prepared.stop
+        )
+
+    def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
+        self._check_model(request.model)
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        try:
+            prompt = self._backend.render_chat(messages)
+        except BackendError as exc:
+            raise ApiError(400, str(exc), param="messages", code="invalid_value") from exc
+        return self._prepare(request, prompt, request.token_limit(), request.response_format)
+
+    def prepare_completion(self, request: CompletionRequest) -> Prepared:
+        self._check_model(request.model)
+        prompt = RenderedPrompt(tokens=self._backend.tokenize(request.prompt_text()))
+        return self._prepare(request, prompt, request.token_limit(), request.response_format)
+
+    # --- chat -------------------------------------------------------------------------------
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
+        prepared = self.prepare_chat(request)
+        started = time.perf_counter()
+        stream = self._submit(prepared)
+        text = await self._collect(stream)
+        result = stream.result
+        assert result is not None
+        self._metrics.observe_generation(started, None, result.completion_tokens)
+        return ChatCompletion(
+            id=new_completion_id("chatcmpl"),
+            created=unix_now(),
+            model=self.model_id,
+            choices=[
+                ChatChoice(
+                    message=AssistantMessage(content=text), finish_reason=result.finish_reason
+                )
+            ],
+            usage=_usage(result.prompt_tokens, result.completion_tokens),
+        )
+
+    async def chat_stream(
+        self, request: ChatCompletionRequest, prepared: Prepared
+    ) -> AsyncIterator[bytes]:
+        """SSE frames for a streamed chat completion, ending with `data: [DONE]`."""
+        completion_id, created = new_completion_id("chatcmpl"), unix_now()
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        def chunk(delta: ChunkDelta, finish: Any = None) -> bytes:
+            body = ChatCompletionChunk(
+                id=completion_id,
+                created=created,
+                model=self.model_id,
+                choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
+            )
+            return _sse(body.model_dump_json(exclude_none=True))
+
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        stream = self._submit(prepared)
+        yield chunk(ChunkDelta(role="assistant", content=""))
+        try:
+            async for piece in stream.pieces():
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                yield chunk(ChunkDelta(content=piece))
+        except EngineError as exc:
+            yield _sse(_error_json(str(exc)))
+            return
+        result = stream.result
+        assert result is not None
+        self._metrics.observe_generation(started, first_token_at, result.completion_tokens)
+        yield chunk(ChunkDelta(), result.finish_reason)
+        if include_usage:
+            usage = ChatCompletionChunk(
+                id=completion_id,
+                created=created,
+                model=self.model_id,
+                choices=[],
+                usage=_usage(result.prompt_tokens, result.completion_tokens),
+            )
+            yield _sse(usage.model_dump_json())
+        yield b"data: [DONE]\n\n"
+
+    # --- completions ------------------------------------------------------------------------
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        prepared = self.prepare_completion(request)
+        started = time.perf_counter()
+        stream = self._submit(prepared)
+        text = await self._collect(stream)
+        result = stream.result
+        assert result is not None
+        self._metrics.observe_generation(started, None, result.completion_tokens)
+        if request.echo:
+            text = request.prompt_text() + text
+        return Completion(
+            id=new_completion_id("cmpl"),
+            created=unix_now(),
+            model=self.model_id,
+            choices=[CompletionChoice(text=text, finish_reason=result.finish_reason)],
+            usage=_usage(result.prompt_tokens, result.completion_tokens),
+        )
+
+    async def complete_stream(
+        self, request: CompletionRequest, prepared: Prepared
+    ) -> AsyncIterator[bytes]:
+        completion_id, created = new_completion_id("cmpl"), unix_now()
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        def chunk(text: str, finish: Any = None, usage: Usage | None = None) -> bytes:
+            choices = [] if usage else [CompletionChoice(text=text, finish_reason=finish)]
+            body = Completion(
+                id=completion_id,
+                created=created,
+                model=self.model_id,
+                choices=choices,
+                usage=usage,
+            )
+            return _sse(body.model_dump_json(exclude_none=usage is None))
+
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        stream = self._submit(prepared)
+        if request.echo:
+            yield chunk(request.prompt_text())
+        try:
+            async for piece in stream.pieces():
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                yield chunk(piece)
+        except EngineError as exc:
+            yield _sse(_error_json(str(exc)))
+            return
+        result = stream.result
+        assert result is not None
+        self._metrics.observe_generation(started, first_token_at, result.completion_tokens)
+        yield chunk("", result.finish_reason)
+        if include_usage:
+            yield chunk("", usage=_usage(result.prompt_tokens, result.completion_tokens))
+        yield b"data: [DONE]\n\n"
+
+    @staticmethod
+    async def _collect(stream: GenerationStream) -> str:
+        try:
+            return await stream.text()
+        except EngineError as exc:
+            raise ApiError(500, f"generation failed: {exc}", type="server_error") from exc
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def _error_json(message: str) -> str:
+    detail = ErrorDetail(message=message, type="server_error")
+    return json.dumps(ErrorResponse(error=detail).model_dump())

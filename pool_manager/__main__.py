@@ -1,0 +1,112 @@
+"""Start the pool manager: `pool-manager` or `python -m pool_manager`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from model_service.logs import setup_logging
+from model_service.serving import GracefulServer
+from pool_manager.api import create_app
+from pool_manager.config import ConfigError, ConfigStore
+from pool_manager.metrics import PoolMetrics
+from pool_manager.pool import ModelPool
+
+log = logging.getLogger("pool_manager")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pool-manager", description=__doc__)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("POOL_CONFIG", "configs/model_pool_config.json")),
+        help="pool config file (env POOL_CONFIG)",
+    )
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        default=Path(os.environ.get("POOL_REGISTRY", "configs/model_pool_registry.json")),
+        help="model registry file (env POOL_REGISTRY)",
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("POOL_HOST"),
+        help="listen address, overrides the config (env POOL_HOST)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=_env_int("POOL_PORT"),
+        help="listen port, overrides the config (env POOL_PORT)",
+    )
+    return parser.parse_args(argv)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def _print_welcome(pool: ModelPool, host: str, port: int) -> None:
+    lines = [
+        f"pool manager ready on http://{host}:{port}  (models: curl http://{host}:{port}/models)"
+    ]
+    example = None
+    for record in pool.records():
+        if record.worker is not None:
+            endpoint = f"http://{host}:{record.worker.port}"
+            lines.append(f"  {record.model_id}: {record.state} on {endpoint}")
+            example = example or (record.model_id, endpoint)
+    if example:
+        model_id, endpoint = example
+        lines.append("try:")
+        lines.append(
+            f"  curl {endpoint}/v1/chat/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{model_id}", "messages": '
+            '[{"role": "user", "content": "Say hello"}]}\''
+        )
+    lines.append("Ctrl-C stops the manager and all its workers.")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    store = ConfigStore(args.config, args.registry)
+    try:
+        config = store.load_config()
+        specs = store.load_registry()
+    except ConfigError as exc:
+        print(f"pool-manager: {exc}", file=sys.stderr)
+        return 2
+    # Command-line and environment overrides apply to this run only; they are not saved.
+    config = config.model_copy(
+        update={k: v for k, v in (("host", args.host), ("port", args.port)) if v}
+    )
+    setup_logging("manager", config.log_level)
+    pool = ModelPool(store, config, specs, PoolMetrics())
+    app = create_app(pool, on_warm=lambda: _print_welcome(pool, config.host, config.port))
+
+    log.info(
+        "starting",
+        extra={
+            "host": config.host,
+            "port": config.port,
+            "config": str(args.config),
+            "registry": str(args.registry),
+        },
+    )
+    server_config = uvicorn.Config(
+        app, host=config.host, port=config.port, log_config=None, access_log=False
+    )
+    GracefulServer(server_config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The manager's REST routes. Thin: parse, call the pool, shape the reply."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import httpx
+from fastapi import Body, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from model_service.errors import ApiError, install_error_handlers
+from pool_manager.config import ModelSpec
+from pool_manager.pool import ModelPool, ModelRecord, PoolError
+from pool_manager.states import OCCUPYING, ModelState
+
+
+class UnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    force: bool = False
+
+
+class ExtendTtlRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    minutes: float = Field(gt=0, le=24 * 60)
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _round(value: float | None, digits: int = 1) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def model_view(pool: ModelPool, record: ModelRecord) -> dict[str, Any]:
+    """What GET /models shows for one model."""
+    worker = record.worker
+    host = "127.0.0.1" if pool.config.host in ("0.0.0.0", "::") else pool.config.host
+    rss = pool.memory_rss_bytes(record)
+    spec = record.spec
+    return {
+        "model_id": spec.model_id,
+        "display_name": spec.display_name or spec.model_id,
+        "state": record.state.value,
+        "port": worker.port if worker else None,
+        "endpoint": f"http://{host}:{worker.port}" if worker else None,
+        "pid": worker.pid if worker else None,
+        "warmup": pool.is_pinned(record),
+        "backend": spec.backend,
+        "model_type": spec.model_type,
+        "tags": spec.tags,
+        "ttl_minutes": round(pool.ttl_seconds(record) / 60.0, 3),
+        "ttl_remaining_seconds": _round(pool.ttl_remaining(record)),
+        "cooling_remaining_seconds": _round(pool.cooling_remaining(record)),
+        "in_flight": record.in_flight,
+        "requests_total": record.requests_total,
+        "last_used": _iso(record.last_used_at),
+        "loaded_at": _iso(record.loaded_at),
+        "load_seconds": _round(record.load_seconds, 3),
+        "memory_rss_mb": _round(rss / 2**20 if rss is not None else None),
+        "failures": record.consecutive_failures,
+        "crashes": record.crashes,
+        "last_error": record.last_error,
+        "retry_after_seconds": _round(pool.retry_after(record)),
+    }
+
+
+def _pool_error_response(exc: PoolError) -> JSONResponse:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    error = ApiError(exc.status, exc.message, type=exc.error_type, code=exc.code, headers=headers)
+    return error.response()
+
+
+def create_app(pool: ModelPool, on_warm: Callable[[], None] | None = None) -> FastAPI:
+    """The manager's app; `on_warm` runs once every warmup model has loaded (or failed)."""
+
+    async def call_when_warm() -> None:
+        await pool.warmup_done.wait()
+        if on_warm is not None:
+            on_warm()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await pool.start()
+        welcome = asyncio.create_task(call_when_warm())
+        try:
+            yield
+        finally:
+            welcome.cancel()
+            await pool.stop()
+
+    app = FastAPI(title="Model Pool Manager", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+
+    async def on_pool_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, PoolError)
+        return _pool_error_response(exc)
+
+    app.add_exception_handler(PoolError, on_pool_error)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        records = pool.records()
+        rss = [pool.memory_rss_bytes(r) or 0 for r in records]
+        return {
+            "status": "healthy",
+            "warmup_complete": pool.warmup_done.is_set(),
+            "total_models": len(records),
+            "active_models": sum(r.state in OCCUPYING for r in records),
+            "models_by_state": {s.value: sum(r.state is s for r in records) for s in ModelState},
+            "total_memory_mb": round(sum(rss) / 2**20, 1),
+            "available_ports": pool.available_ports(),
+        }
+
+    @app.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"models": [model_view(pool, r) for r in pool.records()]}
+
+    @app.post("/models/register", status_code=201)
+    async def register_model(spec: ModelSpec, replace: bool = False) -> dict[str, Any]:
+        return model_view(pool, pool.register(spec, replace=replace))
+
+    @app.get("/models/{model_id:path}/health")
+    async def model_health(model_id: str) -> dict[str, Any]:
+        record = pool.get(model_id)
+        view = model_view(pool, record)
+        worker_health: dict[str, Any] | None = None
+        if record.worker is not None and record.state is not ModelState.WARMING:
+            try:
+                async with httpx.AsyncClient(timeout=2.0) as client:
+                    reply = await client.get(f"{view['endpoint']}/health")
+                worker_health = reply.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                worker_health = {"status": "unreachable", "error": str(exc) or type(exc).__name__}
+        return {
+            "model_id": model_id,
+            "state": record.state.value,
+            "port": view["port"],
+            "healthy": bool(worker_health and worker_health.get("status") == "ready"),
+            "worker": worker_health,
+        }
+
+    @app.post("/models/{model_id:path}/load")
+    async def load_model(model_id: str) -> dict[str, Any]:
+        return model_view(pool, await pool.load(model_id))
+
+    @app.post("/models/{model_id:path}/unload")
+    async def unload_model(
+        model_id: str, body: Annotated[UnloadRequest | None, Body()] = None
+    ) -> dict[str, Any]:
+        force = body.force if body else False
+        return model_view(pool, await pool.unload(model_id, force=force))
+
+    @app.post("/models/{model_id:path}/extend-ttl")
+    async def extend_ttl(model_id: str, body: ExtendTtlRequest) -> dict[str, Any]:
+        return model_view(pool, pool.extend_ttl(model_id, body.minutes))
+
+    @app.get("/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        return model_view(pool, pool.get(model_id))
+
+    @app.delete("/models/{model_id:path}")
+    async def delete_model(model_id: str) -> dict[str, Any]:
+        await pool.delete(model_id)
+        return {"deleted": model_id}
+
+    @app.get("/config")
+    async def get_config() -> dict[str, Any]:
+        return pool.config.model_dump(mode="json")
+
+    @app.patch("/config")
+    async def patch_config(changes: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+        try:
+            config = pool.update_config(changes)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise ApiError(
+                400,
+                f"{param}: {first['msg']}" if param else first["msg"],
+                param=param,
+                code="invalid_value",
+            ) from exc
+        return config.model_dump(mode="json")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(pool.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,194 @@
+"""The pool's two JSON files: its configuration and its model registry.
+
+`ConfigStore` is the only code that reads or writes them. Writes are atomic (a temporary
+file in the same folder, fsync, rename, fsync of the folder), so a crash mid-write leaves
+either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+# Suffixes the manager's routes use after a model id; an id ending in one would be ambiguous.
+_RESERVED_SUFFIXES = ("/load", "/unload", "/extend-ttl", "/health")
+
+
+class PortRange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    start: int = Field(default=8051, ge=1, le=65535)
+    end: int = Field(default=8099, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PortRange:
+        if self.start > self.end:
+            raise ValueError("port_range.start must not be above port_range.end")
+        return self
+
+
+class PoolConfig(BaseModel):
+    """`configs/model_pool_config.json`. Unknown keys are refused (typos are bugs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8050, ge=1, le=65535)
+    default_ttl_minutes: float = Field(default=15, gt=0)
+    min_ttl_minutes: float = Field(default=5, ge=0)
+    max_ttl_minutes: float = Field(default=60, gt=0)
+    check_interval_seconds: float = Field(default=30, gt=0)
+    grace_period_seconds: float = Field(default=120, ge=0)
+    warmup_models: list[str] = Field(default_factory=list)
+    port_range: PortRange = Field(default_factory=PortRange)
+    max_concurrent_models: int = Field(default=5, ge=1)
+    memory_limit_mb: int = Field(default=32000, ge=1)
+    auto_unload: bool = True
+    graceful_shutdown_seconds: float = Field(default=30, ge=0)
+    load_timeout_seconds: float = Field(default=120, gt=0)
+    max_load_failures: int = Field(default=3, ge=1)
+    failure_cooldown_seconds: float = Field(default=60, ge=0)
+    ollama_base_url: str = "http://localhost:11434"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _ttl_bounds(self) -> PoolConfig:
+        if not self.min_ttl_minutes <= self.max_ttl_minutes:
+            raise ValueError("min_ttl_minutes must not be above max_ttl_minutes")
+        return self
+
+
+class ModelSpec(BaseModel):
+    """One registry entry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str
+    display_name: str | None = None
+    model_type: str = "chat"
+    warmup: bool = False
+    ttl_minutes: float | None = Field(default=None, ge=0)
+    priority: Literal["low", "normal", "high"] = "normal"
+    tags: list[str] = Field(default_factory=list)
+    aliases: list[str] = Field(default_factory=list)
+    backend: Literal["llama_cpp"] = "llama_cpp"
+    # Where the weights are: a path (relative paths are relative to the registry file),
+    # or "package/file" inside an installed Python package.
+    model_path: str | None = None
+    package_file: str | None = None
+    n_ctx: int = Field(default=2048, ge=64, le=1_048_576)
+    n_threads: int | None = Field(default=None, ge=1)
+    n_batch: int = Field(default=512, ge=1)
+    chat_format: str | None = None
+    max_concurrent: int = Field(default=4, ge=1)
+    timeout_seconds: float = Field(default=30, gt=0)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model_id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        if not MODEL_ID_PATTERN.match(value) or ".." in value or value.endswith(_RESERVED_SUFFIXES):
+            raise ValueError(
+                "model_id must be 1-128 characters of letters, digits and . _ : / @ + -, "
+                "start with a letter or digit, and not contain '..'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _has_weights(self) -> ModelSpec:
+        if self.backend == "llama_cpp" and not (self.model_path or self.package_file):
+            raise ValueError("a llama_cpp model needs model_path or package_file")
+        return self
+
+
+class Registry(BaseModel):
+    models: list[ModelSpec] = Field(default_factory=list)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Replace `path` with `data` as JSON, all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out, indent=2)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class ConfigError(Exception):
+    """A config or registry file that cannot be used, with a readable reason."""
+
+
+class ConfigStore:
+    """Reads and atomically writes the config and registry files."""
+
+    def __init__(self, config_path: Path, registry_path: Path) -> None:
+        self.config_path = config_path
+        self.registry_path = registry_path
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.registry_path.parent
+
+    def load_config(self) -> PoolConfig:
+        """Raises ConfigError. A missing file means all defaults."""
+        raw = self._read(self.config_path, default={})
+        try:
+            return PoolConfig.model_validate(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{self.config_path}: {exc}") from exc
+
+    def load_registry(self) -> list[ModelSpec]:
+        """Raises ConfigError (also for a model id listed twice)."""
+        raw = self._read(self.registry_path, default={"models": []})
+        try:
+            models = Registry.model_validate(raw).models
+        except ValueError as exc:
+            raise ConfigError(f"{self.registry_path}: {exc}") from exc
+        seen: set[str] = set()
+        for spec in models:
+            if spec.model_id in seen:
+                raise ConfigError(f"{self.registry_path}: model {spec.model_id!r} listed twice")
+            seen.add(spec.model_id)
+        return models
+
+    def save_config(self, config: PoolConfig) -> None:
+        atomic_write_json(self.config_path, config.model_dump(mode="json"))
+
+    def save_registry(self, models: list[ModelSpec]) -> None:
+        entries = [m.model_dump(mode="json", exclude_none=True) for m in models]
+        atomic_write_json(self.registry_path, {"models": entries})
+
+    @staticmethod
+    def _read(path: Path, default: Any) -> Any:
+        try:
+            with path.open() as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return default
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def effective_ttl_seconds(config: PoolConfig, spec: ModelSpec) -> float:
+    """The model's TTL: its own if set (0 means the default), clamped to the pool's bounds."""
+    minutes = spec.ttl_minutes or config.default_ttl_minutes
+    minutes = min(max(minutes, config.min_ttl_minutes), config.max_ttl_minutes)
+    return minutes * 60.0

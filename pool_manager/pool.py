@@ -1,0 +1,610 @@
+"""The pool: the one owner of every model's state, worker process and port.
+
+Every state change goes through `ModelPool._set_state`, which checks it against the
+transition table in `states.py`. Everything runs on the manager's event loop, so state is
+only ever touched from one thread; the awaits in between are where other requests run.
+
+Background work, each a short named function:
+- `_reap_idle_models`: HOT past its TTL -> COOLING; COOLING past its grace -> unload.
+- `_watch_worker`: notices a worker that died (by waiting on its process) and frees it.
+- `_load_warmup_models`: loads and pins the warmup models at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import psutil
+
+from model_service.backends.base import BackendError
+from model_service.model_files import resolve_model_file
+from pool_manager.config import (
+    ConfigStore,
+    ModelSpec,
+    PoolConfig,
+    effective_ttl_seconds,
+)
+from pool_manager.metrics import PoolMetrics
+from pool_manager.ports import NoFreePort, PortAllocator
+from pool_manager.states import OCCUPYING, SERVING, ModelState, check_transition
+from pool_manager.worker_process import WorkerProcess, WorkerStartError
+
+log = logging.getLogger(__name__)
+
+S = ModelState
+RETRY_AFTER_FULL_SECONDS = 5
+
+
+class PoolError(Exception):
+    """A request the pool cannot honour; carries what the HTTP layer needs to say so."""
+
+    status = 500
+    code = "pool_error"
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class ModelNotFound(PoolError):
+    status, code, error_type = 404, "model_not_found", "invalid_request_error"
+
+
+class ModelConflict(PoolError):
+    status, code, error_type = 409, "conflict", "invalid_request_error"
+
+
+class InvalidModel(PoolError):
+    status, code, error_type = 400, "invalid_value", "invalid_request_error"
+
+
+class PoolFull(PoolError):
+    status, code, error_type = 503, "pool_full", "server_error"
+
+
+class LoadFailed(PoolError):
+    status, code, error_type = 503, "model_load_failed", "server_error"
+
+
+class ShuttingDown(PoolError):
+    status, code, error_type = 503, "shutting_down", "server_error"
+
+
+@dataclass
+class ModelRecord:
+    """Everything the pool knows about one registered model."""
+
+    spec: ModelSpec
+    state: ModelState = S.COLD
+    worker: WorkerProcess | None = None
+    in_flight: int = 0
+    requests_total: int = 0
+    last_used_at: float | None = None  # wall clock, for people
+    last_used_mono: float = 0.0  # monotonic, for LRU
+    ttl_deadline: float | None = None  # monotonic; None while pinned or not loaded
+    cooling_deadline: float | None = None
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+    consecutive_failures: int = 0
+    crashes: int = 0
+    last_error: str | None = None
+    retry_at: float | None = None  # monotonic; when a FAILED model may be retried
+    load_task: asyncio.Task[None] | None = None
+    unload_task: asyncio.Task[None] | None = None
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.model_id
+
+
+class ModelPool:
+    def __init__(
+        self,
+        store: ConfigStore,
+        config: PoolConfig,
+        specs: Iterable[ModelSpec],
+        metrics: PoolMetrics,
+    ) -> None:
+        self._store = store
+        self.config = config
+        self._records: dict[str, ModelRecord] = {s.model_id: ModelRecord(s) for s in specs}
+        self._ports = PortAllocator(config.host, config.port_range.start, config.port_range.end)
+        self.metrics = metrics
+        self._capacity_lock = asyncio.Lock()
+        self._reaper_wakeup = asyncio.Event()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self.warmup_done = asyncio.Event()
+        metrics.attach(self)
+
+    # --- start and stop ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the background loops; warmup models load in the background."""
+        self._spawn_background(self._reap_idle_models(), "reaper")
+        self._spawn_background(self._load_warmup_models(), "warmup")
+
+    async def stop(self) -> None:
+        """Drain and stop every worker (each within graceful_shutdown_seconds)."""
+        self._closing = True
+        for task in list(self._background):
+            task.cancel()
+        loading = [r.load_task for r in self._records.values() if r.load_task]
+        if loading:
+            await asyncio.wait(loading, timeout=self.config.load_timeout_seconds)
+        occupied = [r for r in self._records.values() if r.state in OCCUPYING]
+        await asyncio.gather(
+            *(self._unload(r, "shutdown", force=False) for r in occupied),
+            return_exceptions=True,
+        )
+
+    def _spawn_background(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- queries ----------------------------------------------------------------------------
+
+    def get(self, model_id: str) -> ModelRecord:
+        """Raises ModelNotFound."""
+        try:
+            return self._records[model_id]
+        except KeyError:
+            raise ModelNotFound(f"model '{model_id}' is not registered") from None
+
+    def records(self) -> list[ModelRecord]:
+        return list(self._records.values())
+
+    def is_pinned(self, record: ModelRecord) -> bool:
+        return record.spec.warmup or record.model_id in self.config.warmup_models
+
+    def ttl_seconds(self, record: ModelRecord) -> float:
+        return effective_ttl_seconds(self.config, record.spec)
+
+    def ttl_remaining(self, record: ModelRecord) -> float | None:
+        """Seconds until the model starts cooling; None when it never expires."""
+        if record.state not in SERVING or self.is_pinned(record) or not self.config.auto_unload:
+            return None
+        if record.state is S.COOLING:
+            return 0.0
+        if record.in_flight or record.ttl_deadline is None:
+            return self.ttl_seconds(record)  # TTL counts from the end of the last request
+        return max(0.0, record.ttl_deadline - time.monotonic())
+
+    def cooling_remaining(self, record: ModelRecord) -> float | None:
+        if record.state is not S.COOLING or record.cooling_deadline is None:
+            return None
+        return max(0.0, record.cooling_deadline - time.monotonic())
+
+    def retry_after(self, record: ModelRecord) -> float | None:
+        if record.state is not S.FAILED or record.retry_at is None:
+            return None
+        return max(0.0, record.retry_at - time.monotonic())
+
+    @staticmethod
+    def memory_rss_bytes(record: ModelRecord) -> int | None:
+        if record.worker is None:
+            return None
+        try:
+            return int(psutil.Process(record.worker.pid).memory_info().rss)
+        except psutil.Error:
+            return None
+
+    def available_ports(self) -> int:
+        return self._ports.available()
+
+    # --- registry ---------------------------------------------------------------------------
+
+    def register(self, spec: ModelSpec, *, replace: bool = False) -> ModelRecord:
+        """Add (or with `replace`, update) a model and persist the registry.
+
+        A loaded model keeps running with its old settings until it is next loaded.
+        Raises ModelConflict or InvalidModel.
+        """
+        existing = self._records.get(spec.model_id)
+        if existing is not None and not replace:
+            raise ModelConflict(
+                f"model '{spec.model_id}' is already registered; send replace=true to update it"
+            )
+        self._model_file(spec)
+        if existing is not None:
+            existing.spec = spec
+            record = existing
+        else:
+            record = self._records[spec.model_id] = ModelRecord(spec)
+        self._save_registry()
+        log.info("model registered", extra={"model": spec.model_id, "replaced": bool(existing)})
+        return record
+
+    async def delete(self, model_id: str) -> None:
+        """Unload (draining) and forget a model. Raises ModelNotFound."""
+        record = self.get(model_id)
+        await self._unload(record, "deleted", force=False)
+        del self._records[model_id]
+        self._save_registry()
+        if model_id in self.config.warmup_models:
+            warmups = [m for m in self.config.warmup_models if m != model_id]
+            self.update_config({"warmup_models": warmups})
+        log.info("model deleted", extra={"model": model_id})
+
+    def update_config(self, changes: dict[str, Any]) -> PoolConfig:
+        """Validate, persist and apply a partial config. Raises ValueError if invalid."""
+        merged = _deep_merge(self.config.model_dump(), changes)
+        config = PoolConfig.model_validate(merged)
+        self._store.save_config(config)
+        self.config = config
+        self._ports.set_range(config.port_range.start, config.port_range.end)
+        self._reaper_wakeup.set()
+        return config
+
+    def _save_registry(self) -> None:
+        self._store.save_registry([r.spec for r in self._records.values()])
+
+    def _model_file(self, spec: ModelSpec) -> str:
+        try:
+            return str(
+                resolve_model_file(spec.model_path, spec.package_file, self._store.registry_dir)
+            )
+        except BackendError as exc:
+            raise InvalidModel(str(exc)) from exc
+
+    # --- load -------------------------------------------------------------------------------
+
+    async def load(self, model_id: str) -> ModelRecord:
+        """Return once the model serves, loading it if needed.
+
+        Concurrent callers share one load. Raises ModelNotFound, PoolFull (nothing can be
+        evicted), LoadFailed, ShuttingDown.
+        """
+        record = self.get(model_id)
+        while True:
+            if self._closing:
+                raise ShuttingDown("the pool manager is shutting down")
+            if record.state in SERVING:
+                return record
+            if record.unload_task is not None:
+                await asyncio.shield(record.unload_task)
+                continue
+            if record.state is S.FAILED and (self.retry_after(record) or 0) > 0:
+                raise LoadFailed(
+                    f"model '{model_id}' failed to load: {record.last_error}",
+                    retry_after=self.retry_after(record),
+                )
+            if record.load_task is None:
+                record.load_task = asyncio.create_task(self._load(record), name=f"load:{model_id}")
+            await asyncio.shield(record.load_task)
+
+    async def _load(self, record: ModelRecord) -> None:
+        try:
+            async with self._capacity_lock:
+                await self._make_room_for(record)
+                sock = self._allocate_port()
+                self._set_state(record, S.WARMING, "load requested")
+            await self._start_worker(record, sock)
+        except PoolError:
+            raise
+        except WorkerStartError as exc:
+            self._record_load_failure(record, str(exc))
+            raise LoadFailed(f"model '{record.model_id}' failed to load: {exc}") from exc
+        finally:
+            record.load_task = None
+
+    def _allocate_port(self) -> Any:
+        try:
+            return self._ports.allocate()
+        except NoFreePort as exc:
+            raise PoolFull(str(exc), retry_after=RETRY_AFTER_FULL_SECONDS) from exc
+
+    async def _start_worker(self, record: ModelRecord, sock: Any) -> None:
+        port = sock.getsockname()[1]
+        started = time.perf_counter()
+        try:
+            settings = self._worker_settings(record.spec)
+            worker = await WorkerProcess.spawn(
+                record.model_id,
+                settings,
+                sock,
+                graceful_seconds=self.config.graceful_shutdown_seconds,
+                log_level=self.config.log_level,
+                on_activity=partial(self._on_activity, record),
+            )
+        except (InvalidModel, OSError) as exc:
+            sock.close()
+            self._ports.release(port)
+            raise WorkerStartError(str(exc)) from exc
+        record.worker = worker
+        try:
+            await worker.wait_ready(self.config.load_timeout_seconds)
+        except BaseException:
+            worker.kill()
+            await worker.wait_exit()
+            raise
+        record.load_seconds = time.perf_counter() - started
+        record.loaded_at = time.time()
+        record.consecutive_failures = 0
+        record.last_error = None
+        record.retry_at = None
+        record.last_used_mono = time.monotonic()
+        record.ttl_deadline = time.monotonic() + self.ttl_seconds(record)
+        self._set_state(record, S.HOT, "worker ready")
+        self.metrics.load_finished(record.model_id, "ok", record.load_seconds)
+        log.info(
+            "model loaded",
+            extra={
+                "model": record.model_id,
+                "port": port,
+                "pid": worker.pid,
+                "load_seconds": round(record.load_seconds, 3),
+            },
+        )
+        self._spawn_background(self._watch_worker(record, worker), f"watch:{record.model_id}")
+
+    def _worker_settings(self, spec: ModelSpec) -> dict[str, Any]:
+        settings = spec.model_dump(mode="json")
+        settings["model_path"] = self._model_file(spec)
+        return settings
+
+    def _record_load_failure(self, record: ModelRecord, reason: str) -> None:
+        if record.worker is not None:
+            self._ports.release(record.worker.port)
+            record.worker = None
+        record.consecutive_failures += 1
+        record.last_error = reason
+        self.metrics.load_finished(record.model_id, "failed", None)
+        log.error("model failed to load", extra={"model": record.model_id, "reason": reason})
+        if record.consecutive_failures >= self.config.max_load_failures:
+            record.retry_at = time.monotonic() + self.config.failure_cooldown_seconds
+            self._set_state(record, S.FAILED, "load failed too often")
+        else:
+            self._set_state(record, S.COLD, "load failed")
+
+    async def _make_room_for(self, record: ModelRecord) -> None:
+        """Evict least-recently-used idle models until `record` fits. Raises PoolFull."""
+        while True:
+            occupying = [
+                r for r in self._records.values() if r.state in OCCUPYING and r is not record
+            ]
+            if len(occupying) < self.config.max_concurrent_models:
+                return
+            victim = self._eviction_candidate(occupying)
+            if victim is not None:
+                log.info(
+                    "evicting least recently used model",
+                    extra={"model": victim.model_id, "for_model": record.model_id},
+                )
+                self.metrics.evicted(victim.model_id, "lru")
+                await self._unload(victim, "lru", force=False)
+                continue
+            stopping = [r.unload_task for r in occupying if r.unload_task is not None]
+            if stopping:
+                await asyncio.wait(stopping, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            raise PoolFull(
+                f"cannot load '{record.model_id}': {len(occupying)} models are loaded "
+                f"(max_concurrent_models={self.config.max_concurrent_models}) and none is "
+                "idle and evictable",
+                retry_after=RETRY_AFTER_FULL_SECONDS,
+            )
+
+    def _eviction_candidate(self, occupying: list[ModelRecord]) -> ModelRecord | None:
+        idle = [
+            r
+            for r in occupying
+            if r.state in SERVING
+            and r.in_flight == 0
+            and not self.is_pinned(r)
+            and r.unload_task is None
+        ]
+        return min(idle, key=lambda r: r.last_used_mono, default=None)
+
+    # --- unload -----------------------------------------------------------------------------
+
+    async def unload(self, model_id: str, *, force: bool = False) -> ModelRecord:
+        """Stop the model's worker: drain first unless `force`. Raises ModelNotFound."""
+        record = self.get(model_id)
+        await self._unload(record, "forced" if force else "requested", force=force)
+        return record
+
+    async def _unload(self, record: ModelRecord, reason: str, *, force: bool) -> None:
+        if record.load_task is not None:
+            # Let a load in progress finish first; its outcome does not matter here.
+            with contextlib.suppress(PoolError):
+                await asyncio.shield(record.load_task)
+        if record.unload_task is None:
+            if record.state not in SERVING:
+                return
+            record.unload_task = asyncio.create_task(
+                self._drain_and_stop(record, reason, force), name=f"unload:{record.model_id}"
+            )
+        elif force and record.worker is not None:
+            record.worker.kill()  # a forced unload overrides a drain in progress
+        await asyncio.shield(record.unload_task)
+
+    async def _drain_and_stop(self, record: ModelRecord, reason: str, force: bool) -> None:
+        worker = record.worker
+        assert worker is not None
+        try:
+            self._set_state(record, S.UNLOADING, reason)
+            grace = self.config.graceful_shutdown_seconds
+            if force:
+                worker.kill()
+            else:
+                # Drain: wait for in-flight requests (or for the worker to die meanwhile).
+                waits = [
+                    asyncio.ensure_future(record.idle.wait()),
+                    asyncio.ensure_future(worker.wait_exit()),
+                ]
+                _, pending = await asyncio.wait(
+                    waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED
+                )
+                for waiting in pending:
+                    waiting.cancel()
+            # SIGTERM: the worker stops accepting and finishes what raced in meanwhile.
+            await worker.stop(timeout=grace)
+            self._release_worker(record)
+            self._set_state(record, S.COLD, "worker stopped")
+            self.metrics.unloaded(record.model_id, reason)
+            log.info("model unloaded", extra={"model": record.model_id, "reason": reason})
+        finally:
+            record.unload_task = None
+
+    def _release_worker(self, record: ModelRecord) -> None:
+        if record.worker is not None:
+            self._ports.release(record.worker.port)
+        record.worker = None
+        record.in_flight = 0
+        record.idle.set()
+        record.ttl_deadline = None
+        record.cooling_deadline = None
+
+    # --- TTL --------------------------------------------------------------------------------
+
+    def extend_ttl(self, model_id: str, minutes: float) -> ModelRecord:
+        """Add `minutes` to a loaded model's remaining TTL (capped at max_ttl_minutes).
+
+        A COOLING model goes back to HOT. Raises ModelNotFound, ModelConflict.
+        """
+        record = self.get(model_id)
+        if record.state not in SERVING:
+            raise ModelConflict(f"model '{model_id}' is {record.state}, not loaded")
+        now = time.monotonic()
+        remaining = self.ttl_remaining(record) or 0.0
+        cap = self.config.max_ttl_minutes * 60.0
+        record.ttl_deadline = now + min(remaining + minutes * 60.0, cap)
+        if record.state is S.COOLING:
+            record.cooling_deadline = None
+            self._set_state(record, S.HOT, "TTL extended")
+        self._reaper_wakeup.set()
+        return record
+
+    def _on_activity(self, record: ModelRecord, worker: WorkerProcess, event: str) -> None:
+        """A request started or ended on the model's worker (reported by the worker)."""
+        if record.worker is not worker:
+            return  # a late report from a worker already released
+        now = time.monotonic()
+        record.last_used_mono = now
+        record.last_used_at = time.time()
+        if event == "start":
+            record.in_flight += 1
+            record.requests_total += 1
+            record.idle.clear()
+            self.metrics.request_started(record.model_id)
+            if record.state is S.COOLING:
+                record.cooling_deadline = None
+                self._set_state(record, S.HOT, "request during grace period")
+        else:
+            record.in_flight = max(0, record.in_flight - 1)
+            if record.in_flight == 0:
+                record.idle.set()
+            # TTL counts from the end of the last request.
+            record.ttl_deadline = now + self.ttl_seconds(record)
+            self._reaper_wakeup.set()
+
+    async def _reap_idle_models(self) -> None:
+        while True:
+            self._reaper_wakeup.clear()
+            next_due = self._expire_idle_models()
+            timeout = min(next_due, self.config.check_interval_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reaper_wakeup.wait(), timeout)
+
+    def _expire_idle_models(self) -> float:
+        """Move expired models along; return seconds until the next deadline."""
+        if not self.config.auto_unload:
+            return math.inf
+        now = time.monotonic()
+        next_due = math.inf
+        for record in self._records.values():
+            if self.is_pinned(record) or record.in_flight or record.unload_task is not None:
+                continue
+            if record.state is S.HOT and record.ttl_deadline is not None:
+                if now < record.ttl_deadline:
+                    next_due = min(next_due, record.ttl_deadline - now)
+                    continue
+                record.cooling_deadline = now + self.config.grace_period_seconds
+                self._set_state(record, S.COOLING, "TTL expired")
+            if record.state is S.COOLING and record.cooling_deadline is not None:
+                if now < record.cooling_deadline:
+                    next_due = min(next_due, record.cooling_deadline - now)
+                    continue
+                self._spawn_background(
+                    self._unload(record, "ttl", force=False), f"expire:{record.model_id}"
+                )
+        return next_due
+
+    # --- crashes ----------------------------------------------------------------------------
+
+    async def _watch_worker(self, record: ModelRecord, worker: WorkerProcess) -> None:
+        code = await worker.wait_exit()
+        if record.worker is not worker or record.state is S.UNLOADING:
+            return  # an unload we asked for
+        record.crashes += 1
+        record.last_error = f"worker exited unexpectedly with code {code}"
+        log.error(
+            "worker died", extra={"model": record.model_id, "exit_code": code, "pid": worker.pid}
+        )
+        self.metrics.crashed(record.model_id)
+        self._release_worker(record)
+        self._set_state(record, S.COLD, "worker died")
+        if self.is_pinned(record) and not self._closing:
+            # Warmup models are meant to stay loaded: bring them straight back.
+            self._spawn_background(self._reload_pinned(record), f"reload:{record.model_id}")
+
+    async def _reload_pinned(self, record: ModelRecord) -> None:
+        try:
+            await self.load(record.model_id)
+        except PoolError as exc:
+            log.error(
+                "warmup model did not come back",
+                extra={"model": record.model_id, "reason": exc.message},
+            )
+
+    # --- warmup -----------------------------------------------------------------------------
+
+    async def _load_warmup_models(self) -> None:
+        pinned = [r for r in self._records.values() if self.is_pinned(r)]
+        results = await asyncio.gather(
+            *(self.load(r.model_id) for r in pinned), return_exceptions=True
+        )
+        for record, result in zip(pinned, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error(
+                    "warmup model failed to load",
+                    extra={"model": record.model_id, "reason": str(result)},
+                )
+        self.warmup_done.set()
+
+    # --- the one place state changes --------------------------------------------------------
+
+    def _set_state(self, record: ModelRecord, new: ModelState, reason: str) -> None:
+        check_transition(record.model_id, record.state, new)
+        old, record.state = record.state, new
+        log.info(
+            "state change",
+            extra={"model": record.model_id, "from": str(old), "to": str(new), "reason": reason},
+        )
+        self._reaper_wakeup.set()
+
+
+def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

