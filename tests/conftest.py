@@ -63,10 +63,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_next_range_start = 20000 + (os.getpid() * 97) % 30000
+
+
 def free_port_range(size: int) -> tuple[int, int]:
-    """`size` consecutive free ports, picked away from the usual 8050-8099."""
-    base = 20000 + (os.getpid() * 37) % 20000
-    for start in range(base, 60000, size + 3):
+    """`size` consecutive free ports, away from 8050-8099 and never handed out twice."""
+    global _next_range_start
+    for _ in range(2000):
+        start = _next_range_start
+        _next_range_start = start + size + 1 if start + size < 60000 else 20000
         if all(port_is_free(p) for p in range(start, start + size)):
             return start, start + size - 1
     raise RuntimeError("no free port range")
@@ -187,9 +192,7 @@ class Manager:
         except subprocess.TimeoutExpired as exc:
             self.process.kill()
             self.process.wait()
-            raise AssertionError(
-                f"manager did not stop within {timeout} s:\n{self.log()}"
-            ) from exc
+            raise AssertionError(f"manager did not stop within {timeout} s:\n{self.log()}") from exc
         finally:
             if self.process.stdout:
                 self.process.stdout.close()

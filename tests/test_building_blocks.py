@@ -1,0 +1,162 @@
+"""The small pieces on their own: state table, stop sequences, ports, config files."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from model_service.engine import StopMatcher
+from pool_manager.config import (
+    ConfigError,
+    ConfigStore,
+    ModelSpec,
+    PoolConfig,
+    atomic_write_json,
+    effective_ttl_seconds,
+)
+from pool_manager.ports import NoFreePort, PortAllocator
+from pool_manager.states import (
+    TRANSITIONS,
+    InvalidTransition,
+    ModelState,
+    check_transition,
+    mermaid_diagram,
+)
+from tests.conftest import REPO, free_port_range
+
+S = ModelState
+
+
+def test_every_state_is_reachable_and_can_get_back_to_cold() -> None:
+    sources = {a for a, _ in TRANSITIONS}
+    targets = {b for _, b in TRANSITIONS}
+    assert set(ModelState) == sources == targets | {S.COLD}
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [(S.COLD, S.HOT), (S.COLD, S.COOLING), (S.UNLOADING, S.HOT), (S.HOT, S.WARMING)],
+)
+def test_transitions_outside_the_table_are_refused(old: ModelState, new: ModelState) -> None:
+    with pytest.raises(InvalidTransition):
+        check_transition("m", old, new)
+
+
+def test_architecture_doc_carries_the_generated_diagram() -> None:
+    doc = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    blocks = re.findall(r"```mermaid\n(.*?)```", doc, flags=re.S)
+    assert mermaid_diagram().strip() in [b.strip() for b in blocks], (
+        "docs/ARCHITECTURE.md's state diagram differs from pool_manager.states.TRANSITIONS; "
+        "paste the output of mermaid_diagram()"
+    )
+
+
+@pytest.mark.parametrize(
+    ("stops", "pieces", "emitted", "hit"),
+    [
+        ([], ["a", "b"], "ab", False),
+        (["END"], ["hello E", "N", "D tail"], "hello ", True),
+        (["END"], ["hello E", "NX"], "hello ENX", False),
+        (["\n\n", "###"], ["one\n", "two##", "#"], "one\ntwo", True),
+        (["ab"], ["xa", "a", "b"], "xa", True),
+    ],
+)
+def test_stop_matcher(stops: list[str], pieces: list[str], emitted: str, hit: bool) -> None:
+    matcher = StopMatcher(stops)
+    out, stopped = "", False
+    for piece in pieces:
+        text, stopped = matcher.feed(piece)
+        out += text
+        if stopped:
+            break
+    if not stopped:
+        out += matcher.flush()
+    assert (out, stopped) == (emitted, hit)
+
+
+def test_port_allocator_skips_busy_ports_and_reuses_released_ones() -> None:
+    start, end = free_port_range(3)
+    busy = socket.socket()
+    busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    busy.bind(("127.0.0.1", start + 1))
+    busy.listen()
+    allocator = PortAllocator("127.0.0.1", start, end)
+    try:
+        first = allocator.allocate()
+        second = allocator.allocate()
+        assert [first.getsockname()[1], second.getsockname()[1]] == [start, start + 2]
+        with pytest.raises(NoFreePort):
+            allocator.allocate()
+        first.close()
+        allocator.release(start)
+        third = allocator.allocate()
+        assert third.getsockname()[1] == start
+        third.close()
+        second.close()
+    finally:
+        busy.close()
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "registry.json"
+    atomic_write_json(target, {"models": [1]})
+    atomic_write_json(target, {"models": [1, 2]})
+    assert json.loads(target.read_text()) == {"models": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["registry.json"]
+
+
+def test_atomic_write_keeps_old_file_when_serialising_fails(tmp_path: Path) -> None:
+    target = tmp_path / "config.json"
+    atomic_write_json(target, {"ok": True})
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"bad": object()})
+    assert json.loads(target.read_text()) == {"ok": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_store_reports_broken_files_clearly(tmp_path: Path) -> None:
+    store = ConfigStore(tmp_path / "c.json", tmp_path / "r.json")
+    assert store.load_config() == PoolConfig()  # missing file: defaults
+    (tmp_path / "c.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        store.load_config()
+    entry = {"model_id": "m:1", "model_path": "x.gguf"}
+    (tmp_path / "r.json").write_text(json.dumps({"models": [entry, entry]}))
+    with pytest.raises(ConfigError, match="listed twice"):
+        store.load_registry()
+
+
+def test_shipped_files_are_valid_and_point_at_the_embedded_model() -> None:
+    store = ConfigStore(
+        REPO / "configs" / "model_pool_config.json", REPO / "configs" / "model_pool_registry.json"
+    )
+    config = store.load_config()
+    models = {m.model_id: m for m in store.load_registry()}
+    assert config.port == 8050 and config.port_range.start == 8051
+    assert config.port_range.end == 8099
+    assert models["smollm2:135m"].warmup
+    assert any(not m.warmup for m in models.values()), "a non-warmup model shows swapping"
+    assert config.default_ttl_minutes == 15 and config.max_concurrent_models == 5
+
+
+@pytest.mark.parametrize(
+    ("ttl", "expected_minutes"), [(None, 15), (0, 15), (2, 5), (30, 30), (500, 60)]
+)
+def test_effective_ttl_is_clamped(ttl: float | None, expected_minutes: float) -> None:
+    spec = ModelSpec(model_id="m", model_path="x.gguf", ttl_minutes=ttl)
+    assert effective_ttl_seconds(PoolConfig(), spec) == expected_minutes * 60
+
+
+@pytest.mark.parametrize("model_id", ["a", "qwen2.5-coder:7b", "org/name:tag", "x@y+z"])
+def test_valid_model_ids(model_id: str) -> None:
+    assert ModelSpec(model_id=model_id, model_path="f.gguf").model_id == model_id
+
+
+@pytest.mark.parametrize("model_id", ["", "has space", "../etc", "a" * 200, "m/load", ":x"])
+def test_invalid_model_ids(model_id: str) -> None:
+    with pytest.raises(ValueError):
+        ModelSpec(model_id=model_id, model_path="f.gguf")

@@ -1,0 +1,340 @@
+"""The manager's control plane with real worker processes: load, unload, TTL, eviction."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+
+import httpx
+import openai
+
+from tests.conftest import (
+    DEFAULT_MODEL,
+    ManagerFactory,
+    model_entry,
+    pid_alive,
+    port_is_free,
+    wait_for,
+)
+
+CODER = "org/coder:tiny"
+HELPER = "helper:1b"
+
+
+def chat(endpoint: str, model: str, text: str = "Hi", max_tokens: int = 4) -> str:
+    client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], max_tokens=max_tokens
+    )
+    return reply.choices[0].message.content or ""
+
+
+def test_warmup_model_is_hot_at_start_and_pinned(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True)])
+    model = manager.wait_state(DEFAULT_MODEL, "HOT")
+    assert model["warmup"] is True
+    assert model["port"] == manager.port_range[0], "lowest free port first"
+    assert model["endpoint"] == f"http://127.0.0.1:{model['port']}"
+    assert pid_alive(model["pid"])
+    assert model["ttl_remaining_seconds"] is None, "pinned models never expire"
+    assert chat(model["endpoint"], DEFAULT_MODEL)
+    health = manager.request("GET", "/health").json()
+    assert health["active_models"] == 1 and health["models_by_state"]["HOT"] == 1
+
+
+def test_busy_port_is_skipped(start_manager: ManagerFactory) -> None:
+    import socket
+
+    from tests.conftest import free_port_range
+
+    start, end = free_port_range(3)
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", start))
+    squatter.listen()
+    try:
+        manager = start_manager(
+            config={"port_range": {"start": start, "end": end}},
+            models=[model_entry(DEFAULT_MODEL, warmup=True)],
+        )
+        model = manager.wait_state(DEFAULT_MODEL, "HOT")
+        assert model["port"] == start + 1
+    finally:
+        squatter.close()
+
+
+def test_load_unload_and_force_unload(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(CODER), model_entry(HELPER)])
+    assert manager.model(CODER)["state"] == "COLD"
+
+    loaded = manager.load(CODER)  # ids with ':' and '/' work in the URL
+    assert loaded["state"] == "HOT" and loaded["pid"] and loaded["load_seconds"] > 0
+    assert chat(loaded["endpoint"], CODER)
+    health = manager.request("GET", f"/models/{CODER}/health").json()
+    assert health["healthy"] is True and health["worker"]["model"] == CODER
+
+    unloaded = manager.request("POST", f"/models/{CODER}/unload").json()
+    assert unloaded["state"] == "COLD" and unloaded["port"] is None
+    wait_for(lambda: not pid_alive(loaded["pid"]), 10, message="worker to exit")
+    assert port_is_free(loaded["port"])
+
+    second = manager.load(HELPER)
+    reply = manager.request("POST", f"/models/{HELPER}/unload", json={"force": True})
+    assert reply.status_code == 200 and reply.json()["state"] == "COLD"
+    wait_for(lambda: not pid_alive(second["pid"]), 10, message="killed worker to exit")
+
+    again = manager.load(CODER)
+    assert again["pid"] != loaded["pid"]
+    assert manager.request("POST", f"/models/{CODER}/load").json()["pid"] == again["pid"]
+
+
+def test_extend_ttl_adds_time_capped_at_max(start_manager: ManagerFactory) -> None:
+    manager = start_manager(
+        config={"min_ttl_minutes": 0, "default_ttl_minutes": 1, "max_ttl_minutes": 3},
+        models=[model_entry(CODER)],
+    )
+    manager.load(CODER)
+    before = manager.model(CODER)["ttl_remaining_seconds"]
+    assert 40 < before <= 60
+    extended = manager.request("POST", f"/models/{CODER}/extend-ttl", json={"minutes": 1})
+    assert extended.status_code == 200
+    assert before + 50 < extended.json()["ttl_remaining_seconds"] <= before + 60
+    capped = manager.request("POST", f"/models/{CODER}/extend-ttl", json={"minutes": 30}).json()
+    assert 170 < capped["ttl_remaining_seconds"] <= 180
+
+    bad = manager.request("POST", f"/models/{CODER}/extend-ttl", json={"minutes": -5})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "minutes"
+    manager.request("POST", f"/models/{CODER}/unload")
+    cold = manager.request("POST", f"/models/{CODER}/extend-ttl", json={"minutes": 1})
+    assert cold.status_code == 409 and cold.json()["error"]["code"] == "conflict"
+
+
+def test_ttl_walks_hot_cooling_cold_and_frees_process_and_port(
+    start_manager: ManagerFactory,
+) -> None:
+    manager = start_manager(
+        config={"min_ttl_minutes": 0, "grace_period_seconds": 1.0, "check_interval_seconds": 0.5},
+        models=[model_entry(CODER, ttl_minutes=0.03)],  # 1.8 s
+    )
+    loaded = manager.load(CODER)
+    assert chat(loaded["endpoint"], CODER)
+    cooling = manager.wait_state(CODER, "COOLING", timeout=20)
+    assert cooling["pid"] == loaded["pid"], "still serving while cooling"
+    cold = manager.wait_state(CODER, "COLD", timeout=20)
+    assert cold["pid"] is None and cold["port"] is None
+    wait_for(lambda: not pid_alive(loaded["pid"]), 10, message="expired worker to exit")
+    assert port_is_free(loaded["port"])
+    metrics = manager.request("GET", "/metrics").text
+    assert f'pool_model_unloads_total{{model="{CODER}",reason="ttl"}} 1.0' in metrics
+
+
+def test_request_during_cooling_returns_model_to_hot(start_manager: ManagerFactory) -> None:
+    manager = start_manager(
+        config={"min_ttl_minutes": 0, "grace_period_seconds": 60, "check_interval_seconds": 0.5},
+        models=[model_entry(CODER, ttl_minutes=0.02)],  # 1.2 s
+    )
+    loaded = manager.load(CODER)
+    manager.wait_state(CODER, "COOLING", timeout=20)
+    assert chat(loaded["endpoint"], CODER)  # straight to the worker port
+    hot = manager.wait_state(CODER, "HOT", timeout=5)
+    assert hot["pid"] == loaded["pid"]
+    assert hot["ttl_remaining_seconds"] > 0
+
+
+def test_direct_worker_request_resets_ttl(start_manager: ManagerFactory) -> None:
+    manager = start_manager(
+        config={"min_ttl_minutes": 0, "grace_period_seconds": 60},
+        models=[model_entry(CODER, ttl_minutes=0.25)],  # 15 s
+    )
+    loaded = manager.load(CODER)
+    wait_for(
+        lambda: manager.model(CODER)["ttl_remaining_seconds"] < 13.5,
+        10,
+        message="some TTL to run down",
+    )
+    chat(loaded["endpoint"], CODER)
+    model = manager.model(CODER)
+    assert model["ttl_remaining_seconds"] > 14.0, "TTL resets to the full TTL after a request"
+    assert model["requests_total"] == 1 and model["last_used"] is not None
+
+
+def test_lru_eviction_spares_warmup_and_recently_used(start_manager: ManagerFactory) -> None:
+    manager = start_manager(
+        config={"max_concurrent_models": 3},
+        models=[
+            model_entry(DEFAULT_MODEL, warmup=True),
+            model_entry("a:1"),
+            model_entry("b:1"),
+            model_entry("c:1"),
+        ],
+    )
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+    a = manager.load("a:1")
+    b = manager.load("b:1")
+    chat(a["endpoint"], "a:1")  # a is now more recently used than b
+    manager.load("c:1")
+    models = manager.models()
+    assert models["b:1"]["state"] == "COLD", "the least recently used idle model goes"
+    assert models["a:1"]["state"] == "HOT"
+    assert models[DEFAULT_MODEL]["state"] == "HOT", "warmup models are never evicted"
+    wait_for(lambda: not pid_alive(b["pid"]), 10, message="evicted worker to exit")
+    metrics = manager.request("GET", "/metrics").text
+    assert 'pool_model_evictions_total{model="b:1",reason="lru"} 1.0' in metrics
+
+
+def test_pool_full_of_pinned_models_answers_503(start_manager: ManagerFactory) -> None:
+    manager = start_manager(
+        config={"max_concurrent_models": 1},
+        models=[model_entry(DEFAULT_MODEL, warmup=True), model_entry(CODER)],
+    )
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+    reply = manager.request("POST", f"/models/{CODER}/load")
+    assert reply.status_code == 503
+    assert reply.json()["error"]["code"] == "pool_full"
+    assert int(reply.headers["Retry-After"]) > 0
+    assert manager.model(CODER)["state"] == "COLD"
+
+
+def test_concurrent_loads_share_one_process(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(CODER)])
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        views = list(pool.map(lambda _: manager.load(CODER), range(4)))
+    assert len({v["pid"] for v in views}) == 1
+    metrics = manager.request("GET", "/metrics").text
+    assert f'pool_model_loads_total{{model="{CODER}",result="ok"}} 1.0' in metrics
+
+
+def test_killed_worker_is_noticed_and_reloads(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(CODER)])
+    loaded = manager.load(CODER)
+    os.kill(loaded["pid"], signal.SIGKILL)
+    cold = manager.wait_state(CODER, "COLD", timeout=2)  # noticed within a second or so
+    assert cold["port"] is None and cold["crashes"] == 1
+    assert "exited unexpectedly" in cold["last_error"]
+    assert port_is_free(loaded["port"])
+    again = manager.load(CODER)
+    assert again["pid"] != loaded["pid"]
+    assert chat(again["endpoint"], CODER)
+    metrics = manager.request("GET", "/metrics").text
+    assert f'pool_worker_crashes_total{{model="{CODER}"}} 1.0' in metrics
+
+
+def test_killed_warmup_worker_comes_back(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True)])
+    first = manager.wait_state(DEFAULT_MODEL, "HOT")
+    os.kill(first["pid"], signal.SIGKILL)
+    back = wait_for(
+        lambda: (
+            (m := manager.model(DEFAULT_MODEL))["state"] == "HOT" and m["pid"] != first["pid"] and m
+        ),
+        30,
+        message="the warmup model to be reloaded",
+    )
+    manager.seen_worker_pids.add(back["pid"])
+    assert chat(back["endpoint"], DEFAULT_MODEL)
+
+
+def test_sigint_stops_manager_and_every_worker(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True), model_entry(CODER)])
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+    manager.load(CODER)
+    pids = [m["pid"] for m in manager.models().values()]
+    assert manager.stop(signal.SIGINT) == 0
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 10, message="workers to exit")
+
+
+def test_killed_manager_leaves_no_orphan_workers(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True)])
+    pid = manager.wait_state(DEFAULT_MODEL, "HOT")["pid"]
+    assert manager.process is not None
+    manager.process.kill()
+    manager.process.wait()
+    wait_for(lambda: not pid_alive(pid), 15, message="the orphaned worker to exit")
+
+
+def test_unknown_model_is_404_in_openai_shape(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(CODER)])
+    for method, path, body in [
+        ("POST", "/models/nope:1/load", None),
+        ("POST", "/models/nope:1/unload", None),
+        ("GET", "/models/nope:1/health", None),
+        ("DELETE", "/models/nope:1", None),
+        ("GET", "/models/nope:1", None),
+        ("POST", "/models/nope:1/extend-ttl", {"minutes": 1}),
+    ]:
+        reply = manager.request(method, path, json=body)
+        assert reply.status_code == 404, (method, path, reply.text)
+        error = reply.json()["error"]
+        assert error["code"] == "model_not_found" and "nope:1" in error["message"]
+    assert manager.request("GET", "/no/such/route").status_code == 404
+
+
+def test_bad_bodies_are_400(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(CODER)])
+    cases = [
+        ("POST", "/models/register", {"content": b"{not json"}),
+        ("POST", "/models/register", {"json": {"model_id": "x"}}),
+        ("POST", "/models/register", {"json": {**model_entry("bad id!")}}),
+        ("POST", "/models/register", {"json": {**model_entry("x:1"), "n_ctx": "big"}}),
+        ("POST", "/models/register", {"json": {**model_entry("x:1"), "surprise": 1}}),
+        (
+            "POST",
+            "/models/register",
+            {"json": {"model_id": "x:1", "model_path": "/nonexistent/model.gguf"}},
+        ),
+        ("POST", f"/models/{CODER}/unload", {"json": {"force": "very"}}),
+        ("POST", f"/models/{CODER}/extend-ttl", {"json": {}}),
+        ("PATCH", "/config", {"json": {"max_concurrent_models": 0}}),
+        ("PATCH", "/config", {"json": {"no_such_setting": 1}}),
+        ("PATCH", "/config", {"json": [1, 2]}),
+    ]
+    for method, path, kwargs in cases:
+        headers = {"Content-Type": "application/json"}
+        reply = manager.request(method, path, headers=headers, **kwargs)
+        assert reply.status_code == 400, (path, kwargs, reply.text)
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+    assert manager.request("GET", "/config").json()["max_concurrent_models"] == 5
+
+
+def test_register_delete_and_config_survive_restart(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(CODER)])
+    new_model = model_entry("team/agent:v2", ttl_minutes=7, tags=["x"])
+    created = manager.request("POST", "/models/register", json=new_model)
+    assert created.status_code == 201 and created.json()["state"] == "COLD"
+    duplicate = manager.request("POST", "/models/register", json=new_model)
+    assert duplicate.status_code == 409
+    replaced = manager.request(
+        "POST",
+        "/models/register",
+        params={"replace": "true"},
+        json={**new_model, "ttl_minutes": 9},
+    )
+    assert replaced.status_code == 201 and replaced.json()["ttl_minutes"] == 9
+    patched = manager.request("PATCH", "/config", json={"max_concurrent_models": 7})
+    assert patched.status_code == 200 and patched.json()["max_concurrent_models"] == 7
+    loaded = manager.load(CODER)
+    assert manager.request("DELETE", f"/models/{CODER}").status_code == 200
+    wait_for(lambda: not pid_alive(loaded["pid"]), 10, message="deleted model's worker to exit")
+
+    assert manager.stop() == 0
+    manager.start()
+    models = manager.models()
+    assert set(models) == {"team/agent:v2"}
+    assert models["team/agent:v2"]["ttl_minutes"] == 9
+    assert models["team/agent:v2"]["tags"] == ["x"]
+    assert manager.request("GET", "/config").json()["max_concurrent_models"] == 7
+    leftovers = list(manager.folder.glob(".*.tmp"))
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+def test_manager_metrics_expose_states(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True), model_entry(CODER)])
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+    text = httpx.get(f"{manager.url}/metrics").text
+    assert 'pool_models{state="HOT"} 1.0' in text
+    assert 'pool_models{state="COLD"} 1.0' in text
+    assert f'pool_model_state{{model="{CODER}",state="COLD"}} 1.0' in text
+    assert f'pool_model_memory_rss_bytes{{model="{DEFAULT_MODEL}"}}' in text
+    assert "pool_model_load_duration_seconds_bucket" in text
