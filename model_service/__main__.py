@@ -68,7 +68,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _watch_lifeline() -> None:
     """Block until stdin closes (the manager died or let go of us), then shut down."""
     try:
-        while sys.stdin.buffer.read(4096):
+        # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader
+        # aborts the interpreter at exit.
+        while os.read(0, 4096):
             pass
     finally:
         os.kill(os.getpid(), signal.SIGTERM)

@@ -8,6 +8,7 @@ import signal
 
 import httpx
 import openai
+import pytest
 
 from tests.conftest import (
     DEFAULT_MODEL,
@@ -338,3 +339,54 @@ def test_manager_metrics_expose_states(start_manager: ManagerFactory) -> None:
     assert f'pool_model_state{{model="{CODER}",state="COLD"}} 1.0' in text
     assert f'pool_model_memory_rss_bytes{{model="{DEFAULT_MODEL}"}}' in text
     assert "pool_model_load_duration_seconds_bucket" in text
+
+
+def test_unload_drains_a_stream_in_progress(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(CODER)])
+    loaded = manager.load(CODER)
+    body = {
+        "model": CODER,
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": 120,
+        "temperature": 0,
+        "stream": True,
+    }
+    lines: list[str] = []
+    with httpx.stream(
+        "POST", f"{loaded['endpoint']}/v1/chat/completions", json=body, timeout=60
+    ) as reply:
+        stream = reply.iter_lines()
+        while len([line for line in lines if line]) < 3:
+            lines.append(next(stream))
+        wait_for(lambda: manager.model(CODER)["in_flight"] == 1, 5, message="in-flight count")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            unloading = pool.submit(manager.request, "POST", f"/models/{CODER}/unload")
+            manager.wait_state(CODER, "UNLOADING", timeout=5)
+            lines.extend(stream)  # the rest of the stream still arrives
+            assert unloading.result(timeout=30).json()["state"] == "COLD"
+    events = [line for line in lines if line]
+    assert events[-1] == "data: [DONE]"
+    assert '"finish_reason":"length"' in events[-2]
+    assert len(events) >= 120, "every token of the drained request was delivered"
+
+
+def test_force_unload_ends_a_stream_with_an_error_not_a_hang(
+    start_manager: ManagerFactory,
+) -> None:
+    manager = start_manager(models=[model_entry(CODER)])
+    loaded = manager.load(CODER)
+    client = openai.OpenAI(
+        base_url=f"{loaded['endpoint']}/v1", api_key="unused", max_retries=0, timeout=30
+    )
+    stream = client.chat.completions.create(
+        model=CODER,
+        messages=[{"role": "user", "content": "Tell a very long story."}],
+        max_tokens=900,
+        stream=True,
+    )
+    next(iter(stream))
+    reply = manager.request("POST", f"/models/{CODER}/unload", json={"force": True})
+    assert reply.json()["state"] == "COLD"
+    with pytest.raises((httpx.HTTPError, openai.APIError)):
+        for _ in stream:
+            pass
