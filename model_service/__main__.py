@@ -22,6 +22,7 @@ import uvicorn
 
 from model_service.activity import StatusChannel, WorkerStats
 from model_service.app import create_worker_app
+from model_service.auth import ApiKeys
 from model_service.backends import BackendError, create_backend
 from model_service.engine import Engine
 from model_service.inference import InferenceService, ModelDefaults
@@ -65,13 +66,21 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _watch_lifeline() -> None:
-    """Block until stdin closes (the manager died or let go of us), then shut down."""
+def _watch_lifeline(stats: WorkerStats) -> None:
+    """Follow the manager's commands on stdin; when stdin closes, shut down.
+
+    Commands are lines: `drain` makes new inference requests get 503 while the
+    requests already accepted finish. EOF means the manager died or let go of us.
+    """
+    pending = b""
     try:
         # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader
         # aborts the interpreter at exit.
-        while os.read(0, 4096):
-            pass
+        while chunk := os.read(0, 4096):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            if b"drain" in lines:
+                stats.draining = True
     finally:
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -92,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = _settings(args)
     model_id = str(settings["model_id"])
     channel = StatusChannel(args.status_fd)
+    stats = WorkerStats()
     if args.lifeline_stdin:
-        threading.Thread(target=_watch_lifeline, name="lifeline", daemon=True).start()
+        threading.Thread(
+            target=_watch_lifeline, args=(stats,), name="lifeline", daemon=True
+        ).start()
 
     started = time.perf_counter()
     try:
@@ -107,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine(backend)
     engine.start()
-    stats = WorkerStats()
     metrics = WorkerMetrics(model_id, stats)
     service = InferenceService(
         model_id,
@@ -118,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sock = _listening_socket(args)
     port = sock.getsockname()[1]
-    app = create_worker_app(service, stats, metrics, channel, port=port)
+    app = create_worker_app(service, stats, metrics, channel, port=port, keys=ApiKeys.from_env())
     config = uvicorn.Config(
         app,
         log_config=None,

@@ -15,7 +15,18 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from model_service.errors import ApiError
+
 log = logging.getLogger(__name__)
+
+UNLOADING_ERROR = ApiError(
+    503,
+    "This model is being unloaded; retry in a moment (through the pool manager it "
+    "will be loaded again).",
+    type="server_error",
+    code="model_unloading",
+    headers={"Retry-After": "1"},
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -47,6 +58,8 @@ class WorkerStats:
     requests_served: int = 0
     in_flight: int = 0
     last_request_at: float | None = None
+    # Set (from the lifeline thread) when the manager starts unloading this worker.
+    draining: bool = False
 
 
 class ActivityMiddleware:
@@ -65,6 +78,9 @@ class ActivityMiddleware:
             await self._app(scope, receive, send)
             return
         stats = self._stats
+        if stats.draining:
+            await UNLOADING_ERROR.response()(scope, receive, send)
+            return
         stats.in_flight += 1
         self._channel.send("start")
         try:

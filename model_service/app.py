@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from model_service.activity import ActivityMiddleware, StatusChannel, WorkerStats
+from model_service.auth import ApiKeys, AuthMiddleware, Role
 from model_service.errors import install_error_handlers
 from model_service.inference import InferenceService
 from model_service.metrics import WorkerMetrics
@@ -31,7 +32,9 @@ def create_worker_app(
     metrics: WorkerMetrics,
     channel: StatusChannel,
     port: int | None = None,
+    keys: ApiKeys | None = None,
 ) -> FastAPI:
+    keys = keys or ApiKeys()
     app = FastAPI(title=f"model worker: {service.model_id}", version="0.1.0")
     engine = service.engine
     install_error_handlers(app)
@@ -85,4 +88,11 @@ def create_worker_app(
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.add_middleware(ActivityMiddleware, stats=stats, channel=channel, paths=INFERENCE_PATHS)
+    # Added last, so it runs first: a refused request is not counted as activity.
+    app.add_middleware(AuthMiddleware, keys=keys, role_for=worker_role)
     return app
+
+
+def worker_role(method: str, path: str) -> Role:
+    """Workers enforce the client key too, so a worker port is no back door."""
+    return Role.OPEN if path == "/health" else Role.CLIENT

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
+from model_service.auth import ApiKeys
 from model_service.logs import setup_logging
 from model_service.serving import GracefulServer
 from pool_manager.api import create_app
@@ -90,7 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     setup_logging("manager", config.log_level)
     pool = ModelPool(store, config, specs, PoolMetrics())
-    app = create_app(pool, on_warm=lambda: _print_welcome(pool, config.host, config.port))
+    keys = ApiKeys.from_env()
+    if not keys.enabled:
+        loopback = config.host in ("127.0.0.1", "localhost", "::1")
+        log.warning(
+            "no API keys configured (POOL_API_KEY, POOL_ADMIN_KEY): running open"
+            + ("" if loopback else f" on {config.host}, reachable from other machines"),
+        )
+    app = create_app(
+        pool, keys=keys, on_warm=lambda: _print_welcome(pool, config.host, config.port)
+    )
 
     log.info(
         "starting",

@@ -13,6 +13,7 @@ from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from model_service.auth import ApiKeys, AuthMiddleware, Role
 from model_service.errors import ApiError, install_error_handlers
 from pool_manager.config import ModelSpec
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
@@ -80,7 +81,18 @@ def _pool_error_response(exc: PoolError) -> JSONResponse:
     return error.response()
 
 
-def create_app(pool: ModelPool, on_warm: Callable[[], None] | None = None) -> FastAPI:
+def manager_role(method: str, path: str) -> Role:
+    """Reads and inference need the client key; every change needs the admin key."""
+    if path == "/health":
+        return Role.OPEN
+    if method in ("GET", "HEAD") or path.startswith("/v1/"):
+        return Role.CLIENT
+    return Role.ADMIN
+
+
+def create_app(
+    pool: ModelPool, keys: ApiKeys | None = None, on_warm: Callable[[], None] | None = None
+) -> FastAPI:
     """The manager's app; `on_warm` runs once every warmup model has loaded (or failed)."""
 
     async def call_when_warm() -> None:
@@ -106,6 +118,7 @@ def create_app(pool: ModelPool, on_warm: Callable[[], None] | None = None) -> Fa
         return _pool_error_response(exc)
 
     app.add_exception_handler(PoolError, on_pool_error)
+    app.add_middleware(AuthMiddleware, keys=keys or ApiKeys(), role_for=manager_role)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

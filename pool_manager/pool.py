@@ -443,6 +443,7 @@ class ModelPool:
             if force:
                 worker.kill()
             else:
+                worker.begin_drain()
                 # Drain: wait for in-flight requests (or for the worker to die meanwhile).
                 waits = [
                     asyncio.ensure_future(record.idle.wait()),

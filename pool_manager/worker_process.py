@@ -166,6 +166,12 @@ class WorkerProcess:
         """Block until the process has exited; returns its exit code."""
         return await asyncio.shield(self._exit_task)
 
+    def begin_drain(self) -> None:
+        """Tell the worker to refuse new requests (503) while it finishes the others."""
+        stdin = self._process.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.write(b"drain\n")
+
     async def stop(self, timeout: float) -> int:
         """SIGTERM (the worker drains), then SIGKILL after `timeout` seconds."""
         self._signal(signal.SIGTERM)

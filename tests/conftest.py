@@ -105,6 +105,7 @@ class Manager:
     port_range: tuple[int, int]
     process: subprocess.Popen[bytes] | None = None
     seen_worker_pids: set[int] = field(default_factory=set)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -133,6 +134,7 @@ class Manager:
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
         )
         wait_for(self._answers, 30, message="manager to answer /health")
         return self
@@ -152,7 +154,13 @@ class Manager:
     # --- REST helpers ---------------------------------------------------------------------
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A REST call, with the admin key when the manager has one."""
         kwargs.setdefault("timeout", 60)
+        if "POOL_ADMIN_KEY" in self.env:
+            kwargs["headers"] = {
+                "X-API-Key": self.env["POOL_ADMIN_KEY"],
+                **kwargs.get("headers", {}),
+            }
         return httpx.request(method, f"{self.url}{path}", **kwargs)
 
     def models(self) -> dict[str, dict[str, Any]]:
@@ -215,6 +223,7 @@ def start_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagerF
         config: dict[str, Any] | None = None,
         models: list[dict[str, Any]] | None = None,
         ports: int = 6,
+        env: dict[str, str] | None = None,
     ) -> Manager:
         folder = tmp_path_factory.mktemp("pool")
         port_range = free_port_range(ports)
@@ -229,7 +238,12 @@ def start_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagerF
         if models is None:
             models = [model_entry(DEFAULT_MODEL, warmup=True)]
         write_setup(folder, full_config, models)
-        manager = Manager(folder, int(full_config["port"]), port_range)  # type: ignore[arg-type]
+        manager = Manager(
+            folder,
+            int(full_config["port"]),
+            port_range,
+            env=env or {},  # type: ignore[arg-type]
+        )
         started.append(manager)
         return manager.start()
 

@@ -362,6 +362,15 @@ def test_unload_drains_a_stream_in_progress(start_manager: ManagerFactory) -> No
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             unloading = pool.submit(manager.request, "POST", f"/models/{CODER}/unload")
             manager.wait_state(CODER, "UNLOADING", timeout=5)
+            late = {**body, "stream": False, "max_tokens": 1}
+
+            def refused() -> httpx.Response | None:
+                reply = httpx.post(f"{loaded['endpoint']}/v1/chat/completions", json=late)
+                return reply if reply.status_code == 503 else None
+
+            late_reply = wait_for(refused, 5, message="a request during UNLOADING to get 503")
+            assert late_reply.headers["Retry-After"] == "1"
+            assert late_reply.json()["error"]["code"] == "model_unloading"
             lines.extend(stream)  # the rest of the stream still arrives
             assert unloading.result(timeout=30).json()["state"] == "COLD"
     events = [line for line in lines if line]
