@@ -8,7 +8,8 @@ import sys
 import time
 from typing import Any
 
-_RESERVED = set(vars(logging.makeLogRecord({})))
+# Standard LogRecord attributes, and uvicorn's ANSI-coloured copy of its message.
+_RESERVED = set(vars(logging.makeLogRecord({}))) | {"color_message"}
 
 
 class JsonFormatter(logging.Formatter):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -86,35 +87,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pool-manager: {exc}", file=sys.stderr)
         return 2
     # Command-line and environment overrides apply to this run only; they are not saved.
-    config = config.model_copy(
-        update={k: v for k, v in (("host", args.host), ("port", args.port)) if v}
-    )
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
     setup_logging("manager", config.log_level)
-    pool = ModelPool(store, config, specs, PoolMetrics())
+    pool = ModelPool(store, config, specs, PoolMetrics(), overrides=overrides)
+    host, port = pool.config.host, pool.config.port
+    try:
+        # Bind before anything starts, so a taken port fails fast and clearly.
+        listener = socket.create_server((host, port), backlog=2048, reuse_port=False)
+    except OSError as exc:
+        print(f"pool-manager: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return 3
     keys = ApiKeys.from_env()
     if not keys.enabled:
-        loopback = config.host in ("127.0.0.1", "localhost", "::1")
+        loopback = host in ("127.0.0.1", "localhost", "::1")
         log.warning(
             "no API keys configured (POOL_API_KEY, POOL_ADMIN_KEY): running open"
-            + ("" if loopback else f" on {config.host}, reachable from other machines"),
+            + ("" if loopback else f" on {host}, reachable from other machines"),
         )
-    app = create_app(
-        pool, keys=keys, on_warm=lambda: _print_welcome(pool, config.host, config.port)
-    )
-
+    app = create_app(pool, keys=keys, on_warm=lambda: _print_welcome(pool, host, port))
     log.info(
         "starting",
         extra={
-            "host": config.host,
-            "port": config.port,
+            "host": host,
+            "port": port,
             "config": str(args.config),
             "registry": str(args.registry),
         },
     )
-    server_config = uvicorn.Config(
-        app, host=config.host, port=config.port, log_config=None, access_log=False
-    )
-    GracefulServer(server_config).run()
+    server_config = uvicorn.Config(app, log_config=None, access_log=False)
+    GracefulServer(server_config).run(sockets=[listener])
     return 0
 
 

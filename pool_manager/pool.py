@@ -34,7 +34,13 @@ from pool_manager.config import (
 )
 from pool_manager.metrics import PoolMetrics
 from pool_manager.ports import NoFreePort, PortAllocator
-from pool_manager.states import OCCUPYING, SERVING, ModelState, check_transition
+from pool_manager.states import (
+    OCCUPYING,
+    SERVING,
+    TRANSITIONS,
+    ModelState,
+    check_transition,
+)
 from pool_manager.worker_process import WorkerProcess, WorkerStartError
 
 log = logging.getLogger(__name__)
@@ -118,8 +124,13 @@ class ModelPool:
         config: PoolConfig,
         specs: Iterable[ModelSpec],
         metrics: PoolMetrics,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         self._store = store
+        # What the config file says, and this run's command-line overrides (never saved).
+        self._saved_config = config
+        self._overrides = overrides or {}
+        config = config.model_copy(update=self._overrides)
         self.config = config
         self._records: dict[str, ModelRecord] = {s.model_id: ModelRecord(s) for s in specs}
         self._ports = PortAllocator(config.host, config.port_range.start, config.port_range.end)
@@ -242,14 +253,18 @@ class ModelPool:
         log.info("model deleted", extra={"model": model_id})
 
     def update_config(self, changes: dict[str, Any]) -> PoolConfig:
-        """Validate, persist and apply a partial config. Raises ValueError if invalid."""
-        merged = _deep_merge(self.config.model_dump(), changes)
-        config = PoolConfig.model_validate(merged)
-        self._store.save_config(config)
-        self.config = config
-        self._ports.set_range(config.port_range.start, config.port_range.end)
+        """Validate, persist and apply a partial config. Raises ValueError if invalid.
+
+        host and port take effect at the next start; everything else at once.
+        """
+        merged = _deep_merge(self._saved_config.model_dump(), changes)
+        saved = PoolConfig.model_validate(merged)
+        self._store.save_config(saved)
+        self._saved_config = saved
+        self.config = saved.model_copy(update=self._overrides)
+        self._ports.set_range(self.config.port_range.start, self.config.port_range.end)
         self._reaper_wakeup.set()
-        return config
+        return self.config
 
     def _save_registry(self) -> None:
         self._store.save_registry([r.spec for r in self._records.values()])
@@ -293,13 +308,16 @@ class ModelPool:
             async with self._capacity_lock:
                 await self._make_room_for(record)
                 sock = self._allocate_port()
-                self._set_state(record, S.WARMING, "load requested")
+                self._set_state(record, S.WARMING)
             await self._start_worker(record, sock)
         except PoolError:
             raise
         except WorkerStartError as exc:
             self._record_load_failure(record, str(exc))
-            raise LoadFailed(f"model '{record.model_id}' failed to load: {exc}") from exc
+            raise LoadFailed(
+                f"model '{record.model_id}' failed to load: {exc}",
+                retry_after=self.retry_after(record),
+            ) from exc
         finally:
             record.load_task = None
 
@@ -340,7 +358,7 @@ class ModelPool:
         record.retry_at = None
         record.last_used_mono = time.monotonic()
         record.ttl_deadline = time.monotonic() + self.ttl_seconds(record)
-        self._set_state(record, S.HOT, "worker ready")
+        self._set_state(record, S.HOT)
         self.metrics.load_finished(record.model_id, "ok", record.load_seconds)
         log.info(
             "model loaded",
@@ -368,9 +386,9 @@ class ModelPool:
         log.error("model failed to load", extra={"model": record.model_id, "reason": reason})
         if record.consecutive_failures >= self.config.max_load_failures:
             record.retry_at = time.monotonic() + self.config.failure_cooldown_seconds
-            self._set_state(record, S.FAILED, "load failed too often")
+            self._set_state(record, S.FAILED)
         else:
-            self._set_state(record, S.COLD, "load failed")
+            self._set_state(record, S.COLD)
 
     async def _make_room_for(self, record: ModelRecord) -> None:
         """Evict least-recently-used idle models until `record` fits. Raises PoolFull."""
@@ -416,6 +434,12 @@ class ModelPool:
     async def unload(self, model_id: str, *, force: bool = False) -> ModelRecord:
         """Stop the model's worker: drain first unless `force`. Raises ModelNotFound."""
         record = self.get(model_id)
+        if record.state is S.FAILED:
+            # Unloading a FAILED model is how an operator clears its cooldown.
+            record.consecutive_failures = 0
+            record.retry_at = None
+            self._set_state(record, S.COLD)
+            return record
         await self._unload(record, "forced" if force else "requested", force=force)
         return record
 
@@ -457,7 +481,7 @@ class ModelPool:
             # SIGTERM: the worker stops accepting and finishes what raced in meanwhile.
             await worker.stop(timeout=grace)
             self._release_worker(record)
-            self._set_state(record, S.COLD, "worker stopped")
+            self._set_state(record, S.COLD)
             self.metrics.unloaded(record.model_id, reason)
             log.info("model unloaded", extra={"model": record.model_id, "reason": reason})
         finally:
@@ -471,6 +495,7 @@ class ModelPool:
         record.idle.set()
         record.ttl_deadline = None
         record.cooling_deadline = None
+        record.loaded_at = None
 
     # --- TTL --------------------------------------------------------------------------------
 
@@ -488,7 +513,7 @@ class ModelPool:
         record.ttl_deadline = now + min(remaining + minutes * 60.0, cap)
         if record.state is S.COOLING:
             record.cooling_deadline = None
-            self._set_state(record, S.HOT, "TTL extended")
+            self._set_state(record, S.HOT)
         self._reaper_wakeup.set()
         return record
 
@@ -506,13 +531,13 @@ class ModelPool:
             self.metrics.request_started(record.model_id)
             if record.state is S.COOLING:
                 record.cooling_deadline = None
-                self._set_state(record, S.HOT, "request during grace period")
+                self._set_state(record, S.HOT)
         else:
             record.in_flight = max(0, record.in_flight - 1)
             if record.in_flight == 0:
                 record.idle.set()
-            # TTL counts from the end of the last request.
-            record.ttl_deadline = now + self.ttl_seconds(record)
+            # TTL counts from the end of the last request; an operator's extension stays.
+            record.ttl_deadline = max(record.ttl_deadline or 0.0, now + self.ttl_seconds(record))
             self._reaper_wakeup.set()
 
     async def _reap_idle_models(self) -> None:
@@ -537,7 +562,7 @@ class ModelPool:
                     next_due = min(next_due, record.ttl_deadline - now)
                     continue
                 record.cooling_deadline = now + self.config.grace_period_seconds
-                self._set_state(record, S.COOLING, "TTL expired")
+                self._set_state(record, S.COOLING)
             if record.state is S.COOLING and record.cooling_deadline is not None:
                 if now < record.cooling_deadline:
                     next_due = min(next_due, record.cooling_deadline - now)
@@ -560,7 +585,7 @@ class ModelPool:
         )
         self.metrics.crashed(record.model_id)
         self._release_worker(record)
-        self._set_state(record, S.COLD, "worker died")
+        self._set_state(record, S.COLD)
         if self.is_pinned(record) and not self._closing:
             # Warmup models are meant to stay loaded: bring them straight back.
             self._spawn_background(self._reload_pinned(record), f"reload:{record.model_id}")
@@ -591,13 +616,18 @@ class ModelPool:
 
     # --- the one place state changes --------------------------------------------------------
 
-    def _set_state(self, record: ModelRecord, new: ModelState, reason: str) -> None:
+    def _set_state(self, record: ModelRecord, new: ModelState, detail: str | None = None) -> None:
         check_transition(record.model_id, record.state, new)
         old, record.state = record.state, new
-        log.info(
-            "state change",
-            extra={"model": record.model_id, "from": str(old), "to": str(new), "reason": reason},
-        )
+        fields = {
+            "model": record.model_id,
+            "from": str(old),
+            "to": str(new),
+            "reason": TRANSITIONS[(old, new)],
+        }
+        if detail:
+            fields["detail"] = detail
+        log.info("state change", extra=fields)
         self._reaper_wakeup.set()
 
 

@@ -22,10 +22,9 @@ S = ModelState
 # (from, to) -> why this edge exists.
 TRANSITIONS: dict[tuple[ModelState, ModelState], str] = {
     (S.COLD, S.WARMING): "load requested",
-    (S.WARMING, S.HOT): "worker reported ready",
+    (S.WARMING, S.HOT): "worker ready",
     (S.WARMING, S.COLD): "load failed",
     (S.WARMING, S.FAILED): "load failed too often",
-    (S.WARMING, S.UNLOADING): "unload during load",
     (S.HOT, S.COOLING): "TTL expired",
     (S.HOT, S.UNLOADING): "unload or eviction",
     (S.HOT, S.COLD): "worker died",
@@ -34,7 +33,7 @@ TRANSITIONS: dict[tuple[ModelState, ModelState], str] = {
     (S.COOLING, S.COLD): "worker died",
     (S.UNLOADING, S.COLD): "worker stopped",
     (S.FAILED, S.WARMING): "retry",
-    (S.FAILED, S.COLD): "reset",
+    (S.FAILED, S.COLD): "reset by an operator's unload",
 }
 
 # States in which a model holds a worker process (and counts against the pool's limits).

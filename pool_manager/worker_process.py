@@ -3,8 +3,9 @@
 The manager and a worker share three channels, none of them polled:
 - the listening socket, bound by the manager and inherited by the worker;
 - a status pipe on which the worker writes JSON lines (`ready`, `failed`, `start`, `end`);
-- the worker's stdin, which the manager never writes: when the manager dies, it closes,
-  and the worker shuts itself down (no orphans).
+- the worker's stdin, a lifeline and a command line: the manager writes `drain` when it
+  starts unloading the worker; when the manager dies, stdin closes and the worker shuts
+  itself down (no orphans).
 Process exit is noticed by waiting on the process, not by polling it.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+from pathlib import Path
 
 import httpx
 import openai
@@ -399,3 +400,81 @@ def test_force_unload_ends_a_stream_with_an_error_not_a_hang(
     with pytest.raises((httpx.HTTPError, openai.APIError)):
         for _ in stream:
             pass
+
+
+def test_taken_manager_port_fails_fast_and_starts_nothing(start_manager: ManagerFactory) -> None:
+    import subprocess
+    import sys
+
+    manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True)])
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pool_manager",
+            "--config",
+            str(manager.config_path),
+            "--registry",
+            str(manager.registry_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 3
+    assert f"cannot listen on 127.0.0.1:{manager.port}" in second.stderr
+    assert "worker ready" not in second.stderr, "no worker may start for a doomed manager"
+
+
+def test_command_line_overrides_are_not_saved_by_patch(start_manager: ManagerFactory) -> None:
+    import json
+
+    from tests.conftest import free_port
+
+    manager = start_manager(models=[model_entry(CODER)])
+    saved_port = manager.port
+    assert manager.stop() == 0
+    manager.port = free_port()
+    manager.env["POOL_PORT"] = str(manager.port)
+    manager.start()
+    assert manager.request("GET", "/config").json()["port"] == manager.port
+    assert manager.request("PATCH", "/config", json={"grace_period_seconds": 5}).status_code == 200
+    on_disk = json.loads(manager.config_path.read_text())
+    assert on_disk["port"] == saved_port and on_disk["grace_period_seconds"] == 5
+
+
+def test_corrupt_model_file_fails_then_failed_state_then_reset(
+    start_manager: ManagerFactory, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 64)
+    manager = start_manager(
+        config={"max_load_failures": 2, "failure_cooldown_seconds": 600},
+        models=[{"model_id": "broken:1", "model_path": str(broken)}],
+    )
+    first = manager.request("POST", "/models/broken:1/load")
+    assert first.status_code == 503
+    assert first.json()["error"]["code"] == "model_load_failed"
+    assert "broken.gguf" in first.json()["error"]["message"]
+    assert manager.model("broken:1")["state"] == "COLD"
+    assert manager.request("POST", "/models/broken:1/load").status_code == 503
+    failed = manager.model("broken:1")
+    assert failed["state"] == "FAILED" and failed["failures"] == 2
+    assert failed["retry_after_seconds"] > 500 and "broken.gguf" in failed["last_error"]
+    refused = manager.request("POST", "/models/broken:1/load")
+    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 500
+    reset = manager.request("POST", "/models/broken:1/unload").json()
+    assert reset["state"] == "COLD" and reset["failures"] == 0
+    assert manager.request("GET", "/health").status_code == 200, "the manager survives"
+
+
+def test_extension_survives_the_next_request(start_manager: ManagerFactory) -> None:
+    manager = start_manager(
+        config={"min_ttl_minutes": 0, "max_ttl_minutes": 10}, models=[model_entry(CODER)]
+    )
+    loaded = manager.load(CODER)
+    extended = manager.request("POST", f"/models/{CODER}/extend-ttl", json={"minutes": 5})
+    assert extended.json()["ttl_remaining_seconds"] > 500
+    chat(loaded["endpoint"], CODER)
+    assert manager.model(CODER)["ttl_remaining_seconds"] > 500
