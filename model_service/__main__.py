@@ -26,6 +26,7 @@ from model_service.auth import ApiKeys
 from model_service.backends import BackendError, create_backend
 from model_service.engine import Engine
 from model_service.inference import InferenceService, ModelDefaults
+from model_service.limits import DEFAULT_MAX_REQUEST_BYTES, Admission
 from model_service.logs import setup_logging
 from model_service.metrics import WorkerMetrics
 from model_service.serving import GracefulServer
@@ -120,16 +121,30 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(backend)
     engine.start()
     metrics = WorkerMetrics(model_id, stats)
+    admission = Admission(
+        max_active=int(settings.get("max_concurrent") or 4),
+        max_queued=int(settings.get("max_queue", 32)),
+    )
     service = InferenceService(
         model_id,
         engine,
         ModelDefaults.from_settings(settings.get("defaults")),
         metrics,
+        admission,
+        timeout_seconds=float(settings.get("timeout_seconds") or 30),
         aliases=frozenset(settings.get("aliases") or ()),
     )
     sock = _listening_socket(args)
     port = sock.getsockname()[1]
-    app = create_worker_app(service, stats, metrics, channel, port=port, keys=ApiKeys.from_env())
+    app = create_worker_app(
+        service,
+        stats,
+        metrics,
+        channel,
+        port=port,
+        keys=ApiKeys.from_env(),
+        max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
+    )
     config = uvicorn.Config(
         app,
         log_config=None,

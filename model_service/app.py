@@ -8,10 +8,18 @@ import time
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from model_service.activity import ActivityMiddleware, StatusChannel, WorkerStats
+from model_service.activity import (
+    ActivityMiddleware,
+    Receive,
+    Scope,
+    Send,
+    StatusChannel,
+    WorkerStats,
+)
 from model_service.auth import ApiKeys, AuthMiddleware, Role
 from model_service.errors import install_error_handlers
-from model_service.inference import InferenceService
+from model_service.inference import InferenceService, StreamHandle
+from model_service.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 from model_service.metrics import WorkerMetrics
 from model_service.protocol import (
     ChatCompletion,
@@ -33,6 +41,7 @@ def create_worker_app(
     channel: StatusChannel,
     port: int | None = None,
     keys: ApiKeys | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     keys = keys or ApiKeys()
     app = FastAPI(title=f"model worker: {service.model_id}", version="0.1.0")
@@ -43,23 +52,13 @@ def create_worker_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: ChatCompletionRequest) -> ChatCompletion | Response:
         if request.stream:
-            prepared = service.prepare_chat(request)
-            return StreamingResponse(
-                service.chat_stream(request, prepared),
-                media_type="text/event-stream",
-                headers=SSE_HEADERS,
-            )
+            return _sse_response(await service.chat_stream(request))
         return await service.chat(request)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: CompletionRequest) -> Completion | Response:
         if request.stream:
-            prepared = service.prepare_completion(request)
-            return StreamingResponse(
-                service.complete_stream(request, prepared),
-                media_type="text/event-stream",
-                headers=SSE_HEADERS,
-            )
+            return _sse_response(await service.complete_stream(request))
         return await service.complete(request)
 
     @app.get("/v1/models")
@@ -88,9 +87,28 @@ def create_worker_app(
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.add_middleware(ActivityMiddleware, stats=stats, channel=channel, paths=INFERENCE_PATHS)
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     # Added last, so it runs first: a refused request is not counted as activity.
     app.add_middleware(AuthMiddleware, keys=keys, role_for=worker_role)
     return app
+
+
+class _SlotStreamingResponse(StreamingResponse):
+    """Streams SSE frames and always gives the request's slot back, even if never sent."""
+
+    def __init__(self, handle: StreamHandle) -> None:
+        super().__init__(handle.frames, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._close = handle.close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._close()
+
+
+def _sse_response(handle: StreamHandle) -> StreamingResponse:
+    return _SlotStreamingResponse(handle)
 
 
 def worker_role(method: str, path: str) -> Role:

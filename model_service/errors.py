@@ -98,7 +98,9 @@ def install_error_handlers(app: FastAPI) -> None:
         error_type = _STATUS_TYPES.get(exc.status_code, "invalid_request_error")
         if exc.status_code >= 500:
             error_type = "server_error"
-        code = "not_found" if exc.status_code == 404 else None
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            exc.status_code
+        )
         return ApiError(
             exc.status_code, str(exc.detail), type=error_type, code=code, headers=exc.headers
         ).response()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from model_service.backends.base import BackendError, RenderedPrompt, SamplingParams
-from model_service.engine import Engine, EngineError, GenerationStream
+from model_service.engine import Engine, EngineError, Finished, FinishReason, GenerationStream
 from model_service.errors import ApiError
+from model_service.limits import Admission
 from model_service.metrics import WorkerMetrics
 from model_service.protocol import (
     AssistantMessage,
@@ -85,9 +87,13 @@ class InferenceService:
         engine: Engine,
         defaults: ModelDefaults,
         metrics: WorkerMetrics,
+        admission: Admission,
+        timeout_seconds: float,
         aliases: frozenset[str] = frozenset(),
     ) -> None:
         self.model_id = model_id
+        self.admission = admission
+        self._timeout = timeout_seconds
         self.engine = engine
         self._backend = engine.backend
         self._defaults = defaults
@@ -168,15 +174,77 @@ class InferenceService:
         prompt = RenderedPrompt(tokens=self._backend.tokenize(request.prompt_text()))
         return self._prepare(request, prompt, request.token_limit(), request.response_format)
 
+    # --- running a request -----------------------------------------------------------------
+
+    def _timeout_error(self) -> ApiError:
+        return ApiError(
+            504,
+            f"The request did not finish within {self._timeout:g} seconds "
+            "(the model's timeout_seconds); its generation was stopped.",
+            type="timeout_error",
+            code="timeout",
+        )
+
+    async def _generate(self, prepared: Prepared) -> tuple[str, Finished]:
+        """Queue for a slot, generate, collect. Raises ApiError 429/504/500."""
+        try:
+            async with asyncio.timeout(self._timeout), self.admission.slot():
+                stream = self._submit(prepared)
+                text = await stream.text()
+        except TimeoutError:
+            raise self._timeout_error() from None
+        except EngineError as exc:
+            raise ApiError(500, f"generation failed: {exc}", type="server_error") from exc
+        assert stream.result is not None
+        return text, stream.result
+
+    async def open_stream(self, prepared: Prepared, framer: Framer) -> StreamHandle:
+        """Take a slot (waiting in the queue), then hand back the SSE frames to send.
+
+        Raises ApiError 429 (queue full) or 504 (no slot before the deadline). The caller
+        must call `StreamHandle.close()` when the response is over, sent or not.
+        """
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.admission.acquire()
+        except TimeoutError:
+            raise self._timeout_error() from None
+        return StreamHandle(self._frames(prepared, framer, deadline), self.admission.release)
+
+    async def _frames(
+        self, prepared: Prepared, framer: Framer, deadline: float
+    ) -> AsyncIterator[bytes]:
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        stream = self._submit(prepared)
+        for frame in framer.opening():
+            yield frame
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for piece in stream.pieces():
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    yield framer.piece(piece)
+        except TimeoutError:
+            yield _sse(json.dumps(self._timeout_error().body()))
+            return
+        except EngineError as exc:
+            yield _sse(_error_json(str(exc)))
+            return
+        result = stream.result
+        assert result is not None
+        self._metrics.observe_generation(started, first_token_at, result.completion_tokens)
+        for frame in framer.closing(result):
+            yield frame
+        yield b"data: [DONE]\n\n"
+
     # --- chat -------------------------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
         prepared = self.prepare_chat(request)
         started = time.perf_counter()
-        stream = self._submit(prepared)
-        text = await self._collect(stream)
-        result = stream.result
-        assert result is not None
+        text, result = await self._generate(prepared)
         self._metrics.observe_generation(started, None, result.completion_tokens)
         return ChatCompletion(
             id=new_completion_id("chatcmpl"),
@@ -190,58 +258,16 @@ class InferenceService:
             usage=_usage(result.prompt_tokens, result.completion_tokens),
         )
 
-    async def chat_stream(
-        self, request: ChatCompletionRequest, prepared: Prepared
-    ) -> AsyncIterator[bytes]:
-        """SSE frames for a streamed chat completion, ending with `data: [DONE]`."""
-        completion_id, created = new_completion_id("chatcmpl"), unix_now()
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-
-        def chunk(delta: ChunkDelta, finish: Any = None) -> bytes:
-            body = ChatCompletionChunk(
-                id=completion_id,
-                created=created,
-                model=self.model_id,
-                choices=[ChatChunkChoice(delta=delta, finish_reason=finish)],
-            )
-            return _sse(body.model_dump_json(exclude_none=True))
-
-        started = time.perf_counter()
-        first_token_at: float | None = None
-        stream = self._submit(prepared)
-        yield chunk(ChunkDelta(role="assistant", content=""))
-        try:
-            async for piece in stream.pieces():
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                yield chunk(ChunkDelta(content=piece))
-        except EngineError as exc:
-            yield _sse(_error_json(str(exc)))
-            return
-        result = stream.result
-        assert result is not None
-        self._metrics.observe_generation(started, first_token_at, result.completion_tokens)
-        yield chunk(ChunkDelta(), result.finish_reason)
-        if include_usage:
-            usage = ChatCompletionChunk(
-                id=completion_id,
-                created=created,
-                model=self.model_id,
-                choices=[],
-                usage=_usage(result.prompt_tokens, result.completion_tokens),
-            )
-            yield _sse(usage.model_dump_json())
-        yield b"data: [DONE]\n\n"
+    async def chat_stream(self, request: ChatCompletionRequest) -> StreamHandle:
+        prepared = self.prepare_chat(request)
+        return await self.open_stream(prepared, ChatFramer(self.model_id, request))
 
     # --- completions ------------------------------------------------------------------------
 
     async def complete(self, request: CompletionRequest) -> Completion:
         prepared = self.prepare_completion(request)
         started = time.perf_counter()
-        stream = self._submit(prepared)
-        text = await self._collect(stream)
-        result = stream.result
-        assert result is not None
+        text, result = await self._generate(prepared)
         self._metrics.observe_generation(started, None, result.completion_tokens)
         if request.echo:
             text = request.prompt_text() + text
@@ -253,50 +279,95 @@ class InferenceService:
             usage=_usage(result.prompt_tokens, result.completion_tokens),
         )
 
-    async def complete_stream(
-        self, request: CompletionRequest, prepared: Prepared
-    ) -> AsyncIterator[bytes]:
-        completion_id, created = new_completion_id("cmpl"), unix_now()
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    async def complete_stream(self, request: CompletionRequest) -> StreamHandle:
+        prepared = self.prepare_completion(request)
+        return await self.open_stream(prepared, CompletionFramer(self.model_id, request))
 
-        def chunk(text: str, finish: Any = None, usage: Usage | None = None) -> bytes:
-            choices = [] if usage else [CompletionChoice(text=text, finish_reason=finish)]
-            body = Completion(
-                id=completion_id,
-                created=created,
-                model=self.model_id,
-                choices=choices,
-                usage=usage,
+
+@dataclass
+class StreamHandle:
+    """SSE frames for one streamed response, and what to do when the response ends."""
+
+    frames: AsyncIterator[bytes]
+    close: Callable[[], None]
+
+
+class Framer:
+    """Shapes one streamed response's SSE frames (chat and completions differ)."""
+
+    def __init__(self, model_id: str, include_usage: bool) -> None:
+        self.model_id = model_id
+        self.include_usage = include_usage
+        self.created = unix_now()
+
+    def opening(self) -> list[bytes]:
+        return []
+
+    def piece(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def closing(self, result: Finished) -> list[bytes]:
+        raise NotImplementedError
+
+
+class ChatFramer(Framer):
+    def __init__(self, model_id: str, request: ChatCompletionRequest) -> None:
+        options = request.stream_options
+        super().__init__(model_id, bool(options and options.include_usage))
+        self.id = new_completion_id("chatcmpl")
+
+    def _chunk(
+        self, delta: ChunkDelta, finish: FinishReason | None = None, usage: Usage | None = None
+    ) -> bytes:
+        choices = [] if usage else [ChatChunkChoice(delta=delta, finish_reason=finish)]
+        body = ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model_id, choices=choices, usage=usage
+        )
+        return _sse(body.model_dump_json(exclude_none=usage is None))
+
+    def opening(self) -> list[bytes]:
+        return [self._chunk(ChunkDelta(role="assistant", content=""))]
+
+    def piece(self, text: str) -> bytes:
+        return self._chunk(ChunkDelta(content=text))
+
+    def closing(self, result: Finished) -> list[bytes]:
+        frames = [self._chunk(ChunkDelta(), result.finish_reason)]
+        if self.include_usage:
+            usage = _usage(result.prompt_tokens, result.completion_tokens)
+            frames.append(self._chunk(ChunkDelta(), usage=usage))
+        return frames
+
+
+class CompletionFramer(Framer):
+    def __init__(self, model_id: str, request: CompletionRequest) -> None:
+        options = request.stream_options
+        super().__init__(model_id, bool(options and options.include_usage))
+        self.id = new_completion_id("cmpl")
+        self._echo = request.prompt_text() if request.echo else None
+
+    def _chunk(
+        self, text: str, finish: FinishReason | None = None, usage: Usage | None = None
+    ) -> bytes:
+        choices = [] if usage else [CompletionChoice(text=text, finish_reason=finish)]
+        body = Completion(
+            id=self.id, created=self.created, model=self.model_id, choices=choices, usage=usage
+        )
+        return _sse(body.model_dump_json(exclude_none=usage is None))
+
+    def opening(self) -> list[bytes]:
+        return [self._chunk(self._echo)] if self._echo else []
+
+    def piece(self, text: str) -> bytes:
+        return self._chunk(text)
+
+    def closing(self, result: Finished) -> list[bytes]:
+        frames = [self._chunk("", result.finish_reason)]
+        if self.include_usage:
+            frames.append(
+                self._chunk("", usage=_usage(result.prompt_tokens, result.completion_tokens))
             )
-            return _sse(body.model_dump_json(exclude_none=usage is None))
-
-        started = time.perf_counter()
-        first_token_at: float | None = None
-        stream = self._submit(prepared)
-        if request.echo:
-            yield chunk(request.prompt_text())
-        try:
-            async for piece in stream.pieces():
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                yield chunk(piece)
-        except EngineError as exc:
-            yield _sse(_error_json(str(exc)))
-            return
-        result = stream.result
-        assert result is not None
-        self._metrics.observe_generation(started, first_token_at, result.completion_tokens)
-        yield chunk("", result.finish_reason)
-        if include_usage:
-            yield chunk("", usage=_usage(result.prompt_tokens, result.completion_tokens))
-        yield b"data: [DONE]\n\n"
-
-    @staticmethod
-    async def _collect(stream: GenerationStream) -> str:
-        try:
-            return await stream.text()
-        except EngineError as exc:
-            raise ApiError(500, f"generation failed: {exc}", type="server_error") from exc
+        return frames
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model_service.auth import ApiKeys, AuthMiddleware, Role
 from model_service.errors import ApiError, install_error_handlers
+from model_service.limits import BodySizeLimit
 from pool_manager.config import ModelSpec
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
 from pool_manager.states import OCCUPYING, ModelState
@@ -118,6 +119,7 @@ def create_app(
         return _pool_error_response(exc)
 
     app.add_exception_handler(PoolError, on_pool_error)
+    app.add_middleware(BodySizeLimit, max_bytes=pool.config.max_request_bytes)
     app.add_middleware(AuthMiddleware, keys=keys or ApiKeys(), role_for=manager_role)
 
     @app.get("/health")

@@ -56,6 +56,7 @@ class PoolConfig(BaseModel):
     failure_cooldown_seconds: float = Field(default=60, ge=0)
     ollama_base_url: str = "http://localhost:11434"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_request_bytes: int = Field(default=8 * 2**20, ge=1024)
 
     @model_validator(mode="after")
     def _ttl_bounds(self) -> PoolConfig:
@@ -87,6 +88,7 @@ class ModelSpec(BaseModel):
     n_batch: int = Field(default=512, ge=1)
     chat_format: str | None = None
     max_concurrent: int = Field(default=4, ge=1)
+    max_queue: int = Field(default=32, ge=0)
     timeout_seconds: float = Field(default=30, gt=0)
     defaults: dict[str, Any] = Field(default_factory=dict)
 

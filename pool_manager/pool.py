@@ -374,6 +374,7 @@ class ModelPool:
     def _worker_settings(self, spec: ModelSpec) -> dict[str, Any]:
         settings = spec.model_dump(mode="json")
         settings["model_path"] = self._model_file(spec)
+        settings["max_request_bytes"] = self.config.max_request_bytes
         return settings
 
     def _record_load_failure(self, record: ModelRecord, reason: str) -> None:
