@@ -67,11 +67,29 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _watch_lifeline(stats: WorkerStats) -> None:
+class ManagerCommands:
+    """What the manager can tell a running worker on its stdin, one word a line."""
+
+    def __init__(self, stats: WorkerStats) -> None:
+        self.stats = stats
+        self.engine: Engine | None = None  # set once the model is loaded
+
+    def handle(self, command: bytes) -> None:
+        if command == b"drain":
+            # New inference requests get 503; accepted ones finish.
+            self.stats.draining = True
+        elif command == b"abort":
+            # A forced unload: fail what is running with a clear error, then exit.
+            self.stats.draining = True
+            if self.engine is not None:
+                self.engine.abort("The model was force-unloaded while this request ran.")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _watch_lifeline(commands: ManagerCommands) -> None:
     """Follow the manager's commands on stdin; when stdin closes, shut down.
 
-    Commands are lines: `drain` makes new inference requests get 503 while the
-    requests already accepted finish. EOF means the manager died or let go of us.
+    EOF means the manager died or let go of us.
     """
     pending = b""
     try:
@@ -80,8 +98,8 @@ def _watch_lifeline(stats: WorkerStats) -> None:
         while chunk := os.read(0, 4096):
             pending += chunk
             *lines, pending = pending.split(b"\n")
-            if b"drain" in lines:
-                stats.draining = True
+            for line in lines:
+                commands.handle(line.strip())
     finally:
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -103,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     model_id = str(settings["model_id"])
     channel = StatusChannel(args.status_fd)
     stats = WorkerStats()
+    commands = ManagerCommands(stats)
     if args.lifeline_stdin:
         threading.Thread(
-            target=_watch_lifeline, args=(stats,), name="lifeline", daemon=True
+            target=_watch_lifeline, args=(commands,), name="lifeline", daemon=True
         ).start()
 
     started = time.perf_counter()
@@ -120,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine(backend)
     engine.start()
+    commands.engine = engine
     metrics = WorkerMetrics(model_id, stats)
     admission = Admission(
         max_active=int(settings.get("max_concurrent") or 4),

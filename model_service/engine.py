@@ -35,6 +35,7 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    code: str = "generation_failed"
 
 
 class StopMatcher:
@@ -99,7 +100,7 @@ class GenerationStream:
                     self.result = event
                     return
                 else:
-                    raise EngineError(event.message)
+                    raise EngineError(event.message, event.code)
         finally:
             # Normal end, error, or the consumer went away: in every case the engine
             # must stop spending tokens on this job.
@@ -113,7 +114,11 @@ class GenerationStream:
 
 
 class EngineError(Exception):
-    pass
+    """Generation did not finish; `code` says why (for the client's error body)."""
+
+    def __init__(self, message: str, code: str = "generation_failed") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Engine:
@@ -126,6 +131,9 @@ class Engine:
         # Written by the engine thread only; read for /health.
         self.tokens_generated = 0
         self.generating = False
+        # Set once, by abort(), from another thread; every job from then on fails with it.
+        self._abort_reason: str | None = None
+        self._current: GenerationJob | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -134,6 +142,20 @@ class Engine:
         """Ask the thread to finish its current job and exit; waits up to `timeout`."""
         self._jobs.put(None)
         self._thread.join(timeout)
+
+    def abort(self, reason: str) -> None:
+        """Fail the running job and every later one with `reason` (code model_unloaded)."""
+        self._abort_reason = reason
+        current = self._current
+        if current is not None:
+            current.cancelled = True
+
+    def _aborted(self, job: GenerationJob) -> bool:
+        if self._abort_reason is None:
+            return False
+        failure = Failed(self._abort_reason, code="model_unloaded")
+        job.loop.call_soon_threadsafe(job.events.put_nowait, failure)
+        return True
 
     def submit(
         self, prompt_tokens: list[int], params: SamplingParams, max_tokens: int, stop: list[str]
@@ -151,15 +173,17 @@ class Engine:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            if job.cancelled:
+            if job.cancelled or self._aborted(job):
                 continue
             self.generating = True
+            self._current = job
             try:
                 self._generate(job)
             except Exception as exc:
                 log.exception("generation failed")
                 job.loop.call_soon_threadsafe(job.events.put_nowait, Failed(str(exc)))
             finally:
+                self._current = None
                 self.generating = False
 
     def _generate(self, job: GenerationJob) -> None:
@@ -194,4 +218,5 @@ class Engine:
             tail += stopper.flush()
             if tail:
                 post(emit, tail)
-        post(emit, Finished(finish, len(job.prompt_tokens), produced))
+        if not self._aborted(job):
+            post(emit, Finished(finish, len(job.prompt_tokens), produced))

@@ -25,8 +25,6 @@ from model_service.protocol import (
     Completion,
     CompletionChoice,
     CompletionRequest,
-    ErrorDetail,
-    ErrorResponse,
     ResponseFormat,
     SamplingFields,
     Usage,
@@ -194,7 +192,7 @@ class InferenceService:
         except TimeoutError:
             raise self._timeout_error() from None
         except EngineError as exc:
-            raise ApiError(500, f"generation failed: {exc}", type="server_error") from exc
+            raise _engine_error(exc) from exc
         assert stream.result is not None
         return text, stream.result
 
@@ -230,7 +228,7 @@ class InferenceService:
             yield _sse(json.dumps(self._timeout_error().body()))
             return
         except EngineError as exc:
-            yield _sse(_error_json(str(exc)))
+            yield _sse(json.dumps(_engine_error(exc).body()))
             return
         result = stream.result
         assert result is not None
@@ -378,6 +376,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     )
 
 
-def _error_json(message: str) -> str:
-    detail = ErrorDetail(message=message, type="server_error")
-    return json.dumps(ErrorResponse(error=detail).model_dump())
+def _engine_error(exc: EngineError) -> ApiError:
+    if exc.code == "model_unloaded":
+        return ApiError(
+            503, str(exc), type="server_error", code=exc.code, headers={"Retry-After": "1"}
+        )
+    return ApiError(500, f"generation failed: {exc}", type="server_error", code=exc.code)

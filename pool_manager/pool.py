@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 S = ModelState
 RETRY_AFTER_FULL_SECONDS = 5
+FORCED_STOP_SECONDS = 2.0  # how long a forced unload lets requests hear why they end
 
 
 class PoolError(Exception):
@@ -456,7 +457,8 @@ class ModelPool:
                 self._drain_and_stop(record, reason, force), name=f"unload:{record.model_id}"
             )
         elif force and record.worker is not None:
-            record.worker.kill()  # a forced unload overrides a drain in progress
+            # A forced unload overrides a drain in progress.
+            self._spawn_background(record.worker.abort(FORCED_STOP_SECONDS), "abort")
         await asyncio.shield(record.unload_task)
 
     async def _drain_and_stop(self, record: ModelRecord, reason: str, force: bool) -> None:
@@ -466,7 +468,8 @@ class ModelPool:
             self._set_state(record, S.UNLOADING, reason)
             grace = self.config.graceful_shutdown_seconds
             if force:
-                worker.kill()
+                # Running requests end with a clear error, not a cut connection.
+                await worker.abort(timeout=FORCED_STOP_SECONDS)
             else:
                 worker.begin_drain()
                 # Drain: wait for in-flight requests (or for the worker to die meanwhile).

@@ -4,8 +4,8 @@ The manager and a worker share three channels, none of them polled:
 - the listening socket, bound by the manager and inherited by the worker;
 - a status pipe on which the worker writes JSON lines (`ready`, `failed`, `start`, `end`);
 - the worker's stdin, a lifeline and a command line: the manager writes `drain` when it
-  starts unloading the worker; when the manager dies, stdin closes and the worker shuts
-  itself down (no orphans).
+  starts unloading the worker and `abort` for a forced unload; when the manager dies,
+  stdin closes and the worker shuts itself down (no orphans).
 Process exit is noticed by waiting on the process, not by polling it.
 """
 
@@ -169,9 +169,21 @@ class WorkerProcess:
 
     def begin_drain(self) -> None:
         """Tell the worker to refuse new requests (503) while it finishes the others."""
+        self._command(b"drain")
+
+    async def abort(self, timeout: float) -> int:
+        """Fail the worker's requests with a clear error and stop it; SIGKILL after `timeout`."""
+        self._command(b"abort")
+        try:
+            return await asyncio.wait_for(self.wait_exit(), timeout)
+        except TimeoutError:
+            self.kill()
+            return await self.wait_exit()
+
+    def _command(self, word: bytes) -> None:
         stdin = self._process.stdin
         if stdin is not None and not stdin.is_closing():
-            stdin.write(b"drain\n")
+            stdin.write(word + b"\n")
 
     async def stop(self, timeout: float) -> int:
         """SIGTERM (the worker drains), then SIGKILL after `timeout` seconds."""

@@ -395,11 +395,21 @@ def test_force_unload_ends_a_stream_with_an_error_not_a_hang(
         stream=True,
     )
     next(iter(stream))
-    reply = manager.request("POST", f"/models/{CODER}/unload", json={"force": True})
-    assert reply.json()["state"] == "COLD"
-    with pytest.raises((httpx.HTTPError, openai.APIError)):
+    waiting = {"model": CODER, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        queued = pool.submit(
+            httpx.post, f"{loaded['endpoint']}/v1/chat/completions", json=waiting, timeout=30
+        )
+        wait_for(lambda: manager.model(CODER)["in_flight"] == 2, 10, message="2 in flight")
+        reply = manager.request("POST", f"/models/{CODER}/unload", json={"force": True})
+        assert reply.json()["state"] == "COLD"
+        refused = queued.result(timeout=30)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "model_unloaded"
+    with pytest.raises(openai.APIError) as ended:
         for _ in stream:
             pass
+    assert "force-unloaded" in str(ended.value), "the stream ends with an error event saying why"
 
 
 def test_taken_manager_port_fails_fast_and_starts_nothing(start_manager: ManagerFactory) -> None:
