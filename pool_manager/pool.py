@@ -16,13 +16,16 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import psutil
+import tenacity
 
 from model_service.backends.base import BackendError
 from model_service.model_files import resolve_model_file
@@ -47,6 +50,10 @@ log = logging.getLogger(__name__)
 
 S = ModelState
 RETRY_AFTER_FULL_SECONDS = 5
+LOAD_RETRY_BASE_SECONDS = 0.5  # a failed start is retried after 0.5 s, 1 s, 2 s, ...
+LOAD_RETRY_MAX_SECONDS = 8.0
+MAX_FAILURE_COOLDOWN_SECONDS = 3600.0
+CRASH_WINDOW_SECONDS = 60.0  # max_load_failures crashes within this window mean FAILED
 FORCED_STOP_SECONDS = 2.0  # how long a forced unload lets requests hear why they end
 
 
@@ -103,7 +110,9 @@ class ModelRecord:
     loaded_at: float | None = None
     load_seconds: float | None = None
     consecutive_failures: int = 0
+    failed_streak: int = 0  # times in a row the model went FAILED; grows the cooldown
     crashes: int = 0
+    recent_crashes: deque[float] = field(default_factory=deque)  # monotonic times
     last_error: str | None = None
     retry_at: float | None = None  # monotonic; when a FAILED model may be retried
     load_task: asyncio.Task[None] | None = None
@@ -308,27 +317,50 @@ class ModelPool:
         try:
             async with self._capacity_lock:
                 await self._make_room_for(record)
-                sock = self._allocate_port()
                 self._set_state(record, S.WARMING)
-            await self._start_worker(record, sock)
-        except PoolError:
-            raise
-        except WorkerStartError as exc:
-            self._record_load_failure(record, str(exc))
-            raise LoadFailed(
-                f"model '{record.model_id}' failed to load: {exc}",
-                retry_after=self.retry_after(record),
-            ) from exc
+            try:
+                await self._start_with_retries(record)
+            except WorkerStartError as exc:
+                self._give_up_loading(record)
+                raise LoadFailed(
+                    f"model '{record.model_id}' failed to load: {exc}",
+                    retry_after=self.retry_after(record),
+                ) from exc
+            except PoolFull:
+                self._set_state(record, S.COLD, "no free port")
+                raise
         finally:
             record.load_task = None
 
-    def _allocate_port(self) -> Any:
+    async def _start_with_retries(self, record: ModelRecord) -> None:
+        """Start the worker; retry failures that may pass (crash, timeout) with backoff.
+
+        A worker that reports the model cannot load (bad file) is not retried.
+        Raises WorkerStartError (the last failure) or PoolFull (no port).
+        """
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self.config.max_load_failures),
+            wait=tenacity.wait_exponential(
+                multiplier=LOAD_RETRY_BASE_SECONDS, max=LOAD_RETRY_MAX_SECONDS
+            ),
+            retry=tenacity.retry_if_exception(
+                lambda exc: isinstance(exc, WorkerStartError) and not exc.permanent
+            ),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._start_worker(record)
+
+    def _allocate_port(self) -> socket.socket:
         try:
             return self._ports.allocate()
         except NoFreePort as exc:
             raise PoolFull(str(exc), retry_after=RETRY_AFTER_FULL_SECONDS) from exc
 
-    async def _start_worker(self, record: ModelRecord, sock: Any) -> None:
+    async def _start_worker(self, record: ModelRecord) -> None:
+        """One attempt: a port, a process, its ready report. Raises WorkerStartError."""
+        sock = self._allocate_port()
         port = sock.getsockname()[1]
         started = time.perf_counter()
         try:
@@ -344,13 +376,17 @@ class ModelPool:
         except (InvalidModel, OSError) as exc:
             sock.close()
             self._ports.release(port)
-            raise WorkerStartError(str(exc)) from exc
+            self._count_load_failure(record, str(exc))
+            raise WorkerStartError(str(exc), permanent=True) from exc
         record.worker = worker
         try:
             await worker.wait_ready(self.config.load_timeout_seconds)
-        except BaseException:
+        except BaseException as exc:
             worker.kill()
             await worker.wait_exit()
+            self._ports.release(port)
+            record.worker = None
+            self._count_load_failure(record, str(exc) or type(exc).__name__)
             raise
         record.load_seconds = time.perf_counter() - started
         record.loaded_at = time.time()
@@ -378,19 +414,38 @@ class ModelPool:
         settings["max_request_bytes"] = self.config.max_request_bytes
         return settings
 
-    def _record_load_failure(self, record: ModelRecord, reason: str) -> None:
-        if record.worker is not None:
-            self._ports.release(record.worker.port)
-            record.worker = None
+    def _count_load_failure(self, record: ModelRecord, reason: str) -> None:
         record.consecutive_failures += 1
         record.last_error = reason
         self.metrics.load_finished(record.model_id, "failed", None)
-        log.error("model failed to load", extra={"model": record.model_id, "reason": reason})
+        log.error(
+            "model failed to load",
+            extra={
+                "model": record.model_id,
+                "reason": reason,
+                "failures": record.consecutive_failures,
+            },
+        )
+
+    def _give_up_loading(self, record: ModelRecord) -> None:
         if record.consecutive_failures >= self.config.max_load_failures:
-            record.retry_at = time.monotonic() + self.config.failure_cooldown_seconds
-            self._set_state(record, S.FAILED)
+            self._enter_failed(record)
         else:
             self._set_state(record, S.COLD)
+
+    def _enter_failed(self, record: ModelRecord) -> None:
+        """FAILED, with a cooldown that doubles each time in a row (capped)."""
+        cooldown = min(
+            self.config.failure_cooldown_seconds * 2 ** min(record.failed_streak, 10),
+            MAX_FAILURE_COOLDOWN_SECONDS,
+        )
+        record.failed_streak += 1
+        record.retry_at = time.monotonic() + cooldown
+        self._set_state(record, S.FAILED, f"retry in {cooldown:g} s")
+        if self.is_pinned(record) and not self._closing:
+            self._spawn_background(
+                self._reload_pinned(record, delay=cooldown), f"retry:{record.model_id}"
+            )
 
     async def _make_room_for(self, record: ModelRecord) -> None:
         """Evict least-recently-used idle models until `record` fits. Raises PoolFull."""
@@ -439,6 +494,7 @@ class ModelPool:
         if record.state is S.FAILED:
             # Unloading a FAILED model is how an operator clears its cooldown.
             record.consecutive_failures = 0
+            record.failed_streak = 0
             record.retry_at = None
             self._set_state(record, S.COLD)
             return record
@@ -485,6 +541,7 @@ class ModelPool:
             # SIGTERM: the worker stops accepting and finishes what raced in meanwhile.
             await worker.stop(timeout=grace)
             self._release_worker(record)
+            record.failed_streak = 0  # it served until we stopped it: healthy
             self._set_state(record, S.COLD)
             self.metrics.unloaded(record.model_id, reason)
             log.info("model unloaded", extra={"model": record.model_id, "reason": reason})
@@ -582,19 +639,28 @@ class ModelPool:
         code = await worker.wait_exit()
         if record.worker is not worker or record.state is S.UNLOADING:
             return  # an unload we asked for
+        now = time.monotonic()
         record.crashes += 1
+        record.recent_crashes.append(now)
+        while record.recent_crashes[0] < now - CRASH_WINDOW_SECONDS:
+            record.recent_crashes.popleft()
         record.last_error = f"worker exited unexpectedly with code {code}"
         log.error(
             "worker died", extra={"model": record.model_id, "exit_code": code, "pid": worker.pid}
         )
         self.metrics.crashed(record.model_id)
         self._release_worker(record)
+        if len(record.recent_crashes) >= self.config.max_load_failures:
+            record.recent_crashes.clear()
+            self._enter_failed(record)  # a crash loop: back off instead of reloading at once
+            return
         self._set_state(record, S.COLD)
         if self.is_pinned(record) and not self._closing:
             # Warmup models are meant to stay loaded: bring them straight back.
             self._spawn_background(self._reload_pinned(record), f"reload:{record.model_id}")
 
-    async def _reload_pinned(self, record: ModelRecord) -> None:
+    async def _reload_pinned(self, record: ModelRecord, delay: float = 0.0) -> None:
+        await asyncio.sleep(delay)
         try:
             await self.load(record.model_id)
         except PoolError as exc:

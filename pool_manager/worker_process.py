@@ -37,7 +37,15 @@ class WorkerReady:
 
 
 class WorkerStartError(Exception):
-    """The worker did not become ready; the message says why."""
+    """The worker did not become ready; the message says why.
+
+    `permanent`: the worker said the model cannot load (a bad file, say), so trying
+    again at once would fail the same way.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class WorkerProcess:
@@ -158,8 +166,9 @@ class WorkerProcess:
             if self._status_task is not None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._status_task), 1.0)
-            reason = self._failure_reason or f"worker exited with code {self.returncode}"
-            raise WorkerStartError(reason)
+            if self._failure_reason:
+                raise WorkerStartError(self._failure_reason, permanent=True)
+            raise WorkerStartError(f"worker exited with code {self.returncode} while loading")
         self.kill()
         raise WorkerStartError(f"worker not ready after {timeout:g} s")
 

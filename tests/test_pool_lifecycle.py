@@ -488,3 +488,41 @@ def test_extension_survives_the_next_request(start_manager: ManagerFactory) -> N
     assert extended.json()["ttl_remaining_seconds"] > 500
     chat(loaded["endpoint"], CODER)
     assert manager.model(CODER)["ttl_remaining_seconds"] > 500
+
+
+def test_transient_load_failures_are_retried_then_failed(start_manager: ManagerFactory) -> None:
+    manager = start_manager(
+        config={"load_timeout_seconds": 0.05, "max_load_failures": 3},
+        models=[model_entry(CODER)],
+    )
+    reply = manager.request("POST", f"/models/{CODER}/load")
+    assert reply.status_code == 503
+    assert "not ready after" in reply.json()["error"]["message"]
+    assert int(reply.headers["Retry-After"]) > 0
+    model = manager.model(CODER)
+    assert model["state"] == "FAILED" and model["failures"] == 3, "three tries in one call"
+    metrics = manager.request("GET", "/metrics").text
+    assert f'pool_model_loads_total{{model="{CODER}",result="failed"}} 3.0' in metrics
+
+
+def test_crash_loop_backs_off_to_failed_then_recovers(start_manager: ManagerFactory) -> None:
+    manager = start_manager(
+        config={"max_load_failures": 2, "failure_cooldown_seconds": 2},
+        models=[model_entry(DEFAULT_MODEL, warmup=True)],
+    )
+    first = manager.wait_state(DEFAULT_MODEL, "HOT")
+    os.kill(first["pid"], signal.SIGKILL)
+    second = wait_for(
+        lambda: (
+            (m := manager.model(DEFAULT_MODEL))["state"] == "HOT" and m["pid"] != first["pid"] and m
+        ),
+        30,
+        message="the first automatic reload",
+    )
+    os.kill(second["pid"], signal.SIGKILL)
+    failed = manager.wait_state(DEFAULT_MODEL, "FAILED", timeout=5)
+    assert failed["crashes"] == 2 and failed["retry_after_seconds"] <= 2
+    back = manager.wait_state(DEFAULT_MODEL, "HOT", timeout=30)  # after the cooldown
+    manager.seen_worker_pids.add(back["pid"])
+    assert back["pid"] not in (first["pid"], second["pid"])
+    assert chat(back["endpoint"], DEFAULT_MODEL)
