@@ -46,6 +46,7 @@ def model_view(pool: ModelPool, record: ModelRecord) -> dict[str, Any]:
     worker = record.worker
     host = "127.0.0.1" if pool.config.host in ("0.0.0.0", "::") else pool.config.host
     rss = pool.memory_rss_bytes(record)
+    vram = pool.vram_bytes(record)
     spec = record.spec
     return {
         "model_id": spec.model_id,
@@ -67,6 +68,8 @@ def model_view(pool: ModelPool, record: ModelRecord) -> dict[str, Any]:
         "loaded_at": _iso(record.loaded_at),
         "load_seconds": _round(record.load_seconds, 3),
         "memory_rss_mb": _round(rss / 2**20 if rss is not None else None),
+        "memory_estimate_mb": round(record.memory_estimate / 2**20) if worker else None,
+        "vram_mb": _round(vram / 2**20 if vram is not None else None),
         "failures": record.consecutive_failures,
         "crashes": record.crashes,
         "last_error": record.last_error,
@@ -133,6 +136,7 @@ def create_app(
             "active_models": sum(r.state in OCCUPYING for r in records),
             "models_by_state": {s.value: sum(r.state is s for r in records) for s in ModelState},
             "total_memory_mb": round(sum(rss) / 2**20, 1),
+            "memory": pool.memory_summary(),
             "available_ports": pool.available_ports(),
         }
 

@@ -109,8 +109,14 @@ class _PoolStateCollector(Collector):
             "Resident memory of the model's worker.",
             labels=["model"],
         )
+        vram = GaugeMetricFamily(
+            "pool_model_vram_bytes", "GPU memory of the model's worker.", labels=["model"]
+        )
         for record in records:
             model_state.add_metric([record.model_id, record.state.value], 1)
+            gpu_bytes = self._pool.vram_bytes(record)
+            if gpu_bytes is not None:
+                vram.add_metric([record.model_id], gpu_bytes)
             in_flight.add_metric([record.model_id], record.in_flight)
             rss = self._pool.memory_rss_bytes(record)
             if rss is not None:
@@ -118,3 +124,4 @@ class _PoolStateCollector(Collector):
         yield model_state
         yield in_flight
         yield memory
+        yield vram

@@ -22,12 +22,14 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import psutil
 import tenacity
 
 from model_service.backends.base import BackendError
+from model_service.gguf import PROCESS_OVERHEAD_BYTES, estimate_memory_bytes
 from model_service.model_files import resolve_model_file
 from pool_manager.config import (
     ConfigStore,
@@ -35,6 +37,7 @@ from pool_manager.config import (
     PoolConfig,
     effective_ttl_seconds,
 )
+from pool_manager.gpu import GpuMonitor
 from pool_manager.metrics import PoolMetrics
 from pool_manager.ports import NoFreePort, PortAllocator
 from pool_manager.states import (
@@ -49,6 +52,7 @@ from pool_manager.worker_process import WorkerProcess, WorkerStartError
 log = logging.getLogger(__name__)
 
 S = ModelState
+MB = 2**20
 RETRY_AFTER_FULL_SECONDS = 5
 LOAD_RETRY_BASE_SECONDS = 0.5  # a failed start is retried after 0.5 s, 1 s, 2 s, ...
 LOAD_RETRY_MAX_SECONDS = 8.0
@@ -90,6 +94,10 @@ class LoadFailed(PoolError):
     status, code, error_type = 503, "model_load_failed", "server_error"
 
 
+class InsufficientMemory(PoolError):
+    status, code, error_type = 503, "insufficient_memory", "server_error"
+
+
 class ShuttingDown(PoolError):
     status, code, error_type = 503, "shutting_down", "server_error"
 
@@ -109,6 +117,7 @@ class ModelRecord:
     cooling_deadline: float | None = None
     loaded_at: float | None = None
     load_seconds: float | None = None
+    memory_estimate: int = 0  # bytes, set when a load starts
     consecutive_failures: int = 0
     failed_streak: int = 0  # times in a row the model went FAILED; grows the cooldown
     crashes: int = 0
@@ -150,6 +159,7 @@ class ModelPool:
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
         self.warmup_done = asyncio.Event()
+        self.gpu = GpuMonitor()
         metrics.attach(self)
 
     # --- start and stop ---------------------------------------------------------------------
@@ -224,6 +234,23 @@ class ModelPool:
             return int(psutil.Process(record.worker.pid).memory_info().rss)
         except psutil.Error:
             return None
+
+    def vram_bytes(self, record: ModelRecord) -> int | None:
+        """GPU memory of the model's worker; None without a GPU or a worker."""
+        if record.worker is None or not self.gpu.available:
+            return None
+        return self.gpu.vram_bytes_by_pid().get(record.worker.pid, 0)
+
+    def memory_summary(self) -> dict[str, Any]:
+        occupying = [r for r in self._records.values() if r.state in OCCUPYING]
+        gpu_free = self.gpu.free_bytes()
+        return {
+            "limit_mb": self.config.memory_limit_mb,
+            "estimated_use_mb": sum(r.memory_estimate for r in occupying) // MB,
+            "available_mb": psutil.virtual_memory().available // MB,
+            "gpu_available": self.gpu.available,
+            "gpu_free_mb": None if gpu_free is None else gpu_free // MB,
+        }
 
     def available_ports(self) -> int:
         return self._ports.available()
@@ -448,18 +475,35 @@ class ModelPool:
             )
 
     async def _make_room_for(self, record: ModelRecord) -> None:
-        """Evict least-recently-used idle models until `record` fits. Raises PoolFull."""
+        """Evict least-recently-used idle models until `record` fits.
+
+        Fits means: under max_concurrent_models, the sum of memory estimates within
+        memory_limit_mb, and the estimate within the machine's available memory.
+        Raises PoolFull or InsufficientMemory.
+        """
+        need = record.memory_estimate = await self._estimate_memory(record)
+        limit = self.config.memory_limit_mb * MB
+        if need > limit:
+            raise InsufficientMemory(
+                f"cannot load '{record.model_id}': it needs about {need // MB} MB, more than "
+                f"memory_limit_mb={self.config.memory_limit_mb}"
+            )
         while True:
             occupying = [
                 r for r in self._records.values() if r.state in OCCUPYING and r is not record
             ]
-            if len(occupying) < self.config.max_concurrent_models:
+            reason = self._why_it_does_not_fit(record, occupying, need)
+            if reason is None:
                 return
             victim = self._eviction_candidate(occupying)
             if victim is not None:
                 log.info(
                     "evicting least recently used model",
-                    extra={"model": victim.model_id, "for_model": record.model_id},
+                    extra={
+                        "model": victim.model_id,
+                        "for_model": record.model_id,
+                        "because": reason,
+                    },
                 )
                 self.metrics.evicted(victim.model_id, "lru")
                 await self._unload(victim, "lru", force=False)
@@ -468,12 +512,37 @@ class ModelPool:
             if stopping:
                 await asyncio.wait(stopping, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            raise PoolFull(
-                f"cannot load '{record.model_id}': {len(occupying)} models are loaded "
-                f"(max_concurrent_models={self.config.max_concurrent_models}) and none is "
-                "idle and evictable",
+            error = PoolFull if "max_concurrent_models" in reason else InsufficientMemory
+            raise error(
+                f"cannot load '{record.model_id}': {reason}, and no loaded model is idle "
+                "and evictable",
                 retry_after=RETRY_AFTER_FULL_SECONDS,
             )
+
+    def _why_it_does_not_fit(
+        self, record: ModelRecord, occupying: list[ModelRecord], need: int
+    ) -> str | None:
+        if len(occupying) >= self.config.max_concurrent_models:
+            return f"max_concurrent_models={self.config.max_concurrent_models} models are loaded"
+        used = sum(r.memory_estimate for r in occupying)
+        if used + need > self.config.memory_limit_mb * MB:
+            return (
+                f"it needs about {need // MB} MB and loaded models use about {used // MB} MB "
+                f"of memory_limit_mb={self.config.memory_limit_mb}"
+            )
+        available = psutil.virtual_memory().available
+        if need > available:
+            return f"it needs about {need // MB} MB and only {available // MB} MB are free"
+        return None
+
+    async def _estimate_memory(self, record: ModelRecord) -> int:
+        """Bytes the model will take once loaded (file + KV cache + process)."""
+        try:
+            path = Path(self._model_file(record.spec))
+            return await asyncio.to_thread(estimate_memory_bytes, path, record.spec.n_ctx)
+        except (InvalidModel, BackendError):
+            # The worker's load will report what is wrong with the file, clearly.
+            return PROCESS_OVERHEAD_BYTES
 
     def _eviction_candidate(self, occupying: list[ModelRecord]) -> ModelRecord | None:
         idle = [

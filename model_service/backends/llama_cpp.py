@@ -8,6 +8,7 @@ import os
 import random
 from collections.abc import Generator
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -15,6 +16,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from model_service.backends.base import Backend, BackendError, RenderedPrompt, SamplingParams
+from model_service.gguf import read_metadata
 
 DEFAULT_CONTEXT = 2048
 
@@ -70,8 +72,9 @@ class LlamaCppBackend(Backend):
         return self._llama
 
     def load(self) -> None:
-        if not os.path.isfile(self._model_path):
-            raise BackendError(f"model file not found: {self._model_path}")
+        # The header check gives a clear reason for a missing, truncated or foreign file,
+        # where llama.cpp would only say it failed.
+        read_metadata(Path(self._model_path))
         try:
             llama = llama_cpp.Llama(
                 model_path=self._model_path,

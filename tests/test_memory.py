@@ -1,0 +1,74 @@
+"""Memory: estimates before loading, eviction to make room, refusal when nothing fits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from model_service.gguf import estimate_memory_bytes, read_metadata
+from model_service.model_files import package_file
+from tests.conftest import SMOLLM2_FILE, ManagerFactory, model_entry, pid_alive, wait_for
+
+
+def test_estimate_is_close_to_measured_rss(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry("m:1", n_ctx=4096)])
+    model = manager.load("m:1")
+    estimate = estimate_memory_bytes(package_file(SMOLLM2_FILE), 4096) / 2**20
+    assert model["memory_estimate_mb"] == round(estimate)
+    rss = wait_for(lambda: manager.model("m:1")["memory_rss_mb"], 5, message="an RSS reading")
+    assert 0.6 * estimate < rss < 1.4 * estimate, (estimate, rss)
+    assert model["vram_mb"] is None, "no GPU on this machine"
+    memory = manager.request("GET", "/health").json()["memory"]
+    assert memory["gpu_available"] is False and memory["gpu_free_mb"] is None
+    assert abs(memory["estimated_use_mb"] - estimate) <= 1
+
+
+def test_model_bigger_than_the_limit_is_refused_without_starting(
+    start_manager: ManagerFactory,
+) -> None:
+    manager = start_manager(config={"memory_limit_mb": 100}, models=[model_entry("m:1")])
+    reply = manager.request("POST", "/models/m:1/load")
+    assert reply.status_code == 503
+    error = reply.json()["error"]
+    assert error["code"] == "insufficient_memory" and "memory_limit_mb=100" in error["message"]
+    assert manager.model("m:1")["state"] == "COLD" and manager.model("m:1")["pid"] is None
+
+
+def test_memory_limit_evicts_least_recently_used(start_manager: ManagerFactory) -> None:
+    per_model = estimate_memory_bytes(package_file(SMOLLM2_FILE), 1024) // 2**20
+    manager = start_manager(
+        config={"memory_limit_mb": int(per_model * 2.5), "max_concurrent_models": 5},
+        models=[model_entry("a:1"), model_entry("b:1"), model_entry("c:1")],
+    )
+    a = manager.load("a:1")
+    manager.load("b:1")
+    manager.load("c:1")  # a third does not fit in 2.5 models' worth: a (LRU) goes
+    models = manager.models()
+    assert [models[m]["state"] for m in ("a:1", "b:1", "c:1")] == ["COLD", "HOT", "HOT"]
+    wait_for(lambda: not pid_alive(a["pid"]), 10, message="the evicted worker to exit")
+
+
+def test_truncated_or_foreign_files_fail_with_a_clear_reason(
+    start_manager: ManagerFactory, tmp_path: Path
+) -> None:
+    real = package_file(SMOLLM2_FILE).read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(real[:5000])
+    (tmp_path / "text.gguf").write_text("this is not a model\n")
+    manager = start_manager(
+        models=[
+            {"model_id": "cut:1", "model_path": str(tmp_path / "cut.gguf")},
+            {"model_id": "text:1", "model_path": str(tmp_path / "text.gguf")},
+        ]
+    )
+    for model_id, words in [("cut:1", "truncated"), ("text:1", "not a GGUF file")]:
+        reply = manager.request("POST", f"/models/{model_id}/load")
+        assert reply.status_code == 503
+        assert words in reply.json()["error"]["message"], reply.text
+        assert words in manager.model(model_id)["last_error"]
+    assert manager.request("GET", "/health").status_code == 200
+
+
+def test_header_reader_reads_the_real_model() -> None:
+    metadata = read_metadata(package_file(SMOLLM2_FILE))
+    assert metadata["general.architecture"] == "llama"
+    assert metadata["llama.block_count"] == 30
+    assert metadata["llama.context_length"] == 8192
