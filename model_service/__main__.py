@@ -1,8 +1,9 @@
 """Run one worker: `python -m model_service --model-path FILE.gguf --port 8060`.
 
-The pool manager starts workers with `--spec-json`, a listening socket it already bound
-(`--listen-fd`), a pipe for status events (`--status-fd`) and `--lifeline-stdin`: when
-the manager goes away, the worker's stdin closes and the worker shuts itself down.
+The pool manager starts workers with `--control-fd`, one end of a Unix socketpair. Such
+a worker imports everything, reports `spare`, and waits for a `load` command carrying
+the model's settings and a listening socket the manager already bound. Later commands
+are `drain` and `abort`; EOF means the manager is gone, and the worker shuts down.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
@@ -38,47 +40,56 @@ EXIT_LOAD_FAILED = 3
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m model_service", description=__doc__)
-    parser.add_argument("--spec-json", help="the model's registry entry, as JSON")
-    parser.add_argument("--model-id", default=None, help="model id (standalone use)")
     parser.add_argument("--model-path", default=None, help="GGUF file (standalone use)")
+    parser.add_argument("--model-id", default=None, help="model id (standalone use)")
     parser.add_argument("--n-ctx", type=int, default=None)
+    parser.add_argument("--parallel", type=int, default=None, help="sequences decoded at once")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8051)
-    parser.add_argument("--listen-fd", type=int, default=None)
-    parser.add_argument("--status-fd", type=int, default=None)
-    parser.add_argument("--lifeline-stdin", action="store_true")
+    parser.add_argument("--control-fd", type=int, default=None, help="set by the manager")
     parser.add_argument("--graceful-seconds", type=float, default=30.0)
     parser.add_argument("--log-level", default=os.environ.get("POOL_LOG_LEVEL", "INFO"))
     return parser.parse_args(argv)
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    if args.spec_json:
-        settings: dict[str, Any] = json.loads(args.spec_json)
-        return settings
-    if not args.model_path:
-        raise SystemExit("give --spec-json or --model-path")
-    model_id = args.model_id or os.path.basename(args.model_path)
-    return {
-        "model_id": model_id,
-        "backend": "llama_cpp",
-        "model_path": args.model_path,
-        "n_ctx": args.n_ctx,
-    }
+class ManagerLink:
+    """The worker's end of the control socket: commands in (on a thread), events out."""
 
-
-class ManagerCommands:
-    """What the manager can tell a running worker on its stdin, one word a line."""
-
-    def __init__(self, stats: WorkerStats) -> None:
+    def __init__(self, fd: int, stats: WorkerStats) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.events = StatusChannel(fd)
         self.stats = stats
         self.engine: Engine | None = None  # set once the model is loaded
+        self._assignment: queue.SimpleQueue[tuple[dict[str, Any], int] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._read_commands, name="manager-link", daemon=True).start()
 
-    def handle(self, command: bytes) -> None:
-        if command == b"drain":
+    def wait_for_model(self) -> tuple[dict[str, Any], int] | None:
+        """Block until the manager assigns a model: (settings, listening socket fd)."""
+        return self._assignment.get()
+
+    def _read_commands(self) -> None:
+        pending = b""
+        try:
+            while True:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 20, 4)
+                if not data:
+                    break  # EOF: the manager died or let go of us
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self._handle(json.loads(line), fds)
+        finally:
+            self._assignment.put(None)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _handle(self, command: dict[str, Any], fds: list[int]) -> None:
+        name = command.get("cmd")
+        if name == "load" and fds:
+            self._assignment.put((command["settings"], fds[0]))
+        elif name == "drain":
             # New inference requests get 503; accepted ones finish.
             self.stats.draining = True
-        elif command == b"abort":
+        elif name == "abort":
             # A forced unload: fail what is running with a clear error, then exit.
             self.stats.draining = True
             if self.engine is not None:
@@ -86,27 +97,19 @@ class ManagerCommands:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _watch_lifeline(commands: ManagerCommands) -> None:
-    """Follow the manager's commands on stdin; when stdin closes, shut down.
-
-    EOF means the manager died or let go of us.
-    """
-    pending = b""
-    try:
-        # os.read, not sys.stdin: a daemon thread blocked inside a buffered reader
-        # aborts the interpreter at exit.
-        while chunk := os.read(0, 4096):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                commands.handle(line.strip())
-    finally:
-        os.kill(os.getpid(), signal.SIGTERM)
+def _standalone_settings(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.model_path:
+        raise SystemExit("give --model-path (or run under the pool manager)")
+    return {
+        "model_id": args.model_id or os.path.basename(args.model_path),
+        "backend": "llama_cpp",
+        "model_path": args.model_path,
+        "n_ctx": args.n_ctx,
+        "parallel": args.parallel,
+    }
 
 
-def _listening_socket(args: argparse.Namespace) -> socket.socket:
-    if args.listen_fd is not None:
-        return socket.socket(fileno=args.listen_fd)
+def _standalone_socket(args: argparse.Namespace) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
@@ -114,18 +117,32 @@ def _listening_socket(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
+def _warm_imports() -> None:
+    """Import what loading a model needs, so a spare pays for it before it is needed."""
+    import llama_cpp  # noqa: F401
+
+    import model_service.backends.llama_cpp  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     setup_logging("worker", args.log_level)
-    settings = _settings(args)
-    model_id = str(settings["model_id"])
-    channel = StatusChannel(args.status_fd)
     stats = WorkerStats()
-    commands = ManagerCommands(stats)
-    if args.lifeline_stdin:
-        threading.Thread(
-            target=_watch_lifeline, args=(commands,), name="lifeline", daemon=True
-        ).start()
+    link: ManagerLink | None = None
+    if args.control_fd is not None:
+        link = ManagerLink(args.control_fd, stats)
+        _warm_imports()
+        link.events.send("spare", pid=os.getpid())
+        assignment = link.wait_for_model()
+        if assignment is None:
+            return 0  # the manager went away before giving us a model
+        settings, listen_fd = assignment
+        sock = socket.socket(fileno=listen_fd)
+    else:
+        settings = _standalone_settings(args)
+        sock = _standalone_socket(args)
+    channel = link.events if link else StatusChannel(None)
+    model_id = str(settings["model_id"])
 
     started = time.perf_counter()
     try:
@@ -139,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine(backend)
     engine.start()
-    commands.engine = engine
+    if link is not None:
+        link.engine = engine
     metrics = WorkerMetrics(model_id, stats)
     admission = Admission(
         max_active=int(settings.get("max_concurrent") or 4),
@@ -154,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
         timeout_seconds=float(settings.get("timeout_seconds") or 30),
         aliases=frozenset(settings.get("aliases") or ()),
     )
-    sock = _listening_socket(args)
     port = sock.getsockname()[1]
     app = create_worker_app(
         service,

@@ -48,7 +48,7 @@ class StatusChannel:
         try:
             os.write(self._fd, line.encode())
         except OSError:
-            # The manager is gone; the lifeline watcher will shut us down.
+            # The manager is gone; the control-socket reader will shut us down.
             self._fd = None
 
 
@@ -58,7 +58,7 @@ class WorkerStats:
     requests_served: int = 0
     in_flight: int = 0
     last_request_at: float | None = None
-    # Set (from the lifeline thread) when the manager starts unloading this worker.
+    # Set (from the control-socket thread) when the manager starts unloading this worker.
     draining: bool = False
 
 

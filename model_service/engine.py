@@ -1,9 +1,10 @@
-"""The engine: one thread owns the backend; requests reach it through a queue.
+"""The engine: one thread owns the backend and decodes every active request together.
 
-Generation never runs on the event loop. Each submitted job gets a `GenerationStream`
-that the HTTP handler iterates asynchronously; the engine thread pushes text pieces into
-it with `call_soon_threadsafe`. Closing the stream (a client that went away) sets a flag
-the engine checks after every token, so an abandoned generation stops within a token.
+Requests reach the thread through a queue. Between decode steps the thread admits new
+requests into free slots (continuous batching), so a new request never waits for others
+to finish; each request finishes on its own (end of text, stop sequence, token budget,
+client gone). Generation never runs on the event loop: the thread hands each step's text
+to the loop in one `call_soon_threadsafe`, and a request's `GenerationStream` yields it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import logging
 import queue
 import threading
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from model_service.backends.base import Backend, SamplingParams
 
@@ -30,6 +32,7 @@ class Finished:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,38 @@ class EngineError(Exception):
         self.code = code
 
 
+class _Active:
+    """A job holding a slot: its budget and its text decoding state."""
+
+    def __init__(self, job: GenerationJob, budget: int, cached: int) -> None:
+        self.job = job
+        self.budget = budget
+        self.cached = cached
+        self.produced = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stopper = StopMatcher(job.stop)
+
+
+class _Outbox:
+    """Events produced during one step, handed to each event loop in one call."""
+
+    def __init__(self) -> None:
+        self._events: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = defaultdict(list)
+
+    def put(self, job: GenerationJob, event: str | Finished | Failed) -> None:
+        self._events[job.loop].append((job.events, event))
+
+    def send(self) -> None:
+        for loop, events in self._events.items():
+            loop.call_soon_threadsafe(_deliver, events)
+        self._events.clear()
+
+
+def _deliver(events: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for target, event in events:
+        target.put_nowait(event)
+
+
 class Engine:
     """Owns the backend and its thread. `submit` never blocks."""
 
@@ -128,34 +163,33 @@ class Engine:
         self.backend = backend
         self._jobs: queue.SimpleQueue[GenerationJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        # Written by the engine thread only; read for /health.
-        self.tokens_generated = 0
-        self.generating = False
+        self._active: dict[int, _Active] = {}
+        self._stopping = False
         # Set once, by abort(), from another thread; every job from then on fails with it.
         self._abort_reason: str | None = None
-        self._current: GenerationJob | None = None
+        # Written by the engine thread only; read for /health and metrics.
+        self.tokens_generated = 0
+        self.prompt_tokens_cached = 0
+
+    @property
+    def generating(self) -> bool:
+        return bool(self._active)
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._active)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Ask the thread to finish its current job and exit; waits up to `timeout`."""
+        """Finish the running jobs, then end the thread; waits up to `timeout`."""
         self._jobs.put(None)
         self._thread.join(timeout)
 
     def abort(self, reason: str) -> None:
-        """Fail the running job and every later one with `reason` (code model_unloaded)."""
+        """Fail the running jobs and every later one with `reason` (code model_unloaded)."""
         self._abort_reason = reason
-        current = self._current
-        if current is not None:
-            current.cancelled = True
-
-    def _aborted(self, job: GenerationJob) -> bool:
-        if self._abort_reason is None:
-            return False
-        failure = Failed(self._abort_reason, code="model_unloaded")
-        job.loop.call_soon_threadsafe(job.events.put_nowait, failure)
-        return True
 
     def submit(
         self, prompt_tokens: list[int], params: SamplingParams, max_tokens: int, stop: list[str]
@@ -171,52 +205,83 @@ class Engine:
         self._jobs.put(job)
         return GenerationStream(job)
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if job.cancelled or self._aborted(job):
-                continue
-            self.generating = True
-            self._current = job
-            try:
-                self._generate(job)
-            except Exception as exc:
-                log.exception("generation failed")
-                job.loop.call_soon_threadsafe(job.events.put_nowait, Failed(str(exc)))
-            finally:
-                self._current = None
-                self.generating = False
+    # --- the engine thread ----------------------------------------------------------------
 
-    def _generate(self, job: GenerationJob) -> None:
-        emit = job.events.put_nowait
-        post = job.loop.call_soon_threadsafe
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stopper = StopMatcher(job.stop)
-        room = self.backend.context_length - len(job.prompt_tokens)
-        budget = min(job.max_tokens, room)
-        produced = 0
-        finish: FinishReason = "length"
-        hit_stop = False
-        tokens = self.backend.generate(job.prompt_tokens, job.params)
-        try:
-            for piece in tokens:
-                produced += 1
-                self.tokens_generated += 1
-                text, hit_stop = stopper.feed(decoder.decode(piece))
-                if text:
-                    post(emit, text)
-                if hit_stop:
-                    finish = "stop"
-                    break
-                if produced >= budget or job.cancelled:
-                    break
-            else:
-                finish = "stop"
-        finally:
-            tokens.close()
-        if not hit_stop:
-            tail, _ = stopper.feed(decoder.decode(b"", final=True))
-            tail += stopper.flush()
+    def _run(self) -> None:
+        outbox = _Outbox()
+        while not (self._stopping and not self._active):
+            self._admit(outbox, wait=not self._active)
+            if self._abort_reason is not None:
+                self._fail_all(outbox, Failed(self._abort_reason, code="model_unloaded"))
+            elif self._active:
+                try:
+                    self._step(outbox)
+                except Exception as exc:
+                    log.exception("generation step failed")
+                    self._fail_all(outbox, Failed(f"generation failed: {exc}"))
+            outbox.send()
+
+    def _admit(self, outbox: _Outbox, wait: bool) -> None:
+        """Move queued jobs into free slots; block for one if nothing is running."""
+        backend = self.backend
+        while not self._stopping and len(self._active) < backend.slots:
+            try:
+                job = self._jobs.get(block=wait)
+            except queue.Empty:
+                return
+            wait = False
+            if job is None:
+                self._stopping = True
+                return
+            if job.cancelled:
+                continue
+            if self._abort_reason is not None:
+                outbox.put(job, Failed(self._abort_reason, code="model_unloaded"))
+                continue
+            free = [s for s in range(backend.slots) if s not in self._active]
+            slot = backend.pick_slot(free, job.prompt_tokens)
+            cached = backend.open_sequence(slot, job.prompt_tokens, job.params)
+            self.prompt_tokens_cached += cached
+            room = backend.context_length - len(job.prompt_tokens)
+            self._active[slot] = _Active(job, min(job.max_tokens, room), cached)
+
+    def _step(self, outbox: _Outbox) -> None:
+        backend = self.backend
+        sampled = backend.step(list(self._active))
+        to_bytes = backend.token_bytes
+        for slot, token in sampled.items():
+            active = self._active[slot]
+            if backend.is_end(token):
+                self._finish(slot, outbox, "stop")
+                continue
+            active.produced += 1
+            self.tokens_generated += 1
+            text, hit_stop = active.stopper.feed(active.decoder.decode(to_bytes(token)))
+            if text:
+                outbox.put(active.job, text)
+            if hit_stop:
+                self._finish(slot, outbox, "stop", flush=False)
+            elif active.produced >= active.budget:
+                self._finish(slot, outbox, "length")
+        for slot in [s for s, a in self._active.items() if a.job.cancelled]:
+            backend.close_sequence(slot)
+            del self._active[slot]
+
+    def _finish(self, slot: int, outbox: _Outbox, reason: FinishReason, flush: bool = True) -> None:
+        active = self._active.pop(slot)
+        self.backend.close_sequence(slot)
+        if flush:
+            tail, _ = active.stopper.feed(active.decoder.decode(b"", final=True))
+            tail += active.stopper.flush()
             if tail:
-                post(emit, tail)
-        if not self._aborted(job):
-            post(emit, Finished(finish, len(job.prompt_tokens), produced))
+                outbox.put(active.job, tail)
+        outbox.put(
+            active.job,
+            Finished(reason, len(active.job.prompt_tokens), active.produced, active.cached),
+        )
+
+    def _fail_all(self, outbox: _Outbox, failure: Failed) -> None:
+        for slot, active in list(self._active.items()):
+            self.backend.close_sequence(slot)
+            outbox.put(active.job, failure)
+        self._active.clear()

@@ -82,8 +82,38 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
 
 
+def _document_400_not_422(app: FastAPI) -> None:
+    """Make the OpenAPI schema say what the handlers do: bad input is a 400 ErrorResponse."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(error_schema.pop("$defs", {}))
+        components["ErrorResponse"] = error_schema
+        error = {
+            "description": "Invalid request (OpenAI error shape)",
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+            },
+        }
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses["400"] = error
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Make every error `app` returns use OpenAI's error shape."""
+    _document_400_not_422(app)
 
     async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
@@ -101,6 +131,8 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
             exc.status_code
         )
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            code = "invalid_json"  # FastAPI's words for a body it could not decode
         return ApiError(
             exc.status_code, str(exc.detail), type=error_type, code=code, headers=exc.headers
         ).response()

@@ -7,6 +7,7 @@ when a file is not GGUF or is cut short. Big arrays (the vocabulary) are skipped
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -62,11 +63,40 @@ def _value(f: BinaryIO, kind: int, keep: bool) -> Any:
     raise ValueError(f"unknown GGUF value type {kind}")
 
 
+def check_header(path: Path) -> None:
+    """Cheap check (first bytes only) that `path` is a GGUF file. Raises BackendError."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(24)
+    except FileNotFoundError:
+        raise BackendError(f"model file not found: {path}") from None
+    if head[:4] != b"GGUF"[: len(head[:4])] or not head:
+        raise BackendError(f"{path} is not a GGUF file (bad magic number)")
+    if len(head) < 24:
+        raise BackendError(f"{path} is truncated (the GGUF header ends early)")
+    version = struct.unpack("<I", head[4:8])[0]
+    if version not in (2, 3):
+        raise BackendError(f"{path}: unsupported GGUF version {version}")
+
+
+@lru_cache(maxsize=32)
+def _cached_metadata(path: Path, mtime_ns: int, size: int) -> dict[str, Any]:
+    return _read_metadata(path)
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
-    """Scalar and string metadata of a GGUF file (arrays skipped).
+    """Scalar and string metadata of a GGUF file (arrays skipped), cached per file version.
 
     Raises BackendError for a file that is missing, not GGUF, or truncated.
     """
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise BackendError(f"model file not found: {path}") from None
+    return _cached_metadata(path, stat.st_mtime_ns, stat.st_size)
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             if f.read(4) != b"GGUF":

@@ -25,6 +25,7 @@ from model_service.protocol import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    PromptTokensDetails,
     ResponseFormat,
     SamplingFields,
     Usage,
@@ -118,6 +119,8 @@ class InferenceService:
     ) -> Prepared:
         context = self._backend.context_length
         prompt_tokens = len(prompt.tokens)
+        if prompt_tokens == 0:
+            raise ApiError(400, "The prompt is empty.", param="prompt", code="invalid_value")
         if prompt_tokens >= context:
             raise ApiError(
                 400,
@@ -253,7 +256,7 @@ class InferenceService:
                     message=AssistantMessage(content=text), finish_reason=result.finish_reason
                 )
             ],
-            usage=_usage(result.prompt_tokens, result.completion_tokens),
+            usage=_usage(result),
         )
 
     async def chat_stream(self, request: ChatCompletionRequest) -> StreamHandle:
@@ -274,7 +277,7 @@ class InferenceService:
             created=unix_now(),
             model=self.model_id,
             choices=[CompletionChoice(text=text, finish_reason=result.finish_reason)],
-            usage=_usage(result.prompt_tokens, result.completion_tokens),
+            usage=_usage(result),
         )
 
     async def complete_stream(self, request: CompletionRequest) -> StreamHandle:
@@ -332,7 +335,7 @@ class ChatFramer(Framer):
     def closing(self, result: Finished) -> list[bytes]:
         frames = [self._chunk(ChunkDelta(), result.finish_reason)]
         if self.include_usage:
-            usage = _usage(result.prompt_tokens, result.completion_tokens)
+            usage = _usage(result)
             frames.append(self._chunk(ChunkDelta(), usage=usage))
         return frames
 
@@ -362,17 +365,16 @@ class CompletionFramer(Framer):
     def closing(self, result: Finished) -> list[bytes]:
         frames = [self._chunk("", result.finish_reason)]
         if self.include_usage:
-            frames.append(
-                self._chunk("", usage=_usage(result.prompt_tokens, result.completion_tokens))
-            )
+            frames.append(self._chunk("", usage=_usage(result)))
         return frames
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def _usage(result: Finished) -> Usage:
     return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens),
     )
 
 

@@ -138,6 +138,7 @@ def create_app(
             "total_memory_mb": round(sum(rss) / 2**20, 1),
             "memory": pool.memory_summary(),
             "available_ports": pool.available_ports(),
+            "spare_workers": len(pool.spare_pids),
         }
 
     @app.get("/models")

@@ -36,14 +36,14 @@ class PortRange(BaseModel):
 class PoolConfig(BaseModel):
     """`configs/model_pool_config.json`. Unknown keys are refused (typos are bugs)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8050, ge=1, le=65535)
     default_ttl_minutes: float = Field(default=15, gt=0)
     min_ttl_minutes: float = Field(default=5, ge=0)
     max_ttl_minutes: float = Field(default=60, gt=0)
-    check_interval_seconds: float = Field(default=30, gt=0)
+    check_interval_seconds: float = Field(default=30, ge=0.05, le=3600)
     grace_period_seconds: float = Field(default=120, ge=0)
     warmup_models: list[str] = Field(default_factory=list)
     port_range: PortRange = Field(default_factory=PortRange)
@@ -57,6 +57,8 @@ class PoolConfig(BaseModel):
     ollama_base_url: str = "http://localhost:11434"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_request_bytes: int = Field(default=8 * 2**20, ge=1024)
+    # Worker processes kept started ahead (imports done, no model) for fast cold starts.
+    spare_workers: int = Field(default=1, ge=0, le=8)
 
     @model_validator(mode="after")
     def _ttl_bounds(self) -> PoolConfig:
@@ -68,7 +70,7 @@ class PoolConfig(BaseModel):
 class ModelSpec(BaseModel):
     """One registry entry."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model_id: str
     display_name: str | None = None

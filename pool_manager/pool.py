@@ -40,6 +40,7 @@ from pool_manager.config import (
 from pool_manager.gpu import GpuMonitor
 from pool_manager.metrics import PoolMetrics
 from pool_manager.ports import NoFreePort, PortAllocator
+from pool_manager.spares import SparePool
 from pool_manager.states import (
     OCCUPYING,
     SERVING,
@@ -160,12 +161,14 @@ class ModelPool:
         self._closing = False
         self.warmup_done = asyncio.Event()
         self.gpu = GpuMonitor()
+        self._spares = SparePool(self.config.spare_workers, self._start_spare)
         metrics.attach(self)
 
     # --- start and stop ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the background loops; warmup models load in the background."""
+        self._spares.refill()
         self._spawn_background(self._reap_idle_models(), "reaper")
         self._spawn_background(self._load_warmup_models(), "warmup")
 
@@ -182,6 +185,17 @@ class ModelPool:
             *(self._unload(r, "shutdown", force=False) for r in occupied),
             return_exceptions=True,
         )
+        await self._spares.close()
+
+    async def _start_spare(self) -> WorkerProcess:
+        return await WorkerProcess.start_spare(
+            graceful_seconds=self.config.graceful_shutdown_seconds,
+            log_level=self.config.log_level,
+        )
+
+    @property
+    def spare_pids(self) -> list[int]:
+        return self._spares.pids
 
     def _spawn_background(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -300,6 +314,8 @@ class ModelPool:
         self._saved_config = saved
         self.config = saved.model_copy(update=self._overrides)
         self._ports.set_range(self.config.port_range.start, self.config.port_range.end)
+        self._spares.size = self.config.spare_workers
+        self._spares.refill()
         self._reaper_wakeup.set()
         return self.config
 
@@ -392,20 +408,22 @@ class ModelPool:
         started = time.perf_counter()
         try:
             settings = self._worker_settings(record.spec)
-            worker = await WorkerProcess.spawn(
-                record.model_id,
-                settings,
-                sock,
-                graceful_seconds=self.config.graceful_shutdown_seconds,
-                log_level=self.config.log_level,
-                on_activity=partial(self._on_activity, record),
-            )
+            worker = await self._spares.take()
         except (InvalidModel, OSError) as exc:
             sock.close()
             self._ports.release(port)
             self._count_load_failure(record, str(exc))
             raise WorkerStartError(str(exc), permanent=True) from exc
         record.worker = worker
+        try:
+            worker.assign(record.model_id, settings, sock, partial(self._on_activity, record))
+        except OSError as exc:  # the spare died meanwhile: worth another try
+            worker.kill()
+            await worker.wait_exit()
+            self._ports.release(port)
+            record.worker = None
+            self._count_load_failure(record, f"spare worker gone: {exc}")
+            raise WorkerStartError(str(exc)) from exc
         try:
             await worker.wait_ready(self.config.load_timeout_seconds)
         except BaseException as exc:
@@ -539,7 +557,9 @@ class ModelPool:
         """Bytes the model will take once loaded (file + KV cache + process)."""
         try:
             path = Path(self._model_file(record.spec))
-            return await asyncio.to_thread(estimate_memory_bytes, path, record.spec.n_ctx)
+            # Every slot (max_concurrent of them) has its own n_ctx of KV cache.
+            cells = record.spec.n_ctx * record.spec.max_concurrent
+            return await asyncio.to_thread(estimate_memory_bytes, path, cells)
         except (InvalidModel, BackendError):
             # The worker's load will report what is wrong with the file, clearly.
             return PROCESS_OVERHEAD_BYTES

@@ -1,12 +1,15 @@
 """One worker OS process, seen from the manager.
 
-The manager and a worker share three channels, none of them polled:
-- the listening socket, bound by the manager and inherited by the worker;
-- a status pipe on which the worker writes JSON lines (`ready`, `failed`, `start`, `end`);
-- the worker's stdin, a lifeline and a command line: the manager writes `drain` when it
-  starts unloading the worker and `abort` for a forced unload; when the manager dies,
-  stdin closes and the worker shuts itself down (no orphans).
-Process exit is noticed by waiting on the process, not by polling it.
+A worker starts as a spare: Python, FastAPI and llama.cpp imported, no model. Assigning
+it a model sends the model's settings and a listening socket the manager already bound
+(so nothing can take the port in between) over the control socket; the worker loads the
+weights and reports `ready` the moment it serves. Manager and worker share:
+- the control socket (a Unix socketpair): commands to the worker (`load` with the
+  listening socket attached, `drain`, `abort`) and JSON-line events from it (`spare`,
+  `ready`, `failed`, `start`, `end`). When the manager dies, the worker reads EOF and
+  shuts itself down (no orphans);
+- the listening socket, once assigned.
+Nothing is polled: process exit is noticed by waiting on the process.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import socket
 import sys
@@ -49,24 +51,27 @@ class WorkerStartError(Exception):
 
 
 class WorkerProcess:
-    """Spawned by `spawn`; every method runs on the manager's event loop."""
+    """Started by `start_spare`, given a model by `assign`; methods run on the event loop."""
 
-    def __init__(
-        self,
-        model_id: str,
-        port: int,
-        process: asyncio.subprocess.Process,
-        on_activity: ActivityCallback,
-    ) -> None:
-        self.model_id = model_id
-        self.port = port
+    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
+        self.model_id: str | None = None
+        self.port: int = 0
         self._process = process
-        self._on_activity = on_activity
+        self._control = control  # we send on it; a duplicate feeds the event reader
+        self._on_activity: ActivityCallback | None = None
         loop = asyncio.get_running_loop()
+        self._spare_ready: asyncio.Future[None] = loop.create_future()
         self._ready: asyncio.Future[WorkerReady] = loop.create_future()
         self._failure_reason: str | None = None
-        self._exit_task = asyncio.create_task(process.wait(), name=f"wait:{model_id}")
-        self._status_task: asyncio.Task[None] | None = None
+        self._exit_task = asyncio.create_task(process.wait(), name=f"wait:{process.pid}")
+        self._exit_task.add_done_callback(lambda _: self._close_control())
+        self._events_task: asyncio.Task[None] | None = None
+        self._events_writer: asyncio.StreamWriter | None = None
+
+    def _close_control(self) -> None:
+        self._control.close()
+        if self._events_writer is not None:
+            self._events_writer.close()
 
     @property
     def pid(self) -> int:
@@ -76,31 +81,21 @@ class WorkerProcess:
     def returncode(self) -> int | None:
         return self._process.returncode
 
+    @property
+    def is_warm_spare(self) -> bool:
+        """Imports done, no model yet."""
+        return self._spare_ready.done() and self.model_id is None and self.returncode is None
+
     @classmethod
-    async def spawn(
-        cls,
-        model_id: str,
-        settings: dict[str, Any],
-        sock: socket.socket,
-        *,
-        graceful_seconds: float,
-        log_level: str,
-        on_activity: ActivityCallback,
-    ) -> WorkerProcess:
-        """Start the worker process serving on `sock` (which this call closes here)."""
-        status_read, status_write = os.pipe()
-        port = sock.getsockname()[1]
+    async def start_spare(cls, *, graceful_seconds: float, log_level: str) -> WorkerProcess:
+        """Start a worker process with no model. Returns at once; it warms up meanwhile."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         command = [
             sys.executable,
             "-m",
             "model_service",
-            "--spec-json",
-            json.dumps(settings),
-            "--listen-fd",
-            str(sock.fileno()),
-            "--status-fd",
-            str(status_write),
-            "--lifeline-stdin",
+            "--control-fd",
+            str(theirs.fileno()),
             "--graceful-seconds",
             str(graceful_seconds),
             "--log-level",
@@ -109,63 +104,73 @@ class WorkerProcess:
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,
-                stdin=asyncio.subprocess.PIPE,
-                pass_fds=(sock.fileno(), status_write),
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
                 # Own session: a Ctrl-C in the manager's terminal reaches the manager only,
                 # which then drains and stops its workers in order.
                 start_new_session=True,
             )
         except BaseException:
-            os.close(status_read)
+            ours.close()
             raise
         finally:
-            os.close(status_write)
-            sock.close()
-        worker = cls(model_id, port, process, on_activity)
-        await worker._watch_status(status_read)
+            theirs.close()
+        worker = cls(process, ours)
+        reader, writer = await asyncio.open_unix_connection(sock=ours.dup())
+        worker._events_writer = writer  # dropping the writer would close the transport
+        worker._events_task = asyncio.create_task(
+            worker._read_events(reader), name=f"events:{process.pid}"
+        )
         return worker
 
-    async def _watch_status(self, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        pipe = os.fdopen(fd, "rb", buffering=0)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-        self._status_task = asyncio.create_task(
-            self._read_status(reader), name=f"status:{self.model_id}"
-        )
+    def assign(
+        self,
+        model_id: str,
+        settings: dict[str, Any],
+        sock: socket.socket,
+        on_activity: ActivityCallback,
+    ) -> None:
+        """Hand the worker a model and its listening socket (closed here afterwards)."""
+        self.model_id = model_id
+        self.port = sock.getsockname()[1]
+        self._on_activity = on_activity
+        line = json.dumps({"cmd": "load", "settings": settings}).encode() + b"\n"
+        try:
+            socket.send_fds(self._control, [line], [sock.fileno()])
+        finally:
+            sock.close()
 
-    async def _read_status(self, reader: asyncio.StreamReader) -> None:
+    async def _read_events(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
             try:
                 message = json.loads(line)
             except ValueError:
-                log.warning("unreadable status line", extra={"model": self.model_id})
+                log.warning("unreadable worker event", extra={"pid": self.pid})
                 continue
             event = message.get("event")
             if event in ("start", "end"):
-                self._on_activity(self, event)
+                if self._on_activity is not None:
+                    self._on_activity(self, event)
             elif event == "ready" and not self._ready.done():
                 self._ready.set_result(
                     WorkerReady(self.pid, self.port, float(message.get("load_seconds", 0.0)))
                 )
+            elif event == "spare" and not self._spare_ready.done():
+                self._spare_ready.set_result(None)
             elif event == "failed":
                 self._failure_reason = str(message.get("reason", "unknown reason"))
 
     async def wait_ready(self, timeout: float) -> WorkerReady:
         """Block until the worker serves. Raises WorkerStartError (and kills it) otherwise."""
         waits: set[asyncio.Future[Any]] = {self._ready, self._exit_task}
-        done, _ = await asyncio.wait(
-            waits,
-            timeout=timeout,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if self._ready in done:
             return self._ready.result()
         if self._exit_task in done:
-            # Let the status reader drain the pipe so a "failed" reason is not missed.
-            if self._status_task is not None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._status_task), 1.0)
+            # Let the event reader drain the socket so a "failed" reason is not missed.
+            if self._events_task is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._events_task), 1.0)
             if self._failure_reason:
                 raise WorkerStartError(self._failure_reason, permanent=True)
             raise WorkerStartError(f"worker exited with code {self.returncode} while loading")
@@ -178,21 +183,20 @@ class WorkerProcess:
 
     def begin_drain(self) -> None:
         """Tell the worker to refuse new requests (503) while it finishes the others."""
-        self._command(b"drain")
+        self._command("drain")
 
     async def abort(self, timeout: float) -> int:
         """Fail the worker's requests with a clear error and stop it; SIGKILL after `timeout`."""
-        self._command(b"abort")
+        self._command("abort")
         try:
             return await asyncio.wait_for(self.wait_exit(), timeout)
         except TimeoutError:
             self.kill()
             return await self.wait_exit()
 
-    def _command(self, word: bytes) -> None:
-        stdin = self._process.stdin
-        if stdin is not None and not stdin.is_closing():
-            stdin.write(word + b"\n")
+    def _command(self, word: str) -> None:
+        with contextlib.suppress(OSError):  # a worker that is gone needs no command
+            self._control.send(json.dumps({"cmd": word}).encode() + b"\n")
 
     async def stop(self, timeout: float) -> int:
         """SIGTERM (the worker drains), then SIGKILL after `timeout` seconds."""

@@ -1,13 +1,13 @@
 """The small interface every backend implements.
 
-A backend is driven from exactly one thread, the worker's engine thread: nothing here
-needs to be thread-safe, and every method may block.
+A backend is driven by the worker's engine thread. `render_chat`, `tokenize` and
+`check_sampling` are also called on the event loop thread: they only read the vocabulary.
+Everything else is called from the engine thread alone and may block.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,9 +61,36 @@ class Backend(ABC):
     def check_sampling(self, params: SamplingParams) -> None:
         """Raise BackendError when `params` cannot be honoured (say, a bad schema)."""
 
-    @abstractmethod
-    def generate(self, tokens: list[int], params: SamplingParams) -> Generator[bytes, None, None]:
-        """Yield the bytes of each new token; return at end of generation.
+    # --- batched generation: the engine thread drives these, one step at a time ---------
 
-        The caller stops early by closing the generator.
+    @property
+    @abstractmethod
+    def slots(self) -> int:
+        """How many sequences can be generated at once."""
+
+    @abstractmethod
+    def pick_slot(self, free: list[int], tokens: list[int]) -> int:
+        """Choose one of the `free` slots for a prompt (say, the one caching its prefix)."""
+
+    @abstractmethod
+    def open_sequence(self, slot: int, tokens: list[int], params: SamplingParams) -> int:
+        """Start a sequence for prompt `tokens`; return how many prompt tokens were cached."""
+
+    @abstractmethod
+    def step(self, slots: list[int]) -> dict[int, int]:
+        """Advance every open sequence in `slots` by one decode; return sampled tokens.
+
+        A slot still reading its prompt may get no token. Raises BackendError.
         """
+
+    @abstractmethod
+    def close_sequence(self, slot: int) -> None:
+        """End the sequence in `slot` (finished or abandoned)."""
+
+    @abstractmethod
+    def is_end(self, token: int) -> bool:
+        """Whether `token` ends generation (end of turn or of text)."""
+
+    @abstractmethod
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (one UTF-8 character may span tokens)."""

@@ -1,32 +1,56 @@
-"""GGUF models run in-process by llama.cpp through llama-cpp-python."""
+"""GGUF models run in-process by llama.cpp, many sequences decoded together.
+
+One llama.cpp context holds `slots` sequences, each with its own KV cache of `n_ctx`
+cells. Every engine step puts the next token of each decoding sequence, and a chunk of
+each new prompt, into one batch, decodes it once, and samples each sequence with its own
+sampler chain. A finished sequence keeps its KV cache: the next request that starts with
+the same tokens (a long system prompt, a growing chat) only computes what is new.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import json
 import os
-import random
-from collections.abc import Generator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
+from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from model_service.backends.base import Backend, BackendError, RenderedPrompt, SamplingParams
-from model_service.gguf import read_metadata
+from model_service.gguf import check_header, read_metadata
 
 DEFAULT_CONTEXT = 2048
+DEFAULT_SLOTS = 4
+TOP_K, MIN_P = 40, 0.05
+
+
+@llama_cpp.llama_log_callback
+def _drop_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """llama.cpp logs every tensor at load; the worker's own logs say what matters."""
+
+
+_backend_ready = False
+
+
+def _init_llama_once() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_log_set(_drop_log, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
 
 
 @lru_cache(maxsize=64)
-def _grammar_for(schema_json: str) -> LlamaGrammar:
-    # Compiling a schema into a grammar takes milliseconds; agents repeat their schemas.
+def _grammar_text(schema_json: str) -> str:
+    """GBNF for a JSON schema ("{}" means any JSON object); cached, agents repeat schemas."""
     if schema_json == "{}":
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-    return LlamaGrammar.from_json_schema(schema_json, verbose=False)
+        return JSON_GBNF
+    return LlamaGrammar.from_json_schema(schema_json, verbose=False)._grammar
 
 
 class _TokenPieces:
@@ -50,53 +74,92 @@ class _TokenPieces:
         return piece
 
 
+class _Sequence:
+    """One slot's state: what its KV cache holds and what it must decode next."""
+
+    def __init__(self) -> None:
+        self.cached: list[int] = []  # tokens whose KV entries are in the cache, in order
+        self.pending: list[int] = []  # tokens to decode next (a prompt's rest, or 1 token)
+        self.sampler: Any = None
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            llama_cpp.llama_sampler_free(self.sampler)
+            self.sampler = None
+        self.pending = []
+
+
 class LlamaCppBackend(Backend):
     def __init__(self, settings: dict[str, Any]) -> None:
         self._model_path = str(settings["model_path"])
         self._n_ctx = int(settings.get("n_ctx") or DEFAULT_CONTEXT)
         self._n_threads = int(settings.get("n_threads") or os.cpu_count() or 1)
-        self._n_batch = int(settings.get("n_batch") or 512)
-        self._llama: llama_cpp.Llama | None = None
+        self._slots = int(settings.get("parallel") or settings.get("max_concurrent") or 4)
+        self._n_batch = max(int(settings.get("n_batch") or 512), self._slots)
+        self._model: LlamaModel | None = None
+        self._ctx: Any = None
+        self._memory: Any = None
+        self._batch: Any = None
+        self._sequences = [_Sequence() for _ in range(self._slots)]
         self._formatter: Jinja2ChatFormatter | None = None
         self._pieces: _TokenPieces | None = None
-        self._bos_for_completions = True
 
     @property
     def context_length(self) -> int:
         return self._n_ctx
 
     @property
-    def llama(self) -> llama_cpp.Llama:
-        if self._llama is None:
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def model(self) -> LlamaModel:
+        if self._model is None:
             raise BackendError("model is not loaded")
-        return self._llama
+        return self._model
+
+    # --- load / unload ----------------------------------------------------------------------
 
     def load(self) -> None:
         # The header check gives a clear reason for a missing, truncated or foreign file,
         # where llama.cpp would only say it failed.
-        read_metadata(Path(self._model_path))
+        path = Path(self._model_path)
+        check_header(path)
+        _init_llama_once()
         try:
-            llama = llama_cpp.Llama(
-                model_path=self._model_path,
-                n_ctx=self._n_ctx,
-                n_threads=self._n_threads,
-                n_threads_batch=self._n_threads,
-                n_batch=self._n_batch,
+            model = LlamaModel(
+                path_model=self._model_path,
+                params=llama_cpp.llama_model_default_params(),
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
+            read_metadata(path)  # names the problem (say, a truncated file) if it can
             raise BackendError(f"llama.cpp could not load {self._model_path}: {exc}") from exc
-        self._llama = llama
-        self._formatter = self._chat_formatter(llama)
-        self._pieces = _TokenPieces(llama._model.vocab)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self._n_ctx * self._slots
+        params.n_batch = self._n_batch
+        params.n_ubatch = min(512, self._n_batch)
+        params.n_seq_max = self._slots
+        params.n_threads = params.n_threads_batch = self._n_threads
+        params.kv_unified = False  # each slot owns n_ctx cells: no slot can starve another
+        ctx = llama_cpp.llama_init_from_model(model.model, params)
+        if not ctx:
+            model.close()
+            raise BackendError(
+                f"llama.cpp could not create a context of {self._n_ctx} x {self._slots} tokens"
+            )
+        self._model, self._ctx = model, ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self._formatter = self._chat_formatter(model, model.metadata())
+        self._pieces = _TokenPieces(model.vocab)
 
     @staticmethod
-    def _chat_formatter(llama: llama_cpp.Llama) -> Jinja2ChatFormatter | None:
-        template = llama.metadata.get("tokenizer.chat_template")
+    def _chat_formatter(model: LlamaModel, metadata: dict[str, Any]) -> Jinja2ChatFormatter | None:
+        template = metadata.get("tokenizer.chat_template")
         if not template:
             return None
-        model = llama._model
-        eos, bos = llama.token_eos(), llama.token_bos()
+        eos, bos = model.token_eos(), model.token_bos()
         return Jinja2ChatFormatter(
             template=template,
             eos_token=model.token_get_text(eos) if eos != -1 else "",
@@ -105,9 +168,19 @@ class LlamaCppBackend(Backend):
         )
 
     def unload(self) -> None:
-        if self._llama is not None:
-            self._llama.close()
-            self._llama = None
+        for sequence in self._sequences:
+            sequence.close()
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+    # --- prompts ----------------------------------------------------------------------------
 
     def render_chat(self, messages: list[dict[str, str]]) -> RenderedPrompt:
         if self._formatter is None:
@@ -118,40 +191,131 @@ class LlamaCppBackend(Backend):
             rendered = self._formatter(messages=messages)  # type: ignore[arg-type]
         except Exception as exc:  # jinja raises many kinds; all mean "bad messages"
             raise BackendError(f"the chat template rejected the messages: {exc}") from exc
-        tokens = self.llama.tokenize(
+        tokens = self.model.tokenize(
             rendered.prompt.encode(), add_bos=not rendered.added_special, special=True
         )
         stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop or ""]
         return RenderedPrompt(tokens=tokens, stop=[s for s in stops if s])
 
     def tokenize(self, text: str) -> list[int]:
-        return self.llama.tokenize(text.encode(), add_bos=self._bos_for_completions, special=False)
+        return self.model.tokenize(text.encode(), add_bos=True, special=False)
 
     def check_sampling(self, params: SamplingParams) -> None:
         if params.json_schema is None:
             return
         try:
-            _grammar_for(json.dumps(params.json_schema, sort_keys=True))
+            _grammar_text(json.dumps(params.json_schema, sort_keys=True))
         except Exception as exc:
             raise BackendError(f"response_format schema is not supported: {exc}") from exc
 
-    def generate(self, tokens: list[int], params: SamplingParams) -> Generator[bytes, None, None]:
-        llama = self.llama
-        llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
-        grammar = None
+    # --- batched generation -----------------------------------------------------------------
+
+    def token_bytes(self, token: int) -> bytes:
+        assert self._pieces is not None
+        return self._pieces(token)
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.model.vocab, token))
+
+    def pick_slot(self, free: list[int], tokens: list[int]) -> int:
+        """The free slot whose cache shares the longest prefix with `tokens`."""
+        return max(free, key=lambda slot: _common_prefix(self._sequences[slot].cached, tokens))
+
+    def open_sequence(self, slot: int, tokens: list[int], params: SamplingParams) -> int:
+        """Start generating for `tokens` in `slot`; returns how many were already cached."""
+        sequence = self._sequences[slot]
+        # Keep the cached prefix; at least the last prompt token is decoded again, since
+        # sampling needs its logits.
+        reused = min(_common_prefix(sequence.cached, tokens), len(tokens) - 1)
+        if not llama_cpp.llama_memory_seq_rm(self._memory, slot, reused, -1):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            reused = 0
+        sequence.cached = tokens[:reused]
+        sequence.pending = tokens[reused:]
+        sequence.sampler = self._sampler(params)
+        return reused
+
+    def close_sequence(self, slot: int) -> None:
+        """Free the slot; its KV cache stays for prefix reuse."""
+        self._sequences[slot].close()
+
+    def step(self, slots: list[int]) -> dict[int, int]:
+        """Decode one batch for `slots`; return the token sampled for each that got one.
+
+        Prompts are fed in chunks so one long prompt does not stall the others' streams;
+        a slot still in its prompt gets no token this step. Raises BackendError.
+        """
+        batch = self._batch
+        budget = self._n_batch
+        n = 0
+        sample_at: dict[int, int] = {}
+        # Decoding slots first, one token each, so streams keep flowing while prompts load.
+        for slot in sorted(slots, key=lambda s: len(self._sequences[s].pending) > 1):
+            sequence = self._sequences[slot]
+            take = sequence.pending[:budget]
+            if not take:
+                break
+            budget -= len(take)
+            position = len(sequence.cached)
+            for offset, token in enumerate(take):
+                batch.token[n] = token
+                batch.pos[n] = position + offset
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = slot
+                batch.logits[n] = 0
+                n += 1
+            sequence.cached.extend(take)
+            del sequence.pending[: len(take)]
+            if not sequence.pending:
+                batch.logits[n - 1] = 1
+                sample_at[slot] = n - 1
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise BackendError(f"llama_decode failed with status {status}")
+        sampled: dict[int, int] = {}
+        for slot, index in sample_at.items():
+            sequence = self._sequences[slot]
+            token = int(llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index))
+            sequence.pending = [token]
+            sampled[slot] = token
+        return sampled
+
+    def _sampler(self, params: SamplingParams) -> Any:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+        def add(sampler: Any) -> None:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+
         if params.json_schema is not None:
-            grammar = _grammar_for(json.dumps(params.json_schema, sort_keys=True))
-        vocab = llama._model.vocab
-        to_piece = self._pieces
-        assert to_piece is not None
-        for token in llama.generate(
-            tokens,
-            temp=params.temperature,
-            top_p=params.top_p,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            grammar=grammar,
-        ):
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
-                return
-            yield to_piece(token)
+            grammar = _grammar_text(json.dumps(params.json_schema, sort_keys=True))
+            add(llama_cpp.llama_sampler_init_grammar(self.model.vocab, grammar.encode(), b"root"))
+        if params.presence_penalty or params.frequency_penalty:
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    self.model.n_vocab(),
+                    64,
+                    1.0,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                )
+            )
+        if params.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return chain
+        add(llama_cpp.llama_sampler_init_top_k(TOP_K))
+        add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        add(llama_cpp.llama_sampler_init_min_p(MIN_P, 1))
+        add(llama_cpp.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,69 @@
+"""Spare workers: processes started ahead, imports done, waiting to be handed a model.
+
+Starting Python and importing FastAPI and llama.cpp takes most of a second; loading a
+small model from the page cache takes a fraction of that. Keeping spares makes a cold
+start cost only the model load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from pool_manager.worker_process import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+StartSpare = Callable[[], Awaitable[WorkerProcess]]
+
+
+class SparePool:
+    """Owns the spare processes. Every method runs on the event loop."""
+
+    def __init__(self, size: int, start_spare: StartSpare) -> None:
+        self.size = size
+        self._start_spare = start_spare
+        self._spares: list[WorkerProcess] = []
+        self._refill: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self._spares]
+
+    async def take(self) -> WorkerProcess:
+        """A spare (warm ones first), or a newly started process when none is left."""
+        self._spares = [w for w in self._spares if w.returncode is None]
+        self._spares.sort(key=lambda w: not w.is_warm_spare)
+        worker = self._spares.pop(0) if self._spares else await self._start_spare()
+        self.refill()
+        return worker
+
+    def refill(self) -> None:
+        """Start spares in the background until there are `size` of them."""
+        if self._closed or (self._refill is not None and not self._refill.done()):
+            return
+        self._refill = asyncio.create_task(self._fill(), name="spares")
+
+    async def _fill(self) -> None:
+        while not self._closed and len(self._spares) < self.size:
+            try:
+                self._spares.append(await self._start_spare())
+            except OSError as exc:
+                log.error("could not start a spare worker", extra={"reason": str(exc)})
+                return
+
+    async def close(self) -> None:
+        """Stop every spare (they hold no model and no request)."""
+        self._closed = True
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refill
+        for worker in self._spares:
+            worker.kill()
+        for worker in self._spares:
+            await worker.wait_exit()
+        self._spares.clear()
