@@ -44,6 +44,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-id", default=None, help="model id (standalone use)")
     parser.add_argument("--n-ctx", type=int, default=None)
     parser.add_argument("--parallel", type=int, default=None, help="sequences decoded at once")
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8051)
     parser.add_argument("--control-fd", type=int, default=None, help="set by the manager")
@@ -105,7 +106,8 @@ def _standalone_settings(args: argparse.Namespace) -> dict[str, Any]:
         "backend": "llama_cpp",
         "model_path": args.model_path,
         "n_ctx": args.n_ctx,
-        "parallel": args.parallel,
+        "max_concurrent": args.parallel or 4,
+        "n_threads": args.threads,
     }
 
 
