@@ -17,8 +17,9 @@ from model_service.auth import ApiKeys, AuthMiddleware, Role
 from model_service.errors import ApiError, install_error_handlers
 from model_service.limits import BodySizeLimit
 from pool_manager.config import ModelSpec
+from pool_manager.gateway import Gateway
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
-from pool_manager.states import OCCUPYING, ModelState
+from pool_manager.states import OCCUPYING, SERVING, ModelState
 
 
 class UnloadRequest(BaseModel):
@@ -81,7 +82,14 @@ def _pool_error_response(exc: PoolError) -> JSONResponse:
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    error = ApiError(exc.status, exc.message, type=exc.error_type, code=exc.code, headers=headers)
+    error = ApiError(
+        exc.status,
+        exc.message,
+        type=exc.error_type,
+        param=exc.param,
+        code=exc.code,
+        headers=headers,
+    )
     return error.response()
 
 
@@ -113,7 +121,9 @@ def create_app(
         finally:
             welcome.cancel()
             await pool.stop()
+            await gateway.close()
 
+    gateway = Gateway(pool)
     app = FastAPI(title="Model Pool Manager", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
 
@@ -124,6 +134,48 @@ def create_app(
     app.add_exception_handler(PoolError, on_pool_error)
     app.add_middleware(BodySizeLimit, max_bytes=pool.config.max_request_bytes)
     app.add_middleware(AuthMiddleware, keys=keys or ApiKeys(), role_for=manager_role)
+
+    # --- the unified OpenAI endpoint -----------------------------------------------------
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        return await gateway.relay(
+            "/v1/chat/completions", await request.body(), dict(request.headers)
+        )
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        return await gateway.relay("/v1/completions", await request.body(), dict(request.headers))
+
+    @app.get("/v1/models")
+    async def openai_models() -> dict[str, Any]:
+        """OpenAI's model list (`data`), plus seed 000's `models` list for MES clients."""
+        records = pool.records()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": r.model_id,
+                    "object": "model",
+                    "created": int(r.loaded_at or 0),
+                    "owned_by": "model-pool",
+                }
+                for r in records
+            ],
+            "models": [
+                {
+                    "id": r.model_id,
+                    "name": r.spec.display_name or r.model_id,
+                    "status": r.state.value,
+                    "loaded": r.state in SERVING,
+                    "context_window": r.spec.n_ctx,
+                    "supports_json": True,
+                }
+                for r in records
+            ],
+        }
+
+    # --- control plane ------------------------------------------------------------------
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

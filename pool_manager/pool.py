@@ -69,10 +69,13 @@ class PoolError(Exception):
     code = "pool_error"
     error_type = "server_error"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.param = param
 
 
 class ModelNotFound(PoolError):
@@ -210,6 +213,16 @@ class ModelPool:
             return self._records[model_id]
         except KeyError:
             raise ModelNotFound(f"model '{model_id}' is not registered") from None
+
+    def resolve(self, name: str) -> ModelRecord:
+        """The model a client named, by id or by one of its aliases. Raises ModelNotFound."""
+        record = self._records.get(name)
+        if record is not None:
+            return record
+        for candidate in self._records.values():
+            if name in candidate.spec.aliases:
+                return candidate
+        raise ModelNotFound(f"The model '{name}' does not exist", param="model")
 
     def records(self) -> list[ModelRecord]:
         return list(self._records.values())

@@ -1,0 +1,166 @@
+"""The unified OpenAI endpoint on the manager: route by `model`, load on demand, relay.
+
+The body is forwarded to the model's worker untouched and the reply (a stream included)
+is relayed as it arrives. A client that goes away closes the connection to the worker,
+which stops the generation. Failures become OpenAI errors: a model that cannot load is
+503 with Retry-After, a worker that dies before answering is 502, and one that dies
+mid-stream ends the stream with an SSE error event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi.responses import Response, StreamingResponse
+
+from model_service.errors import ApiError
+from pool_manager.pool import ModelPool, ModelRecord
+
+log = logging.getLogger(__name__)
+
+# Headers that describe one hop, not the message (RFC 9110 §7.6.1), and the body's length,
+# which the relay recomputes.
+_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "content-length",
+        "host",
+    }
+)
+_FORWARDED_REQUEST_HEADERS = (
+    "authorization",
+    "x-api-key",
+    "content-type",
+    "x-request-id",
+    "accept",
+)
+ATTEMPTS = 3  # a worker that was evicted or died between load and send is reloaded
+
+
+class Gateway:
+    """Relays OpenAI requests from the manager's port to the right worker."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self._pool = pool
+        # One keep-alive connection pool for all workers; no timeout on reads, since a
+        # generation may take long (the worker enforces its own timeout_seconds).
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=5.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def relay(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
+        """Forward one request. Raises ApiError (OpenAI-shaped) or the pool's errors."""
+        model_name = _read_model_field(body)
+        record = self._pool.resolve(model_name)
+        forwarded = {k: v for k, v in headers.items() if k in _FORWARDED_REQUEST_HEADERS}
+        for attempt in range(ATTEMPTS):
+            await self._pool.load(record.model_id)
+            worker = record.worker
+            if worker is None:
+                continue  # unloaded again in between: load once more
+            url = f"http://127.0.0.1:{worker.port}{path}"
+            request = self._client.build_request("POST", url, content=body, headers=forwarded)
+            try:
+                upstream = await self._client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                log.warning(
+                    "worker unreachable",
+                    extra={"model": record.model_id, "attempt": attempt + 1, "reason": str(exc)},
+                )
+                continue
+            if upstream.status_code == 503 and attempt + 1 < ATTEMPTS:
+                content = await upstream.aread()
+                await upstream.aclose()
+                if b'"model_unloading"' not in content and b'"model_unloaded"' not in content:
+                    return Response(content, 503, headers=_reply_headers(record, upstream))
+                # It was draining or force-unloaded: the next load brings a fresh worker.
+                await self._wait_unloaded(record)
+                continue
+            return await self._respond(record, upstream)
+        raise ApiError(
+            502,
+            f"The worker for model '{record.model_id}' could not be reached.",
+            type="server_error",
+            code="worker_unreachable",
+        )
+
+    async def _wait_unloaded(self, record: ModelRecord) -> None:
+        if record.unload_task is not None:
+            await record.unload_task
+
+    async def _respond(self, record: ModelRecord, upstream: httpx.Response) -> Response:
+        headers = _reply_headers(record, upstream)
+        is_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        if not is_stream:
+            try:
+                content = await upstream.aread()
+            except httpx.TransportError as exc:
+                raise ApiError(
+                    502,
+                    f"The worker for model '{record.model_id}' failed while answering: "
+                    f"{exc or type(exc).__name__}",
+                    type="server_error",
+                    code="worker_failed",
+                ) from exc
+            finally:
+                await upstream.aclose()
+            return Response(content, status_code=upstream.status_code, headers=headers)
+        return StreamingResponse(
+            _relay_stream(record.model_id, upstream),
+            status_code=upstream.status_code,
+            headers=headers,
+        )
+
+
+async def _relay_stream(model_id: str, upstream: httpx.Response) -> AsyncIterator[bytes]:
+    """Pass SSE bytes through; if the worker dies mid-stream, end with an error event."""
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    except httpx.TransportError as exc:
+        log.warning("worker stream broke", extra={"model": model_id, "reason": str(exc)})
+        error = ApiError(
+            502,
+            f"The worker for model '{model_id}' stopped in the middle of the stream.",
+            type="server_error",
+            code="worker_failed",
+        )
+        yield f"data: {json.dumps(error.body())}\n\n".encode()
+    finally:
+        # Also reached when our client went away: closing tells the worker to stop.
+        await upstream.aclose()
+
+
+def _reply_headers(record: ModelRecord, upstream: httpx.Response) -> dict[str, str]:
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+    headers["x-pool-model"] = record.model_id  # which model served the request
+    return headers
+
+
+def _read_model_field(body: bytes) -> str:
+    """The `model` field, without validating the rest (the worker does that)."""
+    try:
+        payload: Any = json.loads(body)
+    except ValueError:
+        raise ApiError(400, "request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model: a model id is required", param="model", code="invalid_value")
+    return model
