@@ -94,7 +94,7 @@ class LlamaCppBackend(Backend):
         self._model_path = str(settings["model_path"])
         self._n_ctx = int(settings.get("n_ctx") or DEFAULT_CONTEXT)
         self._n_threads = int(settings.get("n_threads") or os.cpu_count() or 1)
-        self._slots = int(settings.get("parallel") or settings.get("max_concurrent") or 4)
+        self._slots = int(settings.get("max_concurrent") or DEFAULT_SLOTS)
         self._n_batch = max(int(settings.get("n_batch") or 512), self._slots)
         self._model: LlamaModel | None = None
         self._ctx: Any = None
