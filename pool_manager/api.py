@@ -18,6 +18,7 @@ from model_service.errors import ApiError, install_error_handlers
 from model_service.limits import BodySizeLimit
 from pool_manager.config import ModelSpec
 from pool_manager.gateway import Gateway
+from pool_manager.mes import InferenceRequest, InferenceResponse, MesService
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
 from pool_manager.states import OCCUPYING, SERVING, ModelState
 
@@ -95,9 +96,9 @@ def _pool_error_response(exc: PoolError) -> JSONResponse:
 
 def manager_role(method: str, path: str) -> Role:
     """Reads and inference need the client key; every change needs the admin key."""
-    if path == "/health":
+    if path in ("/health", "/ready"):
         return Role.OPEN
-    if method in ("GET", "HEAD") or path.startswith("/v1/"):
+    if method in ("GET", "HEAD") or path.startswith("/v1/"):  # incl. /v1/inference
         return Role.CLIENT
     return Role.ADMIN
 
@@ -124,6 +125,7 @@ def create_app(
             await gateway.close()
 
     gateway = Gateway(pool)
+    mes = MesService(pool, gateway)
     app = FastAPI(title="Model Pool Manager", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
 
@@ -174,6 +176,23 @@ def create_app(
                 for r in records
             ],
         }
+
+    # --- the MES API of seed 000 ----------------------------------------------------------
+
+    @app.post("/v1/inference")
+    async def inference(body: InferenceRequest, request: Request) -> InferenceResponse:
+        return await mes.infer(body, dict(request.headers))
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        is_ready, reason = mes.readiness()
+        return JSONResponse(
+            {"ready": is_ready, "reason": reason}, status_code=200 if is_ready else 503
+        )
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        return mes.status()
 
     # --- control plane ------------------------------------------------------------------
 
