@@ -70,15 +70,17 @@ class ManagerLink:
 
     def _read_commands(self) -> None:
         pending = b""
+        received_fds: list[int] = []  # in order; each `load` line takes the next one
         try:
             while True:
                 data, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 20, 4)
                 if not data:
                     break  # EOF: the manager died or let go of us
                 pending += data
+                received_fds.extend(fds)
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
-                    self._handle(json.loads(line), fds)
+                    self._handle(json.loads(line), received_fds)
         finally:
             self._assignment.put(None)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -86,7 +88,7 @@ class ManagerLink:
     def _handle(self, command: dict[str, Any], fds: list[int]) -> None:
         name = command.get("cmd")
         if name == "load" and fds:
-            self._assignment.put((command["settings"], fds[0]))
+            self._assignment.put((command["settings"], fds.pop(0)))
         elif name == "drain":
             # New inference requests get 503; accepted ones finish.
             self.stats.draining = True

@@ -19,6 +19,7 @@ from model_service.limits import BodySizeLimit
 from pool_manager.config import ModelSpec
 from pool_manager.gateway import Gateway
 from pool_manager.mes import InferenceRequest, InferenceResponse, MesService
+from pool_manager.ollama_api import install_ollama_routes
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
 from pool_manager.states import OCCUPYING, SERVING, ModelState
 
@@ -176,6 +177,8 @@ def create_app(
                 for r in records
             ],
         }
+
+    install_ollama_routes(app, pool, gateway)  # /api/*: the Ollama-compatible subset
 
     # --- the MES API of seed 000 ----------------------------------------------------------
 

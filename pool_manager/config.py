@@ -80,6 +80,8 @@ class ModelSpec(BaseModel):
     priority: Literal["low", "normal", "high"] = "normal"
     tags: list[str] = Field(default_factory=list)
     aliases: list[str] = Field(default_factory=list)
+    # Models that serve a request when this one cannot (fails to load, FAILED, full, 5xx).
+    fallbacks: list[str] = Field(default_factory=list)
     backend: Literal["llama_cpp"] = "llama_cpp"
     # Where the weights are: a path (relative paths are relative to the registry file),
     # or "package/file" inside an installed Python package.

@@ -18,7 +18,7 @@ import httpx
 from fastapi.responses import Response, StreamingResponse
 
 from model_service.errors import ApiError
-from pool_manager.pool import ModelPool, ModelRecord
+from pool_manager.pool import ModelPool, ModelRecord, PoolError
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,54 @@ class Gateway:
         await self._client.aclose()
 
     async def relay(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
-        """Forward one request. Raises ApiError (OpenAI-shaped) or the pool's errors."""
-        model_name = _read_model_field(body)
-        record = self._pool.resolve(model_name)
+        """Forward one request, falling back along the model's `fallbacks` chain.
+
+        A model that cannot load, is FAILED, is full, or answers 5xx before its first
+        token hands the request to the next model of its chain. Raises ApiError
+        (OpenAI-shaped) or the pool's errors when the whole chain fails.
+        """
+        record = self._pool.resolve(_read_model_field(body))
         forwarded = {k: v for k, v in headers.items() if k in _FORWARDED_REQUEST_HEADERS}
+        chain = [record, *self._fallbacks(record)]
+        for position, candidate in enumerate(chain):
+            last = position + 1 == len(chain)
+            payload = body if candidate is record else _with_model(body, candidate.model_id)
+            try:
+                response = await self._relay_to(candidate, path, payload, forwarded)
+            except (PoolError, ApiError) as exc:
+                status = exc.status
+                if last or status < 500:
+                    raise
+                self._note_fallback(record, chain[position + 1], _reason(exc))
+                continue
+            if response.status_code >= 500 and not last:
+                self._note_fallback(record, chain[position + 1], "worker_error")
+                continue
+            if candidate is not record:
+                response.headers["x-pool-fallback-from"] = record.model_id
+            return response
+        raise AssertionError("unreachable: the last model of a chain returns or raises")
+
+    def _fallbacks(self, record: ModelRecord) -> list[ModelRecord]:
+        chain = []
+        for name in record.spec.fallbacks:
+            try:
+                chain.append(self._pool.resolve(name))
+            except PoolError:
+                log.warning(
+                    "unknown fallback model", extra={"model": record.model_id, "fallback": name}
+                )
+        return chain
+
+    def _note_fallback(self, record: ModelRecord, to: ModelRecord, reason: str) -> None:
+        log.warning(
+            "falling back", extra={"model": record.model_id, "to": to.model_id, "reason": reason}
+        )
+        self._pool.metrics.fell_back(record.model_id, to.model_id, reason)
+
+    async def _relay_to(
+        self, record: ModelRecord, path: str, body: bytes, forwarded: dict[str, str]
+    ) -> Response:
         for attempt in range(ATTEMPTS):
             await self._pool.load(record.model_id)
             worker = record.worker
@@ -150,6 +194,22 @@ def _reply_headers(record: ModelRecord, upstream: httpx.Response) -> dict[str, s
     headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
     headers["x-pool-model"] = record.model_id  # which model served the request
     return headers
+
+
+def _with_model(body: bytes, model_id: str) -> bytes:
+    """The same request, addressed to another model (a fallback)."""
+    payload = json.loads(body)
+    payload["model"] = model_id
+    return json.dumps(payload).encode()
+
+
+def _reason(exc: PoolError | ApiError) -> str:
+    code = exc.code or "error"
+    return {
+        "model_load_failed": "load_failed",
+        "pool_full": "pool_full",
+        "insufficient_memory": "pool_full",
+    }.get(code, code)
 
 
 def _read_model_field(body: bytes) -> str:

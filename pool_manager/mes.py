@@ -37,7 +37,7 @@ class InferenceRequest(BaseModel):
     temperature: float = Field(default=0.7, ge=0, le=2)
     max_tokens: int = Field(default=1000, ge=1, le=1_000_000)
     json_schema: dict[str, Any] | None = None
-    timeout: float = Field(default=30, gt=0, le=3600)
+    timeout: float = Field(default=30, ge=1, le=3600)  # seconds; under 1 s cannot work
 
 
 class InferenceResponse(BaseModel):

@@ -63,6 +63,13 @@ class PoolMetrics:
             registry=self.registry,
         )
 
+        self._fallbacks = Counter(
+            "pool_fallbacks",
+            "Requests handed to a fallback model, by reason.",
+            ["model", "fallback", "reason"],
+            registry=self.registry,
+        )
+
     def attach(self, pool: ModelPool) -> None:
         self.registry.register(_PoolStateCollector(pool))
 
@@ -79,6 +86,9 @@ class PoolMetrics:
 
     def crashed(self, model: str) -> None:
         self._crashes.labels(model).inc()
+
+    def fell_back(self, model: str, fallback: str, reason: str) -> None:
+        self._fallbacks.labels(model, fallback, reason).inc()
 
     def request_started(self, model: str) -> None:
         self._requests.labels(model).inc()

@@ -31,7 +31,7 @@ class SparePool:
 
     @property
     def pids(self) -> list[int]:
-        return [w.pid for w in self._spares]
+        return [w.pid for w in self._spares if w.returncode is None]
 
     async def take(self) -> WorkerProcess:
         """A spare (warm ones first), or a newly started process when none is left."""

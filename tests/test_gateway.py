@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+from pathlib import Path
 
 import httpx
 import openai
@@ -135,6 +136,59 @@ def test_worker_killed_mid_stream_ends_with_an_error_event(start_manager: Manage
                 os.kill(pid, signal.SIGKILL)
     events = [line for line in lines if line.startswith("data: ")]
     assert '"code": "worker_failed"' in events[-1], events[-1]
-    manager.wait_state(COLD, "COLD", timeout=5)
+    manager.wait_state(COLD, "COLD", timeout=30)
     again = client_for(manager.url).completions.create(model=COLD, prompt="Hi", max_tokens=2)
     assert again.choices, "the next request reloads the model"
+
+
+def test_fallback_chain_serves_when_the_model_cannot_load(
+    start_manager: ManagerFactory, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 40)
+    manager = start_manager(
+        config={"max_load_failures": 1, "failure_cooldown_seconds": 600},
+        models=[
+            {
+                "model_id": "primary:1",
+                "model_path": str(broken),
+                "fallbacks": ["missing:1", "backup:1"],
+            },
+            model_entry("backup:1"),
+        ],
+    )
+    client = client_for(manager.url)
+    for _ in range(2):  # first a load failure, then the FAILED state: both fall back
+        raw = client.chat.completions.with_raw_response.create(
+            model="primary:1", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        reply = raw.parse()
+        assert reply.model == "backup:1"
+        assert raw.headers["x-pool-model"] == "backup:1"
+        assert raw.headers["x-pool-fallback-from"] == "primary:1"
+    assert manager.model("primary:1")["state"] == "FAILED"
+    metrics = manager.request("GET", "/metrics").text
+    assert (
+        'pool_fallbacks_total{fallback="backup:1",model="primary:1",reason="load_failed"} 2.0'
+        in metrics
+    )
+
+
+def test_exhausted_fallback_chain_returns_the_last_error(
+    start_manager: ManagerFactory, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a model")
+    manager = start_manager(
+        models=[
+            {"model_id": "a:1", "model_path": str(broken), "fallbacks": ["b:1"]},
+            {"model_id": "b:1", "model_path": str(broken)},
+        ],
+    )
+    reply = httpx.post(
+        f"{manager.url}/v1/chat/completions",
+        timeout=60,
+        json={"model": "a:1", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert reply.status_code == 503
+    assert "'b:1' failed to load" in reply.json()["error"]["message"]

@@ -139,7 +139,7 @@ def test_request_during_cooling_returns_model_to_hot(start_manager: ManagerFacto
     loaded = manager.load(CODER)
     manager.wait_state(CODER, "COOLING", timeout=20)
     assert chat(loaded["endpoint"], CODER)  # straight to the worker port
-    hot = manager.wait_state(CODER, "HOT", timeout=5)
+    hot = manager.wait_state(CODER, "HOT", timeout=30)
     assert hot["pid"] == loaded["pid"]
     assert hot["ttl_remaining_seconds"] > 0
 
@@ -211,7 +211,7 @@ def test_killed_worker_is_noticed_and_reloads(start_manager: ManagerFactory) -> 
     manager = start_manager(models=[model_entry(CODER)])
     loaded = manager.load(CODER)
     os.kill(loaded["pid"], signal.SIGKILL)
-    cold = manager.wait_state(CODER, "COLD", timeout=2)  # noticed within a second or so
+    cold = manager.wait_state(CODER, "COLD", timeout=10)  # noticed at once (waitpid)
     assert cold["port"] is None and cold["crashes"] == 1
     assert "exited unexpectedly" in cold["last_error"]
     assert port_is_free(loaded["port"])
@@ -343,12 +343,16 @@ def test_manager_metrics_expose_states(start_manager: ManagerFactory) -> None:
 
 
 def test_unload_drains_a_stream_in_progress(start_manager: ManagerFactory) -> None:
-    manager = start_manager(models=[model_entry(CODER)])
+    # A drain waits up to graceful_shutdown_seconds; give this one plenty.
+    manager = start_manager(
+        config={"graceful_shutdown_seconds": 60},
+        models=[model_entry(CODER, timeout_seconds=120)],
+    )
     loaded = manager.load(CODER)
     body = {
         "model": CODER,
         "messages": [{"role": "user", "content": "Tell a long story."}],
-        "max_tokens": 120,
+        "max_tokens": 300,
         "temperature": 0,
         "stream": True,
     }
@@ -359,17 +363,17 @@ def test_unload_drains_a_stream_in_progress(start_manager: ManagerFactory) -> No
         stream = reply.iter_lines()
         while len([line for line in lines if line]) < 3:
             lines.append(next(stream))
-        wait_for(lambda: manager.model(CODER)["in_flight"] == 1, 5, message="in-flight count")
+        wait_for(lambda: manager.model(CODER)["in_flight"] == 1, 30, message="in-flight count")
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             unloading = pool.submit(manager.request, "POST", f"/models/{CODER}/unload")
-            manager.wait_state(CODER, "UNLOADING", timeout=5)
+            manager.wait_state(CODER, "UNLOADING", timeout=30)
             late = {**body, "stream": False, "max_tokens": 1}
 
             def refused() -> httpx.Response | None:
                 reply = httpx.post(f"{loaded['endpoint']}/v1/chat/completions", json=late)
                 return reply if reply.status_code == 503 else None
 
-            late_reply = wait_for(refused, 5, message="a request during UNLOADING to get 503")
+            late_reply = wait_for(refused, 30, message="a request during UNLOADING to get 503")
             assert late_reply.headers["Retry-After"] == "1"
             assert late_reply.json()["error"]["code"] == "model_unloading"
             lines.extend(stream)  # the rest of the stream still arrives
@@ -377,7 +381,7 @@ def test_unload_drains_a_stream_in_progress(start_manager: ManagerFactory) -> No
     events = [line for line in lines if line]
     assert events[-1] == "data: [DONE]"
     assert '"finish_reason":"length"' in events[-2]
-    assert len(events) >= 120, "every token of the drained request was delivered"
+    assert len(events) >= 300, "every token of the drained request was delivered"
 
 
 def test_force_unload_ends_a_stream_with_an_error_not_a_hang(
@@ -520,7 +524,7 @@ def test_crash_loop_backs_off_to_failed_then_recovers(start_manager: ManagerFact
         message="the first automatic reload",
     )
     os.kill(second["pid"], signal.SIGKILL)
-    failed = manager.wait_state(DEFAULT_MODEL, "FAILED", timeout=5)
+    failed = manager.wait_state(DEFAULT_MODEL, "FAILED", timeout=30)
     assert failed["crashes"] == 2 and failed["retry_after_seconds"] <= 2
     back = manager.wait_state(DEFAULT_MODEL, "HOT", timeout=30)  # after the cooldown
     manager.seen_worker_pids.add(back["pid"])

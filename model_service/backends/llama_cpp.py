@@ -81,6 +81,7 @@ class _Sequence:
         self.cached: list[int] = []  # tokens whose KV entries are in the cache, in order
         self.pending: list[int] = []  # tokens to decode next (a prompt's rest, or 1 token)
         self.sampler: Any = None
+        self.last_used = 0  # when a request last took this slot (a counter)
 
     def close(self) -> None:
         if self.sampler is not None:
@@ -101,6 +102,7 @@ class LlamaCppBackend(Backend):
         self._memory: Any = None
         self._batch: Any = None
         self._sequences = [_Sequence() for _ in range(self._slots)]
+        self._uses = 0
         self._formatter: Jinja2ChatFormatter | None = None
         self._pieces: _TokenPieces | None = None
 
@@ -218,8 +220,20 @@ class LlamaCppBackend(Backend):
         return bool(llama_cpp.llama_vocab_is_eog(self.model.vocab, token))
 
     def pick_slot(self, free: list[int], tokens: list[int]) -> int:
-        """The free slot whose cache shares the longest prefix with `tokens`."""
-        return max(free, key=lambda slot: _common_prefix(self._sequences[slot].cached, tokens))
+        """The free slot whose cache shares the longest prefix with `tokens`.
+
+        On a tie, the slot whose cache was used least recently (an empty one first), so
+        a useful cache is not overwritten while an idle one could be.
+        """
+        self._uses += 1
+
+        def value(slot: int) -> tuple[int, int]:
+            sequence = self._sequences[slot]
+            return _common_prefix(sequence.cached, tokens), -sequence.last_used
+
+        slot = max(free, key=value)
+        self._sequences[slot].last_used = self._uses
+        return slot
 
     def open_sequence(self, slot: int, tokens: list[int], params: SamplingParams) -> int:
         """Start generating for `tokens` in `slot`; returns how many were already cached."""

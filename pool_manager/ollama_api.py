@@ -1,0 +1,783 @@
+"""An Ollama-compatible subset of the API on the manager's port, so Ollama tools can use the pool.
+
+Routes: `GET /api/version`, `GET /api/tags`, `GET /api/ps`, `POST /api/show`,
+`POST /api/chat` and `POST /api/generate`. Chat and generate are translated to the
+worker's OpenAI `/v1/chat/completions` (or `/v1/completions` for `raw` generate) and sent
+through the gateway, so COLD models load on demand; the reply is translated back, a stream
+as Ollama's NDJSON (`"stream"` defaults to true, as in Ollama). Errors use Ollama's shape,
+`{"error": "message"}`, with the HTTP status; an error in the middle of a stream is one
+last `{"error": ...}` line. A client that goes away closes the relayed stream, which stops
+the generation.
+
+`keep_alive` (a Go duration such as "5m" or "1h30m", or seconds) maps onto the pool's TTL
+once the request is over: a positive value extends the remaining TTL to at least that much
+(capped at max_ttl_minutes; the pool can lengthen a TTL, not shorten it), 0 unloads the
+model (with drain), a negative value keeps it as long as the pool allows (max_ttl_minutes).
+Warmup (pinned) models ignore keep_alive: they stay loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from model_service.backends.base import BackendError
+from model_service.errors import ApiError
+from model_service.gguf import read_metadata
+from pool_manager.gateway import Gateway
+from pool_manager.pool import ModelPool, ModelRecord, PoolError
+from pool_manager.states import SERVING, ModelState
+
+log = logging.getLogger(__name__)
+
+# The Ollama API level these routes follow; tools check it against their minimum.
+OLLAMA_VERSION = "0.12.0"
+NDJSON = "application/x-ndjson"
+NANOS = 1_000_000_000
+# What Ollama reports for a model kept "forever" (negative keep_alive): now + max duration.
+FOREVER = dt.timedelta(microseconds=(2**63 - 1) // 1000)
+# The forwarded headers: the worker needs the caller's key when keys are configured.
+_FORWARDED_HEADERS = ("authorization", "x-api-key", "x-request-id")
+_PS_STATES = (ModelState.WARMING, ModelState.HOT, ModelState.COOLING)
+
+# llama.cpp's `general.file_type` (enum llama_ftype) as Ollama names quantizations.
+_FILE_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    19: "IQ2_XXS",
+    20: "IQ2_XS",
+    21: "Q2_K_S",
+    22: "IQ3_XS",
+    23: "IQ3_XXS",
+    24: "IQ1_S",
+    25: "IQ4_NL",
+    26: "IQ3_S",
+    27: "IQ3_M",
+    28: "IQ2_S",
+    29: "IQ2_M",
+    30: "IQ4_XS",
+    31: "IQ1_M",
+    32: "BF16",
+    36: "TQ1_0",
+    37: "TQ2_0",
+    38: "MXFP4",
+}
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+class OllamaError(Exception):
+    """An error returned in Ollama's shape: `{"error": message}` with `status`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.message}, self.status, headers=self.headers)
+
+
+# --- small translations ---------------------------------------------------------------------
+
+
+def _now_iso() -> str:
+    return _iso(dt.datetime.now(dt.UTC))
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """`keep_alive` in seconds: a number of seconds or a Go duration ("5m", "1h30m", "-1").
+
+    None when absent. Raises OllamaError 400 for anything else.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise OllamaError(400, f"invalid keep_alive: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)  # Ollama reads a bare number as seconds
+        except ValueError:
+            seconds = _go_duration(text)
+    else:
+        raise OllamaError(400, f"invalid keep_alive: {value!r}")
+    if not math.isfinite(seconds):
+        raise OllamaError(400, f"invalid keep_alive: {value!r}")
+    return seconds
+
+
+def _go_duration(text: str) -> float:
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("+-")
+    if not body:
+        raise OllamaError(400, f"invalid keep_alive duration {text!r}")
+    if body == "0":
+        return 0.0
+    position, total = 0, 0.0
+    while position < len(body):
+        part = _DURATION_PART.match(body, position)
+        if part is None:
+            raise OllamaError(400, f"invalid keep_alive duration {text!r}")
+        total += float(part.group(1)) * _DURATION_UNITS[part.group(2)]
+        position = part.end()
+    return sign * total
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """Ollama's `format` ("json" or a JSON schema) as OpenAI's `response_format`."""
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return {"type": "json_object"}
+    if isinstance(value, dict):
+        return {"type": "json_schema", "json_schema": {"name": "response", "schema": value}}
+    raise OllamaError(400, 'invalid format: expected "json" or a JSON schema')
+
+
+def _sampling(options: Any, record: ModelRecord) -> dict[str, Any]:
+    """Ollama `options` as OpenAI sampling fields; options with no counterpart are ignored."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise OllamaError(400, "options must be a JSON object")
+    fields: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+        if options.get(name) is not None:
+            fields[name] = options[name]
+    stop = options.get("stop")
+    if stop:
+        fields["stop"] = [stop] if isinstance(stop, str) else stop
+    num_predict = options.get("num_predict")
+    if num_predict is not None:
+        if isinstance(num_predict, bool) or not isinstance(num_predict, int | float):
+            raise OllamaError(400, "options.num_predict must be an integer")
+        if num_predict > 0:  # -1 (no limit) and -2 (fill the context) mean: up to the context
+            fields["max_tokens"] = min(int(num_predict), record.spec.n_ctx)
+    return fields
+
+
+def _openai_error(reply: Response) -> OllamaError:
+    """A worker's (or the gateway's) OpenAI-shaped error reply, in Ollama's shape."""
+    message = f"request failed with status {reply.status_code}"
+    try:
+        payload = json.loads(bytes(reply.body))
+        error = payload.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            message = str(error["message"])
+        elif isinstance(error, str):
+            message = error
+    except (ValueError, AttributeError):
+        pass
+    headers = {}
+    if "retry-after" in reply.headers:
+        headers["Retry-After"] = reply.headers["retry-after"]
+    return OllamaError(reply.status_code, message, headers)
+
+
+# --- model facts from the GGUF file -----------------------------------------------------------
+
+
+@dataclass
+class ModelFile:
+    """What /api/tags and /api/show say about a model's weights."""
+
+    path: Path | None = None
+    size: int = 0
+    modified: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """Stable for one file version (path, size, mtime); not a hash of the contents."""
+        if self.path is None:
+            return hashlib.sha256(b"").hexdigest()
+        stamp = f"{self.path}:{self.size}:{self.modified.timestamp()}"
+        return hashlib.sha256(stamp.encode()).hexdigest()
+
+    def details(self) -> dict[str, Any]:
+        arch = self.metadata.get("general.architecture")
+        file_type = self.metadata.get("general.file_type")
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": arch or "",
+            "families": [arch] if arch else None,
+            "parameter_size": self._parameter_size(),
+            "quantization_level": _FILE_TYPES.get(file_type, "") if file_type is not None else "",
+        }
+
+    def _parameter_size(self) -> str:
+        label = self.metadata.get("general.size_label")
+        if isinstance(label, str) and label:
+            return label
+        count = self.metadata.get("general.parameter_count")
+        if isinstance(count, int) and count > 0:
+            for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+                if count >= scale:
+                    return f"{count / scale:.1f}{unit}".replace(".0", "")
+            return str(count)
+        return ""
+
+
+def _read_model_file(path: Path | None) -> ModelFile:
+    if path is None:
+        return ModelFile()
+    try:
+        stat = path.stat()
+        metadata = read_metadata(path)
+    except (OSError, BackendError):
+        return ModelFile()
+    modified = dt.datetime.fromtimestamp(stat.st_mtime, dt.UTC)
+    return ModelFile(path, stat.st_size, modified, metadata)
+
+
+# --- the routes --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Usage:
+    """What one generation reported, for the final Ollama message."""
+
+    started: float  # perf_counter at the start of the request
+    load_seconds: float = 0.0
+    sent_at: float = 0.0  # when the request went to the worker
+    first_piece_at: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+
+    def final(self) -> dict[str, Any]:
+        end = time.perf_counter()
+        first = self.first_piece_at if self.first_piece_at is not None else end
+        return {
+            "done": True,
+            "done_reason": self.finish_reason,
+            "total_duration": round((end - self.started) * NANOS),
+            "load_duration": round(self.load_seconds * NANOS),
+            "prompt_eval_count": self.prompt_tokens,
+            "prompt_eval_duration": round(max(0.0, first - self.sent_at) * NANOS),
+            "eval_count": self.completion_tokens,
+            "eval_duration": round(max(0.0, end - first) * NANOS),
+        }
+
+
+class OllamaApi:
+    """The handlers; each returns a response, errors included, in Ollama's shape."""
+
+    def __init__(self, pool: ModelPool, gateway: Gateway) -> None:
+        self._pool = pool
+        self._gateway = gateway
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- shared ---------------------------------------------------------------------------
+
+    def resolve(self, name: Any) -> ModelRecord:
+        """The model a client named: by id or alias, also with or without ":latest"."""
+        if not isinstance(name, str) or not name:
+            raise OllamaError(400, "model is required")
+        candidates = [name]
+        tail = name.rsplit("/", 1)[-1]
+        if name.endswith(":latest"):
+            candidates.append(name.removesuffix(":latest"))
+        elif ":" not in tail:
+            candidates.append(f"{name}:latest")
+        for candidate in candidates:
+            try:
+                return self._pool.resolve(candidate)
+            except PoolError:
+                continue
+        raise OllamaError(404, f"model '{name}' not found")
+
+    async def _model_file(self, record: ModelRecord) -> ModelFile:
+        try:
+            # The pool resolves relative paths against the registry's folder.
+            path: Path | None = Path(self._pool._model_file(record.spec))
+        except PoolError:
+            path = None
+        return await asyncio.to_thread(_read_model_file, path)
+
+    @staticmethod
+    async def _json_body(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError as exc:
+            raise OllamaError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise OllamaError(400, "request body must be a JSON object")
+        return body
+
+    @staticmethod
+    def _stream_flag(body: dict[str, Any]) -> bool:
+        stream = body.get("stream", True)
+        if stream is None:
+            return True
+        if not isinstance(stream, bool):
+            raise OllamaError(400, "stream must be true or false")
+        return stream
+
+    def _headers(self, request: Request) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        for name in _FORWARDED_HEADERS:
+            if name in request.headers:
+                headers[name] = request.headers[name]
+        return headers
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def apply_keep_alive(self, record: ModelRecord, seconds: float | None) -> None:
+        """Map `keep_alive` onto the pool's TTL, after a request."""
+        if seconds is None or self._pool.is_pinned(record) or record.state not in SERVING:
+            return
+        if seconds == 0:
+            self._spawn(self._unload(record), f"ollama-unload:{record.model_id}")
+            return
+        remaining = self._pool.ttl_remaining(record)
+        if remaining is None:
+            return  # never expires (auto_unload is off)
+        cap = self._pool.config.max_ttl_minutes * 60.0
+        wanted = cap if seconds < 0 else min(seconds, cap)
+        deadline = record.ttl_deadline  # an extension already beyond `wanted` stays
+        if wanted <= remaining or (deadline and deadline - time.monotonic() >= wanted):
+            return  # the pool can lengthen a TTL but not shorten it
+        try:
+            self._pool.extend_ttl(record.model_id, (wanted - remaining) / 60.0)
+        except PoolError as exc:
+            log.debug("keep_alive not applied", extra={"model": record.model_id, "why": str(exc)})
+
+    async def _unload(self, record: ModelRecord) -> None:
+        try:
+            await self._pool.unload(record.model_id)
+        except PoolError as exc:
+            log.warning(
+                "keep_alive 0 unload failed", extra={"model": record.model_id, "why": str(exc)}
+            )
+
+    async def _load(self, record: ModelRecord) -> float:
+        """Load the model if needed; returns the seconds it took."""
+        if record.state in SERVING:
+            return 0.0
+        started = time.perf_counter()
+        await self._pool.load(record.model_id)
+        return time.perf_counter() - started
+
+    async def _load_or_unload(
+        self, name: str, record: ModelRecord, keep_alive: float | None, started: float, chat: bool
+    ) -> dict[str, Any]:
+        """Ollama's empty request: load the model, or with keep_alive 0, unload it."""
+        base: dict[str, Any] = {"model": name, "created_at": _now_iso()}
+        if chat:
+            base["message"] = {"role": "assistant", "content": ""}
+        else:
+            base["response"] = ""
+        if keep_alive == 0:
+            if not self._pool.is_pinned(record):
+                await self._pool.unload(record.model_id)
+            return {**base, "done": True, "done_reason": "unload"}
+        load_seconds = await self._load(record)
+        self.apply_keep_alive(record, keep_alive)
+        return {
+            **base,
+            "done": True,
+            "done_reason": "load",
+            "total_duration": round((time.perf_counter() - started) * NANOS),
+            "load_duration": round(load_seconds * NANOS),
+        }
+
+    # --- read-only routes -------------------------------------------------------------------
+
+    async def tags(self) -> dict[str, Any]:
+        models = []
+        for record in self._pool.records():
+            info = await self._model_file(record)
+            models.append(
+                {
+                    "name": record.model_id,
+                    "model": record.model_id,
+                    "modified_at": _iso(info.modified),
+                    "size": info.size,
+                    "digest": info.digest,
+                    "details": info.details(),
+                }
+            )
+        return {"models": models}
+
+    async def ps(self) -> dict[str, Any]:
+        models = []
+        now = dt.datetime.now(dt.UTC)
+        for record in self._pool.records():
+            if record.state not in _PS_STATES:
+                continue
+            info = await self._model_file(record)
+            models.append(
+                {
+                    "name": record.model_id,
+                    "model": record.model_id,
+                    "size": self._pool.memory_rss_bytes(record) or record.memory_estimate,
+                    "digest": info.digest,
+                    "details": info.details(),
+                    "expires_at": _iso(now + self._expires_in(record)),
+                    "size_vram": self._pool.vram_bytes(record) or 0,
+                    "context_length": record.spec.n_ctx,
+                }
+            )
+        return {"models": models}
+
+    def _expires_in(self, record: ModelRecord) -> dt.timedelta:
+        """Until the pool will unload the model: TTL left plus the cooling grace period."""
+        pool = self._pool
+        if pool.is_pinned(record) or not pool.config.auto_unload:
+            return FOREVER
+        grace = pool.config.grace_period_seconds
+        if record.state is ModelState.COOLING:
+            seconds = pool.cooling_remaining(record) or 0.0
+        elif record.state is ModelState.WARMING:
+            seconds = pool.ttl_seconds(record) + grace
+        else:
+            seconds = (pool.ttl_remaining(record) or 0.0) + grace
+        return dt.timedelta(seconds=seconds)
+
+    async def show(self, request: Request) -> dict[str, Any]:
+        body = await self._json_body(request)
+        record = self.resolve(body.get("model") or body.get("name"))
+        info = await self._model_file(record)
+        spec = record.spec
+        metadata = info.metadata
+        template = metadata.get("tokenizer.chat_template", "")
+        model_info = {
+            k: v
+            for k, v in metadata.items()
+            if k != "tokenizer.chat_template" and isinstance(v, int | float | str | bool)
+        }
+        parameters = [f"num_ctx {spec.n_ctx}"]
+        parameters += [
+            f"{key} {value}"
+            for key, value in spec.defaults.items()
+            if key in ("temperature", "top_p")
+        ]
+        if "max_tokens" in spec.defaults:
+            parameters.append(f"num_predict {spec.defaults['max_tokens']}")
+        modelfile = [
+            f"# Modelfile for {spec.model_id}, served by the model pool manager",
+            f"FROM {info.path or spec.model_path or spec.package_file}",
+            *(f"PARAMETER {p}" for p in parameters),
+        ]
+        return {
+            "license": str(metadata.get("general.license", "")),
+            "modelfile": "\n".join(modelfile) + "\n",
+            "parameters": "\n".join(parameters),
+            "template": template,
+            "details": info.details(),
+            "model_info": model_info,
+            "capabilities": ["completion"],
+            "modified_at": _iso(info.modified),
+        }
+
+    # --- generation ---------------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response:
+        started = time.perf_counter()
+        body = await self._json_body(request)
+        name = body.get("model")
+        record = self.resolve(name)
+        assert isinstance(name, str)
+        stream = self._stream_flag(body)
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        if body.get("tools"):
+            raise OllamaError(400, f"model '{name}' does not support tools")
+        if body.get("think"):
+            raise OllamaError(400, f"model '{name}' does not support thinking")
+        messages = body.get("messages") or []
+        if not isinstance(messages, list):
+            raise OllamaError(400, "messages must be a list")
+        if not messages:
+            reply = await self._load_or_unload(name, record, keep_alive, started, chat=True)
+            return JSONResponse(reply)
+        openai_body: dict[str, Any] = {
+            "model": record.model_id,
+            "messages": [_openai_message(m) for m in messages],
+            **_sampling(body.get("options"), record),
+        }
+        response_format = _response_format(body.get("format"))
+        if response_format is not None:
+            openai_body["response_format"] = response_format
+        path = "/v1/chat/completions"
+        return await self._generate(
+            request, path, openai_body, name, record, stream, keep_alive, started, chat=True
+        )
+
+    async def generate(self, request: Request) -> Response:
+        started = time.perf_counter()
+        body = await self._json_body(request)
+        name = body.get("model")
+        record = self.resolve(name)
+        assert isinstance(name, str)
+        stream = self._stream_flag(body)
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        if body.get("images"):
+            raise OllamaError(400, f"model '{name}' does not support images")
+        if body.get("suffix"):
+            raise OllamaError(400, f"model '{name}' does not support insert")
+        if body.get("think"):
+            raise OllamaError(400, f"model '{name}' does not support thinking")
+        prompt = body.get("prompt") or ""
+        if not isinstance(prompt, str):
+            raise OllamaError(400, "prompt must be a string")
+        if not prompt:
+            reply = await self._load_or_unload(name, record, keep_alive, started, chat=False)
+            return JSONResponse(reply)
+        sampling = _sampling(body.get("options"), record)
+        openai_body: dict[str, Any] = {"model": record.model_id, **sampling}
+        response_format = _response_format(body.get("format"))
+        if response_format is not None:
+            openai_body["response_format"] = response_format
+        if body.get("raw"):
+            # No template: the prompt goes to the model as it is.
+            path = "/v1/completions"
+            openai_body["prompt"] = prompt
+            if "max_tokens" not in openai_body:  # legacy completions default to 16 tokens
+                limit = record.spec.defaults.get("max_tokens") or record.spec.n_ctx
+                openai_body["max_tokens"] = min(int(limit), record.spec.n_ctx)
+        else:
+            path = "/v1/chat/completions"
+            system = body.get("system")
+            messages = []
+            if isinstance(system, str) and system:
+                messages.append({"role": "system", "content": system})
+            messages.append({"role": "user", "content": prompt})
+            openai_body["messages"] = messages
+        return await self._generate(
+            request, path, openai_body, name, record, stream, keep_alive, started, chat=False
+        )
+
+    async def _generate(
+        self,
+        request: Request,
+        path: str,
+        openai_body: dict[str, Any],
+        name: str,
+        record: ModelRecord,
+        stream: bool,
+        keep_alive: float | None,
+        started: float,
+        *,
+        chat: bool,
+    ) -> Response:
+        usage = _Usage(started)
+        usage.load_seconds = await self._load(record)
+        if stream:
+            openai_body["stream"] = True
+            openai_body["stream_options"] = {"include_usage": True}
+        usage.sent_at = time.perf_counter()
+        reply = await self._gateway.relay(
+            path, json.dumps(openai_body).encode(), self._headers(request)
+        )
+        if isinstance(reply, StreamingResponse):
+            pieces = _translate_stream(reply.body_iterator, name, usage, chat=chat)
+            return StreamingResponse(
+                self._then_keep_alive(pieces, record, keep_alive), media_type=NDJSON
+            )
+        if reply.status_code != 200:
+            raise _openai_error(reply)
+        payload = json.loads(bytes(reply.body))
+        choice = payload["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        reported = payload.get("usage") or {}
+        usage.prompt_tokens = int(reported.get("prompt_tokens", 0))
+        usage.completion_tokens = int(reported.get("completion_tokens", 0))
+        usage.finish_reason = choice.get("finish_reason") or "stop"
+        usage.first_piece_at = usage.sent_at  # one answer: no split between prompt and tokens
+        self.apply_keep_alive(record, keep_alive)
+        head: dict[str, Any] = {"model": name, "created_at": _now_iso()}
+        if chat:
+            head["message"] = {"role": "assistant", "content": text}
+        else:
+            head["response"] = text
+        return JSONResponse({**head, **usage.final()})
+
+    async def _then_keep_alive(
+        self, lines: AsyncIterator[bytes], record: ModelRecord, keep_alive: float | None
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for line in lines:
+                yield line
+        finally:
+            await _close(lines)
+            self.apply_keep_alive(record, keep_alive)
+
+
+def _openai_message(message: Any) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise OllamaError(400, "each message must be a JSON object")
+    if message.get("images"):
+        raise OllamaError(400, "images are not supported by this server")
+    role = message.get("role")
+    if not isinstance(role, str):
+        raise OllamaError(400, "each message needs a role")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise OllamaError(400, "message content must be a string")
+    return {"role": role, "content": content or ""}
+
+
+async def _close(iterator: Any) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _translate_stream(
+    events: AsyncIterable[Any], name: str, usage: _Usage, *, chat: bool
+) -> AsyncIterator[bytes]:
+    """OpenAI SSE from the gateway in, Ollama NDJSON out.
+
+    Closing this generator closes the relayed stream, which stops the generation.
+    """
+
+    def line(payload: dict[str, Any]) -> bytes:
+        return json.dumps(payload).encode() + b"\n"
+
+    def piece(text: str) -> dict[str, Any]:
+        head: dict[str, Any] = {"model": name, "created_at": _now_iso()}
+        if chat:
+            head["message"] = {"role": "assistant", "content": text}
+        else:
+            head["response"] = text
+        head["done"] = False
+        return head
+
+    buffer = b""
+    try:
+        async for chunk in events:
+            buffer += chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                data = b"\n".join(
+                    row[5:].strip() for row in event.split(b"\n") if row.startswith(b"data:")
+                )
+                if not data:
+                    continue
+                if data == b"[DONE]":
+                    yield line({**piece(""), **usage.final()})
+                    return
+                try:
+                    payload = json.loads(data)
+                except ValueError:
+                    continue
+                error = payload.get("error")
+                if error is not None:
+                    message = error.get("message") if isinstance(error, dict) else str(error)
+                    yield line({"error": message or "generation failed"})
+                    return
+                if payload.get("usage"):
+                    usage.prompt_tokens = int(payload["usage"].get("prompt_tokens", 0))
+                    usage.completion_tokens = int(payload["usage"].get("completion_tokens", 0))
+                for choice in payload.get("choices") or []:
+                    # Chat chunks carry `delta.content`, completion chunks `text`.
+                    text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                    if choice.get("finish_reason"):
+                        usage.finish_reason = choice["finish_reason"]
+                    if text:
+                        if usage.first_piece_at is None:
+                            usage.first_piece_at = time.perf_counter()
+                        yield line(piece(text))
+        yield line({"error": "the model's stream ended early"})
+    finally:
+        await _close(events)
+
+
+def install_ollama_routes(app: FastAPI, pool: ModelPool, gateway: Gateway) -> None:
+    """Add the Ollama-compatible routes (`/api/...`) to the manager's app.
+
+    They are left out of the OpenAPI schema: that documents OpenAI's error shape, and these
+    routes answer in Ollama's.
+    """
+    api = OllamaApi(pool, gateway)
+
+    async def guarded(call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await call()
+        except OllamaError as exc:
+            return exc.response()
+        except ApiError as exc:
+            return OllamaError(exc.status, exc.message, exc.headers).response()
+        except PoolError as exc:
+            headers = {}
+            if exc.retry_after is not None:
+                headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+            return OllamaError(exc.status, exc.message, headers).response()
+        except Exception:
+            log.exception("unhandled error in an Ollama route")
+            return OllamaError(500, "internal server error").response()
+
+    @app.get("/api/version", include_in_schema=False)
+    async def ollama_version() -> dict[str, str]:
+        return {"version": OLLAMA_VERSION}
+
+    @app.get("/api/tags", response_model=None, include_in_schema=False)
+    async def ollama_tags() -> Any:
+        return await guarded(api.tags)
+
+    @app.get("/api/ps", response_model=None, include_in_schema=False)
+    async def ollama_ps() -> Any:
+        return await guarded(api.ps)
+
+    @app.post("/api/show", response_model=None, include_in_schema=False)
+    async def ollama_show(request: Request) -> Any:
+        return await guarded(lambda: api.show(request))
+
+    @app.post("/api/chat", response_model=None, include_in_schema=False)
+    async def ollama_chat(request: Request) -> Any:
+        return await guarded(lambda: api.chat(request))
+
+    @app.post("/api/generate", response_model=None, include_in_schema=False)
+    async def ollama_generate(request: Request) -> Any:
+        return await guarded(lambda: api.generate(request))
