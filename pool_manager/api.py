@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import httpx
 from fastapi import Body, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model_service.auth import ApiKeys, AuthMiddleware, Role
@@ -95,10 +96,19 @@ def _pool_error_response(exc: PoolError) -> JSONResponse:
     return error.response()
 
 
+SNAPSHOT_SECONDS = 2.0
+
+
+def _sse_event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+
+
 def manager_role(method: str, path: str) -> Role:
     """Reads and inference need the client key; every change needs the admin key."""
-    if path in ("/health", "/ready"):
-        return Role.OPEN
+    if path in ("/health", "/ready", "/ui"):
+        return Role.OPEN  # /ui is a static page; its data calls carry the admin key
+    if path == "/events":
+        return Role.ADMIN
     if method in ("GET", "HEAD") or path.startswith("/v1/"):  # incl. /v1/inference
         return Role.CLIENT
     return Role.ADMIN
@@ -214,6 +224,29 @@ def create_app(
             "available_ports": pool.available_ports(),
             "spare_workers": len(pool.spare_pids),
         }
+
+    @app.get("/events")
+    async def events(request: Request) -> StreamingResponse:
+        """Server-sent events: a `snapshot` of every model at once and after each change,
+        `state` for each change, and a `snapshot` every 2 s (TTL countdowns, memory)."""
+
+        async def stream() -> AsyncIterator[bytes]:
+            listener = pool.subscribe()
+            try:
+                while not await request.is_disconnected():
+                    snapshot = {"models": [model_view(pool, r) for r in pool.records()]}
+                    yield _sse_event("snapshot", snapshot)
+                    try:
+                        change = await asyncio.wait_for(listener.get(), SNAPSHOT_SECONDS)
+                    except TimeoutError:
+                        continue
+                    yield _sse_event("state", change)
+            finally:
+                pool.unsubscribe(listener)
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     @app.get("/models")
     async def list_models() -> dict[str, Any]:

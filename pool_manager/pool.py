@@ -164,6 +164,8 @@ class ModelPool:
         self._closing = False
         self.warmup_done = asyncio.Event()
         self.gpu = GpuMonitor()
+        # Listeners for state changes (GET /events); each gets its own bounded queue.
+        self._listeners: set[asyncio.Queue[dict[str, Any]]] = set()
         self._spares = SparePool(self.config.spare_workers, self._start_spare)
         metrics.attach(self)
 
@@ -786,6 +788,23 @@ class ModelPool:
                 )
         self.warmup_done.set()
 
+    # --- change notifications --------------------------------------------------------------
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        """A queue that receives every state change from now on; `unsubscribe` it after."""
+        listener: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=256)
+        self._listeners.add(listener)
+        return listener
+
+    def unsubscribe(self, listener: asyncio.Queue[dict[str, Any]]) -> None:
+        self._listeners.discard(listener)
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        for listener in self._listeners:
+            if listener.full():
+                listener.get_nowait()  # a slow listener loses the oldest change, not us
+            listener.put_nowait(event)
+
     # --- the one place state changes --------------------------------------------------------
 
     def _set_state(self, record: ModelRecord, new: ModelState, detail: str | None = None) -> None:
@@ -800,6 +819,7 @@ class ModelPool:
         if detail:
             fields["detail"] = detail
         log.info("state change", extra=fields)
+        self._publish({"type": "state", "time": time.time(), **fields})
         self._reaper_wakeup.set()
 
 
