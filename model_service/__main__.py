@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         max_active=int(settings.get("max_concurrent") or 4),
         max_queued=int(settings.get("max_queue", 32)),
     )
+    metrics.watch(queued=lambda: admission.queued, generating=lambda: engine.active_requests)
     service = InferenceService(
         model_id,
         engine,

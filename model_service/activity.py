@@ -66,8 +66,14 @@ class ActivityMiddleware:
     """Counts inference requests in flight and reports their start and end."""
 
     def __init__(
-        self, app: ASGIApp, stats: WorkerStats, channel: StatusChannel, paths: frozenset[str]
+        self,
+        app: ASGIApp,
+        stats: WorkerStats,
+        channel: StatusChannel,
+        paths: frozenset[str],
+        on_finished: Callable[[str, int], None] | None = None,
     ) -> None:
+        self._on_finished = on_finished
         self._app = app
         self._stats = stats
         self._channel = channel
@@ -83,10 +89,20 @@ class ActivityMiddleware:
             return
         stats.in_flight += 1
         self._channel.send("start")
+        status = 500
+
+        async def noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            await self._app(scope, receive, send)
+            await self._app(scope, receive, noting_status)
         finally:
             stats.in_flight -= 1
             stats.requests_served += 1
             stats.last_request_at = time.time()
             self._channel.send("end")
+            if self._on_finished is not None:
+                self._on_finished(scope["path"], status)

@@ -86,7 +86,13 @@ def create_worker_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    app.add_middleware(ActivityMiddleware, stats=stats, channel=channel, paths=INFERENCE_PATHS)
+    app.add_middleware(
+        ActivityMiddleware,
+        stats=stats,
+        channel=channel,
+        paths=INFERENCE_PATHS,
+        on_finished=metrics.request_finished,
+    )
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     # Added last, so it runs first: a refused request is not counted as activity.
     app.add_middleware(AuthMiddleware, keys=keys, role_for=worker_role)

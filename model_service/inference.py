@@ -235,7 +235,7 @@ class InferenceService:
             return
         result = stream.result
         assert result is not None
-        self._metrics.observe_generation(started, first_token_at, result.completion_tokens)
+        self._metrics.observe_generation(started, first_token_at, result)
         for frame in framer.closing(result):
             yield frame
         yield b"data: [DONE]\n\n"
@@ -246,7 +246,7 @@ class InferenceService:
         prepared = self.prepare_chat(request)
         started = time.perf_counter()
         text, result = await self._generate(prepared)
-        self._metrics.observe_generation(started, None, result.completion_tokens)
+        self._metrics.observe_generation(started, None, result)
         return ChatCompletion(
             id=new_completion_id("chatcmpl"),
             created=unix_now(),
@@ -269,7 +269,7 @@ class InferenceService:
         prepared = self.prepare_completion(request)
         started = time.perf_counter()
         text, result = await self._generate(prepared)
-        self._metrics.observe_generation(started, None, result.completion_tokens)
+        self._metrics.observe_generation(started, None, result)
         if request.echo:
             text = request.prompt_text() + text
         return Completion(

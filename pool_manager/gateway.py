@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -70,7 +71,23 @@ class Gateway:
         token hands the request to the next model of its chain. Raises ApiError
         (OpenAI-shaped) or the pool's errors when the whole chain fails.
         """
+        started = time.perf_counter()
         record = self._pool.resolve(_read_model_field(body))
+        try:
+            response = await self._relay_chain(record, path, body, headers)
+        except (PoolError, ApiError) as exc:
+            self._pool.metrics.gateway_answered(
+                record.model_id, exc.status, time.perf_counter() - started
+            )
+            raise
+        self._pool.metrics.gateway_answered(
+            record.model_id, response.status_code, time.perf_counter() - started
+        )
+        return response
+
+    async def _relay_chain(
+        self, record: ModelRecord, path: str, body: bytes, headers: dict[str, str]
+    ) -> Response:
         forwarded = {k: v for k, v in headers.items() if k in _FORWARDED_REQUEST_HEADERS}
         chain = [record, *self._fallbacks(record)]
         for position, candidate in enumerate(chain):

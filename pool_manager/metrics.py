@@ -19,7 +19,7 @@ from pool_manager.states import ModelState
 if TYPE_CHECKING:
     from pool_manager.pool import ModelPool
 
-LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
 
 class PoolMetrics:
@@ -70,6 +70,20 @@ class PoolMetrics:
             registry=self.registry,
         )
 
+        self._gateway_requests = Counter(
+            "pool_gateway_requests",
+            "Requests through the manager's /v1 endpoint, by status.",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self._gateway_seconds = Histogram(
+            "pool_gateway_response_seconds",
+            "Time from a /v1 request to its response headers (includes on-demand loads).",
+            ["model"],
+            registry=self.registry,
+            buckets=LOAD_BUCKETS,
+        )
+
     def attach(self, pool: ModelPool) -> None:
         self.registry.register(_PoolStateCollector(pool))
 
@@ -86,6 +100,10 @@ class PoolMetrics:
 
     def crashed(self, model: str) -> None:
         self._crashes.labels(model).inc()
+
+    def gateway_answered(self, model: str, status: int, seconds: float) -> None:
+        self._gateway_requests.labels(model, str(status)).inc()
+        self._gateway_seconds.labels(model).observe(seconds)
 
     def fell_back(self, model: str, fallback: str, reason: str) -> None:
         self._fallbacks.labels(model, fallback, reason).inc()

@@ -1,0 +1,83 @@
+"""Prometheus metrics on the manager and on a worker, checked by promtool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import httpx
+import pytest
+
+from tests.conftest import DEFAULT_MODEL, ManagerFactory, model_entry
+
+PROMTOOL = shutil.which("promtool")
+
+
+def promtool_problems(text: str) -> str:
+    assert PROMTOOL is not None
+    checked = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    return "" if checked.returncode == 0 else checked.stdout + checked.stderr
+
+
+def test_metrics_cover_the_pool_and_the_requests(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True)])
+    endpoint = manager.wait_state(DEFAULT_MODEL, "HOT")["endpoint"]
+    body = {
+        "model": DEFAULT_MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+    }
+    assert httpx.post(f"{manager.url}/v1/chat/completions", json=body, timeout=60).is_success
+    assert (
+        httpx.post(
+            f"{manager.url}/v1/chat/completions", json={**body, "n": 2}, timeout=60
+        ).status_code
+        == 400
+    )
+    manager_text = httpx.get(f"{manager.url}/metrics").text
+    for name in (
+        "pool_models",
+        "pool_model_state",
+        "pool_model_loads_total",
+        "pool_model_load_duration_seconds_bucket",
+        "pool_model_requests_total",
+        "pool_model_in_flight_requests",
+        "pool_model_memory_rss_bytes",
+        "pool_gateway_requests_total",
+        "pool_gateway_response_seconds_bucket",
+    ):
+        assert f"\n{name}" in manager_text, name
+    assert f'pool_gateway_requests_total{{model="{DEFAULT_MODEL}",status="400"}} 1.0' in (
+        manager_text
+    )
+    worker_text = httpx.get(f"{endpoint}/metrics").text
+    for name in (
+        "pool_worker_requests_total",
+        "pool_worker_prompt_tokens_total",
+        "pool_worker_completion_tokens_total",
+        "pool_worker_cached_prompt_tokens_total",
+        "pool_worker_time_to_first_token_seconds_bucket",
+        "pool_worker_queue_depth",
+        "pool_worker_active_sequences",
+        "pool_worker_generation_seconds_bucket",
+    ):
+        assert f"\n{name}" in worker_text, name
+    assert (
+        f'pool_worker_requests_total{{model="{DEFAULT_MODEL}",route="/v1/chat/completions",'
+        'status="200"} 1.0' in worker_text
+    )
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool (Debian package prometheus) missing")
+def test_promtool_accepts_both_exporters(start_manager: ManagerFactory) -> None:
+    manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True)])
+    endpoint = manager.wait_state(DEFAULT_MODEL, "HOT")["endpoint"]
+    httpx.post(
+        f"{endpoint}/v1/completions",
+        timeout=60,
+        json={"model": DEFAULT_MODEL, "prompt": "Hi", "max_tokens": 2},
+    )
+    assert promtool_problems(httpx.get(f"{manager.url}/metrics").text) == ""
+    assert promtool_problems(httpx.get(f"{endpoint}/metrics").text) == ""
