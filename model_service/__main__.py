@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import sys
@@ -130,7 +131,7 @@ def _warm_imports() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    setup_logging("worker", args.log_level)
+    setup_logging("worker", args.log_level, file_suffix="-workers")
     stats = WorkerStats()
     link: ManagerLink | None = None
     if args.control_fd is not None:
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         sock = _standalone_socket(args)
     channel = link.events if link else StatusChannel(None)
     model_id = str(settings["model_id"])
+    # With POOL_LOG_FILE, each model's worker logs to its own file next to the manager's.
+    setup_logging("worker", args.log_level, file_suffix="-" + re.sub(r"[^\w.-]", "_", model_id))
 
     started = time.perf_counter()
     try:

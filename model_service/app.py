@@ -20,6 +20,7 @@ from model_service.auth import ApiKeys, AuthMiddleware, Role
 from model_service.errors import install_error_handlers
 from model_service.inference import InferenceService, StreamHandle
 from model_service.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
+from model_service.logs import RequestIdMiddleware
 from model_service.metrics import WorkerMetrics
 from model_service.protocol import (
     ChatCompletion,
@@ -96,6 +97,7 @@ def create_worker_app(
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     # Added last, so it runs first: a refused request is not counted as activity.
     app.add_middleware(AuthMiddleware, keys=keys, role_for=worker_role)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 

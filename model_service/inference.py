@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from model_service.backends.base import BackendError, RenderedPrompt, SamplingPa
 from model_service.engine import Engine, EngineError, Finished, FinishReason, GenerationStream
 from model_service.errors import ApiError
 from model_service.limits import Admission
+from model_service.logs import prompts_may_be_logged
 from model_service.metrics import WorkerMetrics
 from model_service.protocol import (
     AssistantMessage,
@@ -32,6 +34,8 @@ from model_service.protocol import (
     new_completion_id,
     unix_now,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ class InferenceService:
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         self._check_model(request.model)
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        if prompts_may_be_logged():
+            log.debug("chat prompt", extra={"messages": messages})
         try:
             prompt = self._backend.render_chat(messages)
         except BackendError as exc:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from model_service.auth import ApiKeys, AuthMiddleware, Role
 from model_service.errors import ApiError, install_error_handlers
 from model_service.limits import BodySizeLimit
+from model_service.logs import RequestIdMiddleware
 from pool_manager.config import ModelSpec
 from pool_manager.gateway import Gateway
 from pool_manager.mes import InferenceRequest, InferenceResponse, MesService
@@ -147,6 +148,7 @@ def create_app(
     app.add_exception_handler(PoolError, on_pool_error)
     app.add_middleware(BodySizeLimit, max_bytes=pool.config.max_request_bytes)
     app.add_middleware(AuthMiddleware, keys=keys or ApiKeys(), role_for=manager_role)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every line of a request has its id
 
     # --- the unified OpenAI endpoint -----------------------------------------------------
 

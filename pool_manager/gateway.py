@@ -19,6 +19,7 @@ import httpx
 from fastapi.responses import Response, StreamingResponse
 
 from model_service.errors import ApiError
+from model_service.logs import request_id
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ class Gateway:
         self, record: ModelRecord, path: str, body: bytes, headers: dict[str, str]
     ) -> Response:
         forwarded = {k: v for k, v in headers.items() if k in _FORWARDED_REQUEST_HEADERS}
+        current = request_id.get()
+        if current is not None:
+            forwarded["x-request-id"] = current  # the worker logs under the same id
         chain = [record, *self._fallbacks(record)]
         for position, candidate in enumerate(chain):
             last = position + 1 == len(chain)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import DEFAULT_MODEL, ManagerFactory, model_entry
+from tests.conftest import DEFAULT_MODEL, ManagerFactory, model_entry, wait_for
 
 PROMTOOL = shutil.which("promtool")
 
@@ -81,3 +83,49 @@ def test_promtool_accepts_both_exporters(start_manager: ManagerFactory) -> None:
     )
     assert promtool_problems(httpx.get(f"{manager.url}/metrics").text) == ""
     assert promtool_problems(httpx.get(f"{endpoint}/metrics").text) == ""
+
+
+def test_request_id_follows_a_request_from_manager_to_worker(
+    start_manager: ManagerFactory,
+) -> None:
+    manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True)])
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+    body = {
+        "model": DEFAULT_MODEL,
+        "messages": [{"role": "user", "content": "secret words"}],
+        "max_tokens": 2,
+    }
+    reply = httpx.post(
+        f"{manager.url}/v1/chat/completions",
+        json=body,
+        timeout=60,
+        headers={"X-Request-ID": "trace-42"},
+    )
+    assert reply.headers["x-request-id"] == "trace-42"
+    generated = httpx.post(f"{manager.url}/v1/chat/completions", json=body, timeout=60)
+    assert len(generated.headers["x-request-id"]) == 32
+    lines = [json.loads(line) for line in manager.log().splitlines() if line.startswith("{")]
+    tagged = [line for line in lines if line.get("request_id") == "trace-42"]
+    assert {line["component"] for line in tagged} == {"manager", "worker"}
+    assert any(line["msg"] == "request" and line["status"] == 200 for line in tagged)
+    assert "secret words" not in manager.log(), "prompts are not logged"
+
+
+def test_logs_go_to_rotating_files_when_asked(
+    start_manager: ManagerFactory, tmp_path: Path
+) -> None:
+    log_file = tmp_path / "logs" / "pool.log"
+    manager = start_manager(models=[model_entry("m:1")], env={"POOL_LOG_FILE": str(log_file)})
+    manager.load("m:1")
+    wait_for(
+        lambda: log_file.exists() and "model loaded" in log_file.read_text(),
+        10,
+        message="the manager's log file",
+    )
+    worker_log = log_file.with_name("pool-m_1.log")
+    wait_for(
+        lambda: worker_log.exists() and "worker ready" in worker_log.read_text(),
+        10,
+        message="the worker's log file",
+    )
+    assert all(json.loads(line) for line in log_file.read_text().splitlines())
