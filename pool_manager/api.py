@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -128,6 +130,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await pool.start()
+        # SIGHUP re-reads the config and registry files, as daemons do.
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(pool.reload_files()))
         welcome = asyncio.create_task(call_when_warm())
         try:
             yield
@@ -225,6 +231,7 @@ def create_app(
             "memory": pool.memory_summary(),
             "available_ports": pool.available_ports(),
             "spare_workers": len(pool.spare_pids),
+            "last_reload_error": pool.last_reload_error,
         }
 
     @app.get("/events")
@@ -301,6 +308,16 @@ def create_app(
     async def delete_model(model_id: str) -> dict[str, Any]:
         await pool.delete(model_id)
         return {"deleted": model_id}
+
+    @app.post("/reload")
+    async def reload_files() -> JSONResponse:
+        """Re-read the config and registry files now (SIGHUP does the same)."""
+        result = await pool.reload_files()
+        if not result["applied"]:
+            raise ApiError(
+                400, f"edit refused, running config kept: {result['error']}", code="invalid_config"
+            )
+        return JSONResponse(result)
 
     @app.get("/config")
     async def get_config() -> dict[str, Any]:

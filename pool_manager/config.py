@@ -149,6 +149,17 @@ class ConfigStore:
         self.config_path = config_path
         self.registry_path = registry_path
 
+    def fingerprint(self) -> tuple[tuple[int, int], ...]:
+        """(mtime, size) of both files: changes when either is written."""
+        marks = []
+        for path in (self.config_path, self.registry_path):
+            try:
+                stat = path.stat()
+                marks.append((stat.st_mtime_ns, stat.st_size))
+            except FileNotFoundError:
+                marks.append((0, 0))
+        return tuple(marks)
+
     @property
     def registry_dir(self) -> Path:
         return self.registry_path.parent

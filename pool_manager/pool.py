@@ -32,6 +32,7 @@ from model_service.backends.base import BackendError
 from model_service.gguf import PROCESS_OVERHEAD_BYTES, estimate_memory_bytes
 from model_service.model_files import resolve_model_file
 from pool_manager.config import (
+    ConfigError,
     ConfigStore,
     ModelSpec,
     PoolConfig,
@@ -58,7 +59,8 @@ RETRY_AFTER_FULL_SECONDS = 5
 LOAD_RETRY_BASE_SECONDS = 0.5  # a failed start is retried after 0.5 s, 1 s, 2 s, ...
 LOAD_RETRY_MAX_SECONDS = 8.0
 MAX_FAILURE_COOLDOWN_SECONDS = 3600.0
-CRASH_WINDOW_SECONDS = 60.0  # max_load_failures crashes within this window mean FAILED
+CRASH_WINDOW_SECONDS = 60.0
+FILE_CHECK_SECONDS = 1.0  # max_load_failures crashes within this window mean FAILED
 FORCED_STOP_SECONDS = 2.0  # how long a forced unload lets requests hear why they end
 
 
@@ -162,6 +164,8 @@ class ModelPool:
         self._reaper_wakeup = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._files_seen = store.fingerprint()
+        self.last_reload_error: str | None = None
         self.warmup_done = asyncio.Event()
         self.gpu = GpuMonitor()
         # Listeners for state changes (GET /events); each gets its own bounded queue.
@@ -175,6 +179,7 @@ class ModelPool:
         """Start the background loops; warmup models load in the background."""
         self._spares.refill()
         self._spawn_background(self._reap_idle_models(), "reaper")
+        self._spawn_background(self._watch_files(), "file-watch")
         self._spawn_background(self._load_warmup_models(), "warmup")
 
     async def stop(self) -> None:
@@ -318,6 +323,14 @@ class ModelPool:
             self.update_config({"warmup_models": warmups})
         log.info("model deleted", extra={"model": model_id})
 
+    def _apply_config(self, saved: PoolConfig) -> None:
+        self._saved_config = saved
+        self.config = saved.model_copy(update=self._overrides)
+        self._ports.set_range(self.config.port_range.start, self.config.port_range.end)
+        self._spares.size = self.config.spare_workers
+        self._spares.refill()
+        self._reaper_wakeup.set()
+
     def update_config(self, changes: dict[str, Any]) -> PoolConfig:
         """Validate, persist and apply a partial config. Raises ValueError if invalid.
 
@@ -326,16 +339,62 @@ class ModelPool:
         merged = _deep_merge(self._saved_config.model_dump(), changes)
         saved = PoolConfig.model_validate(merged)
         self._store.save_config(saved)
-        self._saved_config = saved
-        self.config = saved.model_copy(update=self._overrides)
-        self._ports.set_range(self.config.port_range.start, self.config.port_range.end)
-        self._spares.size = self.config.spare_workers
-        self._spares.refill()
-        self._reaper_wakeup.set()
+        self._files_seen = self._store.fingerprint()
+        self._apply_config(saved)
         return self.config
 
     def _save_registry(self) -> None:
         self._store.save_registry([r.spec for r in self._records.values()])
+        self._files_seen = self._store.fingerprint()  # our own write is not an edit
+
+    # --- hot reload -------------------------------------------------------------------------
+
+    async def _watch_files(self) -> None:
+        """Pick up hand edits of the config and registry files (checked every second)."""
+        while True:
+            await asyncio.sleep(FILE_CHECK_SECONDS)
+            if self._store.fingerprint() != self._files_seen:
+                await self.reload_files()
+
+    async def reload_files(self) -> dict[str, Any]:
+        """Re-read both files and apply them without touching models that stay.
+
+        New models are added (warmup ones loaded), removed ones unloaded (drained) and
+        forgotten, changed ones take their new settings at their next load. An invalid
+        file changes nothing: the error is logged and kept in `last_reload_error`.
+        """
+        self._files_seen = self._store.fingerprint()
+        try:
+            config = self._store.load_config()
+            specs = {spec.model_id: spec for spec in self._store.load_registry()}
+        except ConfigError as exc:
+            self.last_reload_error = str(exc)
+            log.error(
+                "config or registry edit refused; the running one stays", extra={"reason": str(exc)}
+            )
+            return {"applied": False, "error": str(exc)}
+        self.last_reload_error = None
+        self._apply_config(config)
+        added = [m for m in specs if m not in self._records]
+        removed = [m for m in self._records if m not in specs]
+        changed = [
+            m for m, spec in specs.items() if m in self._records and self._records[m].spec != spec
+        ]
+        for model_id in changed:
+            self._records[model_id].spec = specs[model_id]
+        for model_id in added:
+            self._records[model_id] = ModelRecord(specs[model_id])
+            if self.is_pinned(self._records[model_id]):
+                self._spawn_background(
+                    self._reload_pinned(self._records[model_id]), f"warmup:{model_id}"
+                )
+        for model_id in removed:
+            record = self._records[model_id]
+            await self._unload(record, "deleted", force=False)
+            del self._records[model_id]
+        summary = {"applied": True, "added": added, "removed": removed, "changed": changed}
+        log.info("config and registry reloaded", extra=summary)
+        return summary
 
     def _model_file(self, spec: ModelSpec) -> str:
         try:

@@ -530,3 +530,39 @@ def test_crash_loop_backs_off_to_failed_then_recovers(start_manager: ManagerFact
     manager.seen_worker_pids.add(back["pid"])
     assert back["pid"] not in (first["pid"], second["pid"])
     assert chat(back["endpoint"], DEFAULT_MODEL)
+
+
+def test_registry_edits_are_picked_up_without_dropping_loaded_models(
+    start_manager: ManagerFactory,
+) -> None:
+    import json
+
+    manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True), model_entry(CODER)])
+    hot = manager.wait_state(DEFAULT_MODEL, "HOT")
+    coder = manager.load(CODER)
+    registry = json.loads(manager.registry_path.read_text())
+    registry["models"] = [m for m in registry["models"] if m["model_id"] != CODER]
+    registry["models"].append(model_entry("fresh:1", tags=["new"]))
+    registry["models"][0]["ttl_minutes"] = 7
+    manager.registry_path.write_text(json.dumps(registry))
+    # A model removed from the file is drained, unloaded and forgotten.
+    models = wait_for(
+        lambda: "fresh:1" in (m := manager.models()) and CODER not in m and m,
+        30,
+        message="the edit to be applied",
+    )
+    wait_for(lambda: not pid_alive(coder["pid"]), 15, message="the removed model's worker")
+    assert models[DEFAULT_MODEL]["pid"] == hot["pid"], "models that stay keep their worker"
+    assert models["fresh:1"]["state"] == "COLD" and models["fresh:1"]["tags"] == ["new"]
+
+    manager.registry_path.write_text("{ this is not json")
+    manager.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    health = wait_for(
+        lambda: (h := manager.request("GET", "/health").json())["last_reload_error"] and h,
+        15,
+        message="the bad edit to be refused",
+    )
+    assert "not valid JSON" in health["last_reload_error"]
+    assert set(manager.models()) == {DEFAULT_MODEL, "fresh:1"}, "the running registry stays"
+    reply = manager.request("POST", "/reload")
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_config"
