@@ -338,6 +338,16 @@ def create_app(
             ) from exc
         return config.model_dump(mode="json")
 
+    @app.get("/metrics/targets")
+    async def metrics_targets() -> list[dict[str, Any]]:
+        """Prometheus HTTP service discovery: one target per running worker."""
+        host = "127.0.0.1" if pool.config.host in ("0.0.0.0", "::") else pool.config.host
+        return [
+            {"targets": [f"{host}:{r.worker.port}"], "labels": {"model": r.model_id}}
+            for r in pool.records()
+            if r.worker is not None and r.state in SERVING
+        ]
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(pool.metrics.render(), media_type="text/plain; version=0.0.4")

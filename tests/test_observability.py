@@ -129,3 +129,34 @@ def test_logs_go_to_rotating_files_when_asked(
         message="the worker's log file",
     )
     assert all(json.loads(line) for line in log_file.read_text().splitlines())
+
+
+def test_grafana_dashboard_and_scrape_config_use_real_metrics(
+    start_manager: ManagerFactory,
+) -> None:
+    import re
+
+    from tests.conftest import REPO
+
+    manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True)])
+    endpoint = manager.wait_state(DEFAULT_MODEL, "HOT")["endpoint"]
+    httpx.post(
+        f"{endpoint}/v1/completions",
+        timeout=60,
+        json={"model": DEFAULT_MODEL, "prompt": "Hi", "max_tokens": 2},
+    )
+    targets = httpx.get(f"{manager.url}/metrics/targets").json()
+    assert targets == [
+        {"targets": [endpoint.removeprefix("http://")], "labels": {"model": DEFAULT_MODEL}}
+    ]
+    exposed = httpx.get(f"{manager.url}/metrics").text + httpx.get(f"{endpoint}/metrics").text
+    dashboard = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    names = {name for expr in exprs for name in re.findall(r"\bpool_[a-z_]+", expr)}
+    missing = sorted(
+        n
+        for n in names
+        if f"# TYPE {n.removesuffix('_bucket')}" not in exposed and f"\n{n}" not in exposed
+    )
+    assert not missing, f"the dashboard queries metrics nobody exports: {missing}"
+    assert "/metrics/targets" in (REPO / "docs" / "prometheus.yml").read_text()
