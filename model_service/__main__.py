@@ -24,9 +24,10 @@ from typing import Any
 import uvicorn
 
 from model_service.activity import StatusChannel, WorkerStats
-from model_service.app import create_worker_app
+from model_service.app import create_remote_worker_app, create_worker_app
 from model_service.auth import ApiKeys
 from model_service.backends import BackendError, create_backend
+from model_service.backends.remote import REMOTE_BACKENDS, RemoteModel
 from model_service.engine import Engine
 from model_service.inference import InferenceService, ModelDefaults
 from model_service.limits import DEFAULT_MAX_REQUEST_BYTES, Admission
@@ -122,6 +123,77 @@ def _standalone_socket(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
+def _serve_remote(
+    settings: dict[str, Any],
+    args: argparse.Namespace,
+    sock: socket.socket,
+    stats: WorkerStats,
+    link: ManagerLink | None,
+    channel: StatusChannel,
+) -> int:
+    """Run a worker for a model another server runs (openai / ollama backends)."""
+    model_id = str(settings["model_id"])
+    started = time.perf_counter()
+    try:
+        remote = RemoteModel(settings)
+        remote.load()
+    except BackendError as exc:
+        log.error("model failed to load", extra={"model": model_id, "reason": str(exc)})
+        channel.send("failed", reason=str(exc))
+        return EXIT_LOAD_FAILED
+    load_seconds = time.perf_counter() - started
+    metrics = WorkerMetrics(model_id, stats)
+    admission = Admission(
+        max_active=int(settings.get("max_concurrent") or 4),
+        max_queued=int(settings.get("max_queue", 32)),
+    )
+    metrics.watch(queued=lambda: admission.queued, generating=lambda: admission.active)
+    port = sock.getsockname()[1]
+    app = create_remote_worker_app(
+        remote,
+        admission,
+        stats,
+        metrics,
+        channel,
+        port=port,
+        keys=ApiKeys.from_env(),
+        max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
+        aliases=frozenset(settings.get("aliases") or ()),
+    )
+    _serve(app, sock, args, model_id, load_seconds, channel)
+    remote.unload()
+    log.info("worker stopped", extra={"model": model_id})
+    return 0
+
+
+def _serve(
+    app: Any,
+    sock: socket.socket,
+    args: argparse.Namespace,
+    model_id: str,
+    load_seconds: float,
+    channel: StatusChannel,
+) -> None:
+    """Serve `app` on `sock` until told to stop; report `ready` once accepting."""
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(args.graceful_seconds)),
+        lifespan="off",
+    )
+
+    def on_started() -> None:
+        log.info(
+            "worker ready",
+            extra={"model": model_id, "port": port, "load_seconds": round(load_seconds, 3)},
+        )
+        channel.send("ready", pid=os.getpid(), port=port, load_seconds=load_seconds)
+
+    GracefulServer(config, on_started).run(sockets=[sock])
+
+
 def _warm_imports() -> None:
     """Import what loading a model needs, so a spare pays for it before it is needed."""
     import llama_cpp  # noqa: F401
@@ -151,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     # With POOL_LOG_FILE, each model's worker logs to its own file next to the manager's.
     setup_logging("worker", args.log_level, file_suffix="-" + re.sub(r"[^\w.-]", "_", model_id))
 
+    if settings.get("backend") in REMOTE_BACKENDS:
+        return _serve_remote(settings, args, sock, stats, link, channel)
     started = time.perf_counter()
     try:
         backend = create_backend(settings)
@@ -190,23 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         keys=ApiKeys.from_env(),
         max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
     )
-    config = uvicorn.Config(
-        app,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=max(1, int(args.graceful_seconds)),
-        lifespan="off",
-    )
-
-    def on_started() -> None:
-        log.info(
-            "worker ready",
-            extra={"model": model_id, "port": port, "load_seconds": round(load_seconds, 3)},
-        )
-        channel.send("ready", pid=os.getpid(), port=port, load_seconds=load_seconds)
-
-    server = GracefulServer(config, on_started)
-    server.run(sockets=[sock])
+    _serve(app, sock, args, model_id, load_seconds, channel)
     engine.stop()
     backend.unload()
     log.info("worker stopped", extra={"model": model_id})

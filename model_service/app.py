@@ -17,9 +17,10 @@ from model_service.activity import (
     WorkerStats,
 )
 from model_service.auth import ApiKeys, AuthMiddleware, Role
-from model_service.errors import install_error_handlers
+from model_service.backends.remote import RemoteModel
+from model_service.errors import ApiError, install_error_handlers
 from model_service.inference import InferenceService, StreamHandle
-from model_service.limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
+from model_service.limits import DEFAULT_MAX_REQUEST_BYTES, Admission, BodySizeLimit
 from model_service.logs import RequestIdMiddleware
 from model_service.metrics import WorkerMetrics
 from model_service.protocol import (
@@ -97,6 +98,92 @@ def create_worker_app(
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     # Added last, so it runs first: a refused request is not counted as activity.
     app.add_middleware(AuthMiddleware, keys=keys, role_for=worker_role)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def create_remote_worker_app(
+    remote: RemoteModel,
+    admission: Admission,
+    stats: WorkerStats,
+    metrics: WorkerMetrics,
+    channel: StatusChannel,
+    port: int | None = None,
+    keys: ApiKeys | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    aliases: frozenset[str] = frozenset(),
+) -> FastAPI:
+    """A worker for a model another server runs (the `openai` and `ollama` backends)."""
+    app = FastAPI(title=f"model worker: {remote.model_id} ({remote.kind})", version="0.1.0")
+    install_error_handlers(app)
+    names = {remote.model_id, *aliases}
+    loaded_at = int(time.time())
+
+    async def run(route: str, request: ChatCompletionRequest | CompletionRequest) -> Response:
+        if request.model not in names:
+            raise ApiError(
+                404,
+                f"The model '{request.model}' is not served here; this "
+                f"worker serves '{remote.model_id}'",
+                param="model",
+                code="model_not_found",
+            )
+        body = request.model_dump(exclude_none=True, by_alias=True)
+        await admission.acquire()
+        if request.stream:
+            return _SlotStreamingResponse(
+                StreamHandle(remote.stream(route, body), admission.release)
+            )
+        try:
+            status, data = await remote.forward(route, body)
+        finally:
+            admission.release()
+        return JSONResponse(data, status_code=status)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: ChatCompletionRequest) -> Response:
+        return await run("chat/completions", request)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: CompletionRequest) -> Response:
+        return await run("completions", request)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=remote.model_id, created=loaded_at)])
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model": remote.model_id,
+                "backend": remote.kind,
+                "upstream": remote.base_url,
+                "pid": os.getpid(),
+                "port": port,
+                "uptime_seconds": round(time.time() - stats.started_at, 3),
+                "requests_served": stats.requests_served,
+                "in_flight": stats.in_flight,
+                "last_request_at": stats.last_request_at,
+                "generating": stats.in_flight > 0,
+                "tokens_generated": None,
+            }
+        )
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(
+        ActivityMiddleware,
+        stats=stats,
+        channel=channel,
+        paths=INFERENCE_PATHS,
+        on_finished=metrics.request_finished,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    app.add_middleware(AuthMiddleware, keys=keys or ApiKeys(), role_for=worker_role)
     app.add_middleware(RequestIdMiddleware)
     return app
 

@@ -82,7 +82,13 @@ class ModelSpec(BaseModel):
     aliases: list[str] = Field(default_factory=list)
     # Models that serve a request when this one cannot (fails to load, FAILED, full, 5xx).
     fallbacks: list[str] = Field(default_factory=list)
-    backend: Literal["llama_cpp"] = "llama_cpp"
+    backend: Literal["llama_cpp", "openai", "ollama"] = "llama_cpp"
+    # Remote backends: the server's base URL (ollama defaults to the config's
+    # ollama_base_url), the model's name there (default: model_id), and the name of the
+    # environment variable that holds the API key (never the key itself).
+    base_url: str | None = None
+    remote_model: str | None = None
+    api_key_env: str | None = None
     # Where the weights are: a path (relative paths are relative to the registry file),
     # or "package/file" inside an installed Python package.
     model_path: str | None = None
@@ -110,7 +116,13 @@ class ModelSpec(BaseModel):
     def _has_weights(self) -> ModelSpec:
         if self.backend == "llama_cpp" and not (self.model_path or self.package_file):
             raise ValueError("a llama_cpp model needs model_path or package_file")
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("an openai model needs base_url")
         return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.backend == "llama_cpp"
 
 
 class Registry(BaseModel):

@@ -302,7 +302,8 @@ class ModelPool:
             raise ModelConflict(
                 f"model '{spec.model_id}' is already registered; send replace=true to update it"
             )
-        self._model_file(spec)
+        if spec.is_local:
+            self._model_file(spec)
         if existing is not None:
             existing.spec = spec
             record = existing
@@ -529,7 +530,9 @@ class ModelPool:
 
     def _worker_settings(self, spec: ModelSpec) -> dict[str, Any]:
         settings = spec.model_dump(mode="json")
-        settings["model_path"] = self._model_file(spec)
+        if spec.is_local:
+            settings["model_path"] = self._model_file(spec)
+        settings["ollama_base_url"] = self.config.ollama_base_url
         settings["max_request_bytes"] = self.config.max_request_bytes
         return settings
 
@@ -629,6 +632,8 @@ class ModelPool:
 
     async def _estimate_memory(self, record: ModelRecord) -> int:
         """Bytes the model will take once loaded (file + KV cache + process)."""
+        if not record.spec.is_local:
+            return PROCESS_OVERHEAD_BYTES  # the weights live on another server
         try:
             path = Path(self._model_file(record.spec))
             # Every slot (max_concurrent of them) has its own n_ctx of KV cache.

@@ -1,0 +1,114 @@
+"""Remote backends: a pool whose model is served by another server.
+
+No remote account or Ollama server exists here, so the "remote" is another pool: its
+worker port speaks the OpenAI API (for the `openai` backend), and its manager speaks the
+Ollama API (for the `ollama` backend). Real inference happens at the far end.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.conftest import DEFAULT_MODEL, ManagerFactory, model_entry
+
+UPSTREAM_KEY = "upstream-key-5c1e"
+
+
+def client_for(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_openai_backend_through_another_pools_worker(start_manager: ManagerFactory) -> None:
+    upstream = start_manager(
+        models=[model_entry(DEFAULT_MODEL, warmup=True)],
+        env={"POOL_API_KEY": UPSTREAM_KEY, "POOL_ADMIN_KEY": "upstream-admin"},
+    )
+    endpoint = upstream.wait_state(DEFAULT_MODEL, "HOT")["endpoint"]
+    pool = start_manager(
+        models=[
+            {
+                "model_id": "far:1",
+                "backend": "openai",
+                "base_url": f"{endpoint}/v1",
+                "remote_model": DEFAULT_MODEL,
+                "api_key_env": "UPSTREAM_KEY",
+            }
+        ],
+        env={"UPSTREAM_KEY": UPSTREAM_KEY},
+    )
+    client = client_for(pool.url)
+    reply = client.chat.completions.create(
+        model="far:1", messages=[{"role": "user", "content": "Say hi"}], max_tokens=6
+    )
+    assert reply.model == "far:1" and reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="far:1",
+            messages=[{"role": "user", "content": "Count"}],
+            max_tokens=8,
+            stream=True,
+        )
+        if c.choices
+    )
+    assert streamed.strip()
+    far = pool.model("far:1")
+    assert far["state"] == "HOT" and far["backend"] == "openai" and far["requests_total"] == 2
+    assert upstream.model(DEFAULT_MODEL)["requests_total"] == 2, "the far end did the work"
+
+
+def test_unreachable_remote_fails_with_a_clear_reason(start_manager: ManagerFactory) -> None:
+    from tests.conftest import free_port
+
+    pool = start_manager(
+        models=[
+            {
+                "model_id": "gone:1",
+                "backend": "openai",
+                "base_url": f"http://127.0.0.1:{free_port()}/v1",
+            },
+            {
+                "model_id": "nokey:1",
+                "backend": "openai",
+                "base_url": "http://127.0.0.1:9/v1",
+                "api_key_env": "NO_SUCH_VARIABLE_SET",
+            },
+        ]
+    )
+    gone = pool.request("POST", "/models/gone:1/load")
+    assert gone.status_code == 503 and "not reachable" in gone.json()["error"]["message"]
+    nokey = pool.request("POST", "/models/nokey:1/load")
+    assert nokey.status_code == 503
+    assert "NO_SUCH_VARIABLE_SET" in nokey.json()["error"]["message"]
+
+
+def test_ollama_backend_through_another_pools_ollama_api(start_manager: ManagerFactory) -> None:
+    upstream = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True)])
+    upstream.wait_state(DEFAULT_MODEL, "HOT")
+    if upstream.request("GET", "/api/version").status_code != 200:
+        pytest.skip("the Ollama-compatible API is not available")
+    pool = start_manager(
+        config={"ollama_base_url": upstream.url},
+        models=[{"model_id": "llama-ish:1", "backend": "ollama", "remote_model": DEFAULT_MODEL}],
+    )
+    client = client_for(pool.url)
+    reply = client.chat.completions.create(
+        model="llama-ish:1", messages=[{"role": "user", "content": "Say hi"}], max_tokens=6
+    )
+    assert reply.choices[0].message.content and reply.model == "llama-ish:1"
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="llama-ish:1",
+            messages=[{"role": "user", "content": "Count"}],
+            max_tokens=8,
+            stream=True,
+        )
+        if c.choices
+    )
+    assert streamed.strip()
+    completion = client.completions.create(model="llama-ish:1", prompt="The sky is", max_tokens=4)
+    assert completion.choices[0].text is not None
+    assert pool.request("POST", "/models/llama-ish:1/unload").json()["state"] == "COLD"
