@@ -123,6 +123,14 @@ def _standalone_socket(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
+def _admission(settings: dict[str, Any]) -> Admission:
+    """The model's request limit: max_concurrent running, max_queue waiting."""
+    return Admission(
+        max_active=int(settings.get("max_concurrent") or 4),
+        max_queued=int(settings.get("max_queue", 32)),
+    )
+
+
 def _serve_remote(
     settings: dict[str, Any],
     args: argparse.Namespace,
@@ -143,10 +151,7 @@ def _serve_remote(
         return EXIT_LOAD_FAILED
     load_seconds = time.perf_counter() - started
     metrics = WorkerMetrics(model_id, stats)
-    admission = Admission(
-        max_active=int(settings.get("max_concurrent") or 4),
-        max_queued=int(settings.get("max_queue", 32)),
-    )
+    admission = _admission(settings)
     metrics.watch(queued=lambda: admission.queued, generating=lambda: admission.active)
     port = sock.getsockname()[1]
     app = create_remote_worker_app(
@@ -240,10 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if link is not None:
         link.engine = engine
     metrics = WorkerMetrics(model_id, stats)
-    admission = Admission(
-        max_active=int(settings.get("max_concurrent") or 4),
-        max_queued=int(settings.get("max_queue", 32)),
-    )
+    admission = _admission(settings)
     metrics.watch(queued=lambda: admission.queued, generating=lambda: engine.active_requests)
     service = InferenceService(
         model_id,

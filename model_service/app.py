@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -45,11 +47,9 @@ def create_worker_app(
     keys: ApiKeys | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
-    keys = keys or ApiKeys()
     app = FastAPI(title=f"model worker: {service.model_id}", version="0.1.0")
     engine = service.engine
     install_error_handlers(app)
-    loaded_at = int(time.time())
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: ChatCompletionRequest) -> ChatCompletion | Response:
@@ -63,42 +63,20 @@ def create_worker_app(
             return _sse_response(await service.complete_stream(request))
         return await service.complete(request)
 
-    @app.get("/v1/models")
-    async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=service.model_id, created=loaded_at)])
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        return JSONResponse(
-            {
-                "status": "ready",
-                "model": service.model_id,
-                "pid": os.getpid(),
-                "port": port,
-                "uptime_seconds": round(time.time() - stats.started_at, 3),
-                "requests_served": stats.requests_served,
-                "in_flight": stats.in_flight,
-                "last_request_at": stats.last_request_at,
-                "generating": engine.generating,
-                "tokens_generated": engine.tokens_generated,
-            }
-        )
-
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    app.add_middleware(
-        ActivityMiddleware,
-        stats=stats,
-        channel=channel,
-        paths=INFERENCE_PATHS,
-        on_finished=metrics.request_finished,
+    _add_common_parts(
+        app,
+        service.model_id,
+        stats,
+        metrics,
+        channel,
+        port,
+        keys,
+        max_request_bytes,
+        health_extra=lambda: {
+            "generating": engine.generating,
+            "tokens_generated": engine.tokens_generated,
+        },
     )
-    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
-    # Added last, so it runs first: a refused request is not counted as activity.
-    app.add_middleware(AuthMiddleware, keys=keys, role_for=worker_role)
-    app.add_middleware(RequestIdMiddleware)
     return app
 
 
@@ -117,7 +95,6 @@ def create_remote_worker_app(
     app = FastAPI(title=f"model worker: {remote.model_id} ({remote.kind})", version="0.1.0")
     install_error_handlers(app)
     names = {remote.model_id, *aliases}
-    loaded_at = int(time.time())
 
     async def run(route: str, request: ChatCompletionRequest | CompletionRequest) -> Response:
         if request.model not in names:
@@ -148,26 +125,56 @@ def create_remote_worker_app(
     async def completions(request: CompletionRequest) -> Response:
         return await run("completions", request)
 
+    _add_common_parts(
+        app,
+        remote.model_id,
+        stats,
+        metrics,
+        channel,
+        port,
+        keys,
+        max_request_bytes,
+        health_extra=lambda: {
+            "backend": remote.kind,
+            "upstream": remote.base_url,
+            "generating": stats.in_flight > 0,
+            "tokens_generated": None,
+        },
+    )
+    return app
+
+
+def _add_common_parts(
+    app: FastAPI,
+    model_id: str,
+    stats: WorkerStats,
+    metrics: WorkerMetrics,
+    channel: StatusChannel,
+    port: int | None,
+    keys: ApiKeys | None,
+    max_request_bytes: int,
+    health_extra: Callable[[], dict[str, Any]],
+) -> None:
+    """The routes and middleware every worker has, whatever runs its model."""
+    loaded_at = int(time.time())
+
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=remote.model_id, created=loaded_at)])
+        return ModelList(data=[ModelCard(id=model_id, created=loaded_at)])
 
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse(
             {
                 "status": "ready",
-                "model": remote.model_id,
-                "backend": remote.kind,
-                "upstream": remote.base_url,
+                "model": model_id,
                 "pid": os.getpid(),
                 "port": port,
                 "uptime_seconds": round(time.time() - stats.started_at, 3),
                 "requests_served": stats.requests_served,
                 "in_flight": stats.in_flight,
                 "last_request_at": stats.last_request_at,
-                "generating": stats.in_flight > 0,
-                "tokens_generated": None,
+                **health_extra(),
             }
         )
 
@@ -183,9 +190,9 @@ def create_remote_worker_app(
         on_finished=metrics.request_finished,
     )
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    # Added after those, so it runs first: a refused request is not counted as activity.
     app.add_middleware(AuthMiddleware, keys=keys or ApiKeys(), role_for=worker_role)
     app.add_middleware(RequestIdMiddleware)
-    return app
 
 
 class _SlotStreamingResponse(StreamingResponse):
