@@ -3,7 +3,8 @@
 Routes: `GET /api/version`, `GET /api/tags`, `GET /api/ps`, `POST /api/show`,
 `POST /api/chat` and `POST /api/generate`. Chat and generate are translated to the
 worker's OpenAI `/v1/chat/completions` (or `/v1/completions` for `raw` generate) and sent
-through the gateway, so COLD models load on demand; the reply is translated back, a stream
+through the gateway, so COLD models load on demand and a model's fallback chain applies
+(`keep_alive` then applies to the model that answered); the reply is translated back, a stream
 as Ollama's NDJSON (`"stream"` defaults to true, as in Ollama). Errors use Ollama's shape,
 `{"error": "message"}`, with the HTTP status; an error in the middle of a stream is one
 last `{"error": ...}` line. A client that goes away closes the relayed stream, which stops
@@ -244,7 +245,7 @@ class ModelFile:
         file_type = self.metadata.get("general.file_type")
         return {
             "parent_model": "",
-            "format": "gguf",
+            "format": "gguf" if self.metadata else "",
             "family": arch or "",
             "families": [arch] if arch else None,
             "parameter_size": self._parameter_size(),
@@ -269,9 +270,12 @@ def _read_model_file(path: Path | None) -> ModelFile:
         return ModelFile()
     try:
         stat = path.stat()
-        metadata = read_metadata(path)
-    except (OSError, BackendError):
+    except OSError:
         return ModelFile()
+    try:
+        metadata = read_metadata(path)
+    except BackendError:
+        metadata = {}  # not (valid) GGUF: its load will say what is wrong
     modified = dt.datetime.fromtimestamp(stat.st_mtime, dt.UTC)
     return ModelFile(path, stat.st_size, modified, metadata)
 
@@ -334,6 +338,8 @@ class OllamaApi:
         raise OllamaError(404, f"model '{name}' not found")
 
     async def _model_file(self, record: ModelRecord) -> ModelFile:
+        if not record.spec.is_local:
+            return ModelFile()  # a remote backend's model: no file here
         try:
             # The pool resolves relative paths against the registry's folder.
             path: Path | None = Path(self._pool._model_file(record.spec))
@@ -505,9 +511,13 @@ class OllamaApi:
         ]
         if "max_tokens" in spec.defaults:
             parameters.append(f"num_predict {spec.defaults['max_tokens']}")
+        source = info.path or spec.model_path or spec.package_file
+        if not spec.is_local:
+            base_url = spec.base_url or self._pool.config.ollama_base_url
+            source = f"{spec.remote_model or spec.model_id} ({spec.backend} at {base_url})"
         modelfile = [
             f"# Modelfile for {spec.model_id}, served by the model pool manager",
-            f"FROM {info.path or spec.model_path or spec.package_file}",
+            f"FROM {source}",
             *(f"PARAMETER {p}" for p in parameters),
         ]
         return {
@@ -612,21 +622,28 @@ class OllamaApi:
         chat: bool,
     ) -> Response:
         usage = _Usage(started)
-        usage.load_seconds = await self._load(record)
         if stream:
             openai_body["stream"] = True
             openai_body["stream_options"] = {"include_usage": True}
-        usage.sent_at = time.perf_counter()
+        serving = {r.model_id for r in self._pool.records() if r.state in SERVING}
+        sent_at = time.perf_counter()
+        # The gateway loads the model (or falls back along its chain) and relays.
         reply = await self._gateway.relay(
             path, json.dumps(openai_body).encode(), self._headers(request)
         )
+        if reply.status_code != 200:
+            if isinstance(reply, StreamingResponse):
+                await _close(reply.body_iterator)
+            raise _openai_error(reply)
+        record = self._served_by(reply, record)
+        if record.model_id not in serving and record.load_seconds:
+            usage.load_seconds = record.load_seconds
+        usage.sent_at = sent_at + usage.load_seconds
         if isinstance(reply, StreamingResponse):
             pieces = _translate_stream(reply.body_iterator, name, usage, chat=chat)
             return StreamingResponse(
                 self._then_keep_alive(pieces, record, keep_alive), media_type=NDJSON
             )
-        if reply.status_code != 200:
-            raise _openai_error(reply)
         payload = json.loads(bytes(reply.body))
         choice = payload["choices"][0]
         text = choice["message"]["content"] if "message" in choice else choice["text"]
@@ -642,6 +659,16 @@ class OllamaApi:
         else:
             head["response"] = text
         return JSONResponse({**head, **usage.final()})
+
+    def _served_by(self, reply: Response, record: ModelRecord) -> ModelRecord:
+        """The model that answered: `record`, or a fallback of its chain."""
+        served = reply.headers.get("x-pool-model")
+        if served and served != record.model_id:
+            try:
+                return self._pool.get(served)
+            except PoolError:
+                pass
+        return record
 
     async def _then_keep_alive(
         self, lines: AsyncIterator[bytes], record: ModelRecord, keep_alive: float | None
