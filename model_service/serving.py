@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Generator
+from typing import Any
 
 import uvicorn
 
@@ -21,9 +22,21 @@ class GracefulServer(uvicorn.Server):
     connections.
     """
 
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_started: Callable[[], None] | None = None,
+        on_exit_requested: Callable[[], None] | None = None,
+    ):
         super().__init__(config)
         self._on_started = on_started
+        self._on_exit_requested = on_exit_requested
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        # Lets endless responses (event streams) end, so the graceful shutdown can finish.
+        if self._on_exit_requested is not None:
+            self._on_exit_requested()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)

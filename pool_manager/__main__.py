@@ -114,8 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             "registry": str(args.registry),
         },
     )
-    server_config = uvicorn.Config(app, log_config=None, access_log=False)
-    GracefulServer(server_config).run(sockets=[listener])
+    server_config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        # Bounds the wait for open client connections (long streams) at shutdown.
+        timeout_graceful_shutdown=max(1, int(pool.config.graceful_shutdown_seconds)),
+    )
+    GracefulServer(server_config, on_exit_requested=app.state.stopping.set).run(sockets=[listener])
     return 0
 
 

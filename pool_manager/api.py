@@ -26,6 +26,7 @@ from pool_manager.mes import InferenceRequest, InferenceResponse, MesService
 from pool_manager.ollama_api import install_ollama_routes
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
 from pool_manager.states import OCCUPYING, SERVING, ModelState
+from pool_manager.ui import install_ui
 
 
 class UnloadRequest(BaseModel):
@@ -112,7 +113,8 @@ def manager_role(method: str, path: str) -> Role:
         return Role.OPEN  # /ui is a static page; its data calls carry the admin key
     if path == "/events":
         return Role.ADMIN
-    if method in ("GET", "HEAD") or path.startswith("/v1/"):  # incl. /v1/inference
+    # Reads and inference: /v1/* (incl. /v1/inference) and the Ollama-compatible /api/*.
+    if method in ("GET", "HEAD") or path.startswith(("/v1/", "/api/")):
         return Role.CLIENT
     return Role.ADMIN
 
@@ -144,7 +146,10 @@ def create_app(
 
     gateway = Gateway(pool)
     mes = MesService(pool, gateway)
+    # Set when the server is asked to stop: endless event streams end so it can.
+    stopping = asyncio.Event()
     app = FastAPI(title="Model Pool Manager", version="0.1.0", lifespan=lifespan)
+    app.state.stopping = stopping
     install_error_handlers(app)
 
     async def on_pool_error(_: Request, exc: Exception) -> JSONResponse:
@@ -197,6 +202,7 @@ def create_app(
         }
 
     install_ollama_routes(app, pool, gateway)  # /api/*: the Ollama-compatible subset
+    install_ui(app)  # GET /ui: the dashboard
 
     # --- the MES API of seed 000 ----------------------------------------------------------
 
@@ -234,7 +240,8 @@ def create_app(
             "last_reload_error": pool.last_reload_error,
         }
 
-    @app.get("/events")
+    # Left out of the OpenAPI schema: an endless stream is no operation to fuzz or generate.
+    @app.get("/events", include_in_schema=False)
     async def events(request: Request) -> StreamingResponse:
         """Server-sent events: a `snapshot` of every model at once and after each change,
         `state` for each change, and a `snapshot` every 2 s (TTL countdowns, memory)."""
@@ -242,7 +249,7 @@ def create_app(
         async def stream() -> AsyncIterator[bytes]:
             listener = pool.subscribe()
             try:
-                while not await request.is_disconnected():
+                while not (stopping.is_set() or await request.is_disconnected()):
                     snapshot = {"models": [model_view(pool, r) for r in pool.records()]}
                     yield _sse_event("snapshot", snapshot)
                     try:
