@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import logging
 import queue
 import threading
@@ -147,7 +148,9 @@ class _Outbox:
 
     def send(self) -> None:
         for loop, events in self._events.items():
-            loop.call_soon_threadsafe(_deliver, events)
+            # A closed loop means the worker is shutting down: nobody is left to tell.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, events)
         self._events.clear()
 
 

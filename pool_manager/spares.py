@@ -34,20 +34,23 @@ class SparePool:
         return [w.pid for w in self._spares if w.returncode is None]
 
     async def take(self) -> WorkerProcess:
-        """A spare (warm ones first), or a newly started process when none is left."""
+        """A spare (warm ones first), or a newly started process when none is left.
+
+        The caller refills (`refill`) once its model is up: starting a new process while
+        the taken one loads would slow that load down on a small machine.
+        """
         self._spares = [w for w in self._spares if w.returncode is None]
         self._spares.sort(key=lambda w: not w.is_warm_spare)
-        worker = self._spares.pop(0) if self._spares else await self._start_spare()
-        self.refill()
-        return worker
+        return self._spares.pop(0) if self._spares else await self._start_spare()
 
-    def refill(self) -> None:
-        """Start spares in the background until there are `size` of them."""
+    def refill(self, delay: float = 0.0) -> None:
+        """Start spares in the background, after `delay` s, until there are `size`."""
         if self._closed or (self._refill is not None and not self._refill.done()):
             return
-        self._refill = asyncio.create_task(self._fill(), name="spares")
+        self._refill = asyncio.create_task(self._fill(delay), name="spares")
 
-    async def _fill(self) -> None:
+    async def _fill(self, delay: float) -> None:
+        await asyncio.sleep(delay)
         while not self._closed and len(self._spares) < self.size:
             try:
                 self._spares.append(await self._start_spare())
