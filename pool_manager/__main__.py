@@ -67,12 +67,14 @@ def _print_welcome(pool: ModelPool, host: str, port: int) -> None:
             example = example or (record.model_id, endpoint)
     if example:
         model_id, endpoint = example
-        lines.append("try:")
+        lines.append("try (through the manager, which loads any registered model on demand):")
         lines.append(
-            f"  curl {endpoint}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"  curl http://{host}:{port}/v1/chat/completions "
+            "-H 'Content-Type: application/json' "
             f'-d \'{{"model": "{model_id}", "messages": '
             '[{"role": "user", "content": "Say hello"}]}\''
         )
+        lines.append(f"or straight to the worker: {endpoint}/v1/chat/completions")
     lines.append("Ctrl-C stops the manager and all its workers.")
     print("\n".join(lines), flush=True)
 
