@@ -25,8 +25,8 @@ test: install
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check pool_manager model_service tests scripts
+	$(VENV)/bin/ruff format --check pool_manager model_service tests scripts
 	$(VENV)/bin/mypy
 
 bench: install
