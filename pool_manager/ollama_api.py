@@ -386,16 +386,12 @@ class OllamaApi:
         if seconds == 0:
             self._spawn(self._unload(record), f"ollama-unload:{record.model_id}")
             return
-        remaining = self._pool.ttl_remaining(record)
-        if remaining is None:
+        if self._pool.ttl_remaining(record) is None:
             return  # never expires (auto_unload is off)
         cap = self._pool.config.max_ttl_minutes * 60.0
         wanted = cap if seconds < 0 else min(seconds, cap)
-        deadline = record.ttl_deadline  # an extension already beyond `wanted` stays
-        if wanted <= remaining or (deadline and deadline - time.monotonic() >= wanted):
-            return  # the pool can lengthen a TTL but not shorten it
         try:
-            self._pool.extend_ttl(record.model_id, (wanted - remaining) / 60.0)
+            self._pool.set_ttl_remaining(record.model_id, wanted)
         except PoolError as exc:
             log.debug("keep_alive not applied", extra={"model": record.model_id, "why": str(exc)})
 

@@ -125,6 +125,7 @@ class ModelRecord:
     loaded_at: float | None = None
     load_seconds: float | None = None
     memory_estimate: int = 0  # bytes, set when a load starts
+    keep_alive: float | None = None  # seconds to keep after the running request, if asked
     consecutive_failures: int = 0
     failed_streak: int = 0  # times in a row the model went FAILED; grows the cooldown
     crashes: int = 0
@@ -739,12 +740,23 @@ class ModelPool:
         A COOLING model goes back to HOT. Raises ModelNotFound, ModelConflict.
         """
         record = self.get(model_id)
+        remaining = self.ttl_remaining(record) or 0.0
+        return self.set_ttl_remaining(model_id, remaining + minutes * 60.0)
+
+    def set_ttl_remaining(self, model_id: str, seconds: float) -> ModelRecord:
+        """Make a loaded model expire `seconds` from now (capped at max_ttl_minutes).
+
+        Shortens as well as lengthens (Ollama's keep_alive). A COOLING model goes back to
+        HOT. Raises ModelNotFound, ModelConflict.
+        """
+        record = self.get(model_id)
         if record.state not in SERVING:
             raise ModelConflict(f"model '{model_id}' is {record.state}, not loaded")
-        now = time.monotonic()
-        remaining = self.ttl_remaining(record) or 0.0
         cap = self.config.max_ttl_minutes * 60.0
-        record.ttl_deadline = now + min(remaining + minutes * 60.0, cap)
+        seconds = max(0.0, min(seconds, cap))
+        record.ttl_deadline = time.monotonic() + seconds
+        if record.in_flight:
+            record.keep_alive = seconds  # counted again from the end of what is running
         if record.state is S.COOLING:
             record.cooling_deadline = None
             self._set_state(record, S.HOT)
@@ -770,8 +782,14 @@ class ModelPool:
             record.in_flight = max(0, record.in_flight - 1)
             if record.in_flight == 0:
                 record.idle.set()
-            # TTL counts from the end of the last request; an operator's extension stays.
-            record.ttl_deadline = max(record.ttl_deadline or 0.0, now + self.ttl_seconds(record))
+            if record.keep_alive is not None:
+                # A client asked for this much after its request (Ollama's keep_alive).
+                record.ttl_deadline, record.keep_alive = now + record.keep_alive, None
+            else:
+                # TTL counts from the end of the last request; an extension stays.
+                record.ttl_deadline = max(
+                    record.ttl_deadline or 0.0, now + self.ttl_seconds(record)
+                )
             self._reaper_wakeup.set()
 
     async def _reap_idle_models(self) -> None:

@@ -172,6 +172,14 @@ def test_keep_alive_maps_onto_the_ttl(start_manager: ManagerFactory) -> None:
     remaining = manager.model(COLD)["ttl_remaining_seconds"]
     assert 3500 < remaining <= 3600, "negative: as long as max_ttl_minutes allows"
 
+    client.chat(model=COLD, messages=HELLO, options=SHORT, keep_alive="2m")
+    remaining = wait_for(
+        lambda: (r := manager.model(COLD)["ttl_remaining_seconds"]) <= 120 and r,
+        10,
+        message="a shorter keep_alive to shorten the TTL",
+    )
+    assert 100 < remaining <= 120, remaining
+
     reply = client.chat(model=COLD, messages=HELLO, options=SHORT, keep_alive=0)
     assert reply.done and reply.message.content, "the request is answered, then the model goes"
     manager.wait_state(COLD, "COLD", timeout=30)
