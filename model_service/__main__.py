@@ -19,7 +19,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import uvicorn
 
@@ -123,6 +124,28 @@ def _standalone_socket(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
+class _Loadable(Protocol):
+    def load(self) -> None: ...
+
+
+LoadableT = TypeVar("LoadableT", bound=_Loadable)
+
+
+def _load_reporting_failure(
+    model_id: str, channel: StatusChannel, make: Callable[[], LoadableT]
+) -> tuple[LoadableT, float] | None:
+    """Build and load the model; on failure tell the manager why and return None."""
+    started = time.perf_counter()
+    try:
+        model = make()
+        model.load()
+    except BackendError as exc:
+        log.error("model failed to load", extra={"model": model_id, "reason": str(exc)})
+        channel.send("failed", reason=str(exc))
+        return None
+    return model, time.perf_counter() - started
+
+
 def _admission(settings: dict[str, Any]) -> Admission:
     """The model's request limit: max_concurrent running, max_queue waiting."""
     return Admission(
@@ -141,15 +164,10 @@ def _serve_remote(
 ) -> int:
     """Run a worker for a model another server runs (openai / ollama backends)."""
     model_id = str(settings["model_id"])
-    started = time.perf_counter()
-    try:
-        remote = RemoteModel(settings)
-        remote.load()
-    except BackendError as exc:
-        log.error("model failed to load", extra={"model": model_id, "reason": str(exc)})
-        channel.send("failed", reason=str(exc))
+    loaded = _load_reporting_failure(model_id, channel, lambda: RemoteModel(settings))
+    if loaded is None:
         return EXIT_LOAD_FAILED
-    load_seconds = time.perf_counter() - started
+    remote, load_seconds = loaded
     metrics = WorkerMetrics(model_id, stats)
     admission = _admission(settings)
     metrics.watch(queued=lambda: admission.queued, generating=lambda: admission.active)
@@ -230,15 +248,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if settings.get("backend") in REMOTE_BACKENDS:
         return _serve_remote(settings, args, sock, stats, link, channel)
-    started = time.perf_counter()
-    try:
-        backend = create_backend(settings)
-        backend.load()
-    except BackendError as exc:
-        log.error("model failed to load", extra={"model": model_id, "reason": str(exc)})
-        channel.send("failed", reason=str(exc))
+    local = _load_reporting_failure(model_id, channel, lambda: create_backend(settings))
+    if local is None:
         return EXIT_LOAD_FAILED
-    load_seconds = time.perf_counter() - started
+    backend, load_seconds = local
 
     engine = Engine(backend)
     engine.start()
