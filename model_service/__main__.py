@@ -159,7 +159,6 @@ def _serve_remote(
     args: argparse.Namespace,
     sock: socket.socket,
     stats: WorkerStats,
-    link: ManagerLink | None,
     channel: StatusChannel,
 ) -> int:
     """Run a worker for a model another server runs (openai / ollama backends)."""
@@ -247,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("worker", args.log_level, file_suffix="-" + re.sub(r"[^\w.-]", "_", model_id))
 
     if settings.get("backend") in REMOTE_BACKENDS:
-        return _serve_remote(settings, args, sock, stats, link, channel)
+        return _serve_remote(settings, args, sock, stats, channel)
     local = _load_reporting_failure(model_id, channel, lambda: create_backend(settings))
     if local is None:
         return EXIT_LOAD_FAILED

@@ -593,7 +593,7 @@ class ModelPool:
             occupying = [
                 r for r in self._records.values() if r.state in OCCUPYING and r is not record
             ]
-            reason = self._why_it_does_not_fit(record, occupying, need)
+            reason = self._why_it_does_not_fit(occupying, need)
             if reason is None:
                 return
             victim = self._eviction_candidate(occupying)
@@ -620,9 +620,7 @@ class ModelPool:
                 retry_after=RETRY_AFTER_FULL_SECONDS,
             )
 
-    def _why_it_does_not_fit(
-        self, record: ModelRecord, occupying: list[ModelRecord], need: int
-    ) -> str | None:
+    def _why_it_does_not_fit(self, occupying: list[ModelRecord], need: int) -> str | None:
         if len(occupying) >= self.config.max_concurrent_models:
             return f"max_concurrent_models={self.config.max_concurrent_models} models are loaded"
         used = sum(r.memory_estimate for r in occupying)
