@@ -104,6 +104,18 @@ _DURATION_UNITS = {
 }
 
 
+@dataclass
+class _Call:
+    """One /api/chat or /api/generate request, parsed."""
+
+    started: float
+    body: dict[str, Any]
+    name: str
+    record: ModelRecord
+    stream: bool
+    keep_alive: float | None
+
+
 class OllamaError(Exception):
     """An error returned in Ollama's shape: `{"error": message}` with `status`."""
 
@@ -529,63 +541,67 @@ class OllamaApi:
 
     # --- generation ---------------------------------------------------------------------------
 
-    async def chat(self, request: Request) -> Response:
+    async def _begin(self, request: Request, unsupported: dict[str, str]) -> _Call:
+        """Parse what /api/chat and /api/generate share; refuse features we lack."""
         started = time.perf_counter()
         body = await self._json_body(request)
         name = body.get("model")
         record = self.resolve(name)
         assert isinstance(name, str)
-        stream = self._stream_flag(body)
-        keep_alive = parse_keep_alive(body.get("keep_alive"))
-        if body.get("tools"):
-            raise OllamaError(400, f"model '{name}' does not support tools")
-        if body.get("think"):
-            raise OllamaError(400, f"model '{name}' does not support thinking")
-        messages = body.get("messages") or []
+        call = _Call(
+            started,
+            body,
+            name,
+            record,
+            self._stream_flag(body),
+            parse_keep_alive(body.get("keep_alive")),
+        )
+        for key, feature in unsupported.items():
+            if body.get(key):
+                raise OllamaError(400, f"model '{name}' does not support {feature}")
+        return call
+
+    @staticmethod
+    def _openai_body(call: _Call) -> dict[str, Any]:
+        """The OpenAI request fields both routes share: model, sampling, format."""
+        openai_body: dict[str, Any] = {
+            "model": call.record.model_id,
+            **_sampling(call.body.get("options"), call.record),
+        }
+        response_format = _response_format(call.body.get("format"))
+        if response_format is not None:
+            openai_body["response_format"] = response_format
+        return openai_body
+
+    async def chat(self, request: Request) -> Response:
+        call = await self._begin(request, {"tools": "tools", "think": "thinking"})
+        messages = call.body.get("messages") or []
         if not isinstance(messages, list):
             raise OllamaError(400, "messages must be a list")
         if not messages:
-            reply = await self._load_or_unload(name, record, keep_alive, started, chat=True)
+            reply = await self._load_or_unload(
+                call.name, call.record, call.keep_alive, call.started, chat=True
+            )
             return JSONResponse(reply)
-        openai_body: dict[str, Any] = {
-            "model": record.model_id,
-            "messages": [_openai_message(m) for m in messages],
-            **_sampling(body.get("options"), record),
-        }
-        response_format = _response_format(body.get("format"))
-        if response_format is not None:
-            openai_body["response_format"] = response_format
-        path = "/v1/chat/completions"
-        return await self._generate(
-            request, path, openai_body, name, record, stream, keep_alive, started, chat=True
-        )
+        openai_body = self._openai_body(call)
+        openai_body["messages"] = [_openai_message(m) for m in messages]
+        return await self._generate(request, "/v1/chat/completions", openai_body, call, chat=True)
 
     async def generate(self, request: Request) -> Response:
-        started = time.perf_counter()
-        body = await self._json_body(request)
-        name = body.get("model")
-        record = self.resolve(name)
-        assert isinstance(name, str)
-        stream = self._stream_flag(body)
-        keep_alive = parse_keep_alive(body.get("keep_alive"))
-        if body.get("images"):
-            raise OllamaError(400, f"model '{name}' does not support images")
-        if body.get("suffix"):
-            raise OllamaError(400, f"model '{name}' does not support insert")
-        if body.get("think"):
-            raise OllamaError(400, f"model '{name}' does not support thinking")
-        prompt = body.get("prompt") or ""
+        call = await self._begin(
+            request, {"images": "images", "suffix": "insert", "think": "thinking"}
+        )
+        prompt = call.body.get("prompt") or ""
         if not isinstance(prompt, str):
             raise OllamaError(400, "prompt must be a string")
         if not prompt:
-            reply = await self._load_or_unload(name, record, keep_alive, started, chat=False)
+            reply = await self._load_or_unload(
+                call.name, call.record, call.keep_alive, call.started, chat=False
+            )
             return JSONResponse(reply)
-        sampling = _sampling(body.get("options"), record)
-        openai_body: dict[str, Any] = {"model": record.model_id, **sampling}
-        response_format = _response_format(body.get("format"))
-        if response_format is not None:
-            openai_body["response_format"] = response_format
-        if body.get("raw"):
+        openai_body = self._openai_body(call)
+        record = call.record
+        if call.body.get("raw"):
             # No template: the prompt goes to the model as it is.
             path = "/v1/completions"
             openai_body["prompt"] = prompt
@@ -594,29 +610,25 @@ class OllamaApi:
                 openai_body["max_tokens"] = min(int(limit), record.spec.n_ctx)
         else:
             path = "/v1/chat/completions"
-            system = body.get("system")
+            system = call.body.get("system")
             messages = []
             if isinstance(system, str) and system:
                 messages.append({"role": "system", "content": system})
             messages.append({"role": "user", "content": prompt})
             openai_body["messages"] = messages
-        return await self._generate(
-            request, path, openai_body, name, record, stream, keep_alive, started, chat=False
-        )
+        return await self._generate(request, path, openai_body, call, chat=False)
 
     async def _generate(
         self,
         request: Request,
         path: str,
         openai_body: dict[str, Any],
-        name: str,
-        record: ModelRecord,
-        stream: bool,
-        keep_alive: float | None,
-        started: float,
+        call: _Call,
         *,
         chat: bool,
     ) -> Response:
+        name, record, stream = call.name, call.record, call.stream
+        keep_alive, started = call.keep_alive, call.started
         usage = _Usage(started)
         if stream:
             openai_body["stream"] = True
