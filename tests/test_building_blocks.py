@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from model_service.backends.llama_cpp import LlamaCppBackend
 from model_service.engine import StopMatcher
 from pool_manager.config import (
     ConfigError,
@@ -160,3 +161,26 @@ def test_valid_model_ids(model_id: str) -> None:
 def test_invalid_model_ids(model_id: str) -> None:
     with pytest.raises(ValueError):
         ModelSpec(model_id=model_id, model_path="f.gguf")
+
+
+def _backend_with_caches(caches: dict[int, list[int]]) -> LlamaCppBackend:
+    backend = LlamaCppBackend({"model_path": "unused.gguf", "max_concurrent": 8})
+    for slot, tokens in caches.items():
+        backend._sequences[slot].cached = list(tokens)
+    return backend
+
+
+def test_slot_choice_prefers_the_cached_prefix() -> None:
+    backend = _backend_with_caches({6: [1, 2, 3, 4, 5]})
+    # Slots 0-3 are busy; slot 6 holds the prompt's first four tokens.
+    assert backend.pick_slot([4, 5, 6, 7], [1, 2, 3, 4, 9]) == 6
+
+
+def test_slot_choice_keeps_busy_slots_together_on_a_tie() -> None:
+    backend = _backend_with_caches({})
+    # Nothing cached anywhere: the slot next to the busy run 0-3, not the one used least.
+    backend._sequences[4].last_used = 5
+    assert backend.pick_slot([4, 5, 6, 7], [1, 2, 3]) == 4
+    # Nothing busy: the least recently used slot, so recent caches survive.
+    backend._sequences[0].last_used = 9
+    assert backend.pick_slot(list(range(8)), [1, 2, 3]) == 1

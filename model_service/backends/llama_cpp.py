@@ -222,14 +222,17 @@ class LlamaCppBackend(Backend):
     def pick_slot(self, free: list[int], tokens: list[int]) -> int:
         """The free slot whose cache shares the longest prefix with `tokens`.
 
-        On a tie, the slot whose cache was used least recently (an empty one first), so
-        a useful cache is not overwritten while an idle one could be.
+        On a tie, a slot next to a busy one (busy slots in one run of ids decode in one
+        pass, see `step`), then the one whose cache was used least recently (an empty one
+        first), so a useful cache is not overwritten while an idle one could be.
         """
         self._uses += 1
+        busy = set(range(self._slots)).difference(free)
 
-        def value(slot: int) -> tuple[int, int]:
+        def value(slot: int) -> tuple[int, bool, int]:
             sequence = self._sequences[slot]
-            return _common_prefix(sequence.cached, tokens), -sequence.last_used
+            next_to_busy = not busy or slot - 1 in busy or slot + 1 in busy
+            return _common_prefix(sequence.cached, tokens), next_to_busy, -sequence.last_used
 
         slot = max(free, key=value)
         self._sequences[slot].last_used = self._uses
@@ -261,15 +264,22 @@ class LlamaCppBackend(Backend):
         """
         batch = self._batch
         budget = self._n_batch
-        n = 0
-        sample_at: dict[int, int] = {}
+        takes: dict[int, int] = {}
         # Decoding slots first, one token each, so streams keep flowing while prompts load.
         for slot in sorted(slots, key=lambda s: len(self._sequences[s].pending) > 1):
-            sequence = self._sequences[slot]
-            take = sequence.pending[:budget]
+            take = min(len(self._sequences[slot].pending), budget)
             if not take:
                 break
-            budget -= len(take)
+            takes[slot] = take
+            budget -= take
+        n = 0
+        sample_at: dict[int, int] = {}
+        # In slot order: with one KV stream per slot, llama.cpp computes a run of
+        # consecutive sequence ids in one pass, and splits the batch wherever ids go
+        # backwards or skip (measured: 8 shuffled slots decode 1.5x slower than in order).
+        for slot in sorted(takes):
+            sequence = self._sequences[slot]
+            take = sequence.pending[: takes[slot]]
             position = len(sequence.cached)
             for offset, token in enumerate(take):
                 batch.token[n] = token
