@@ -267,11 +267,11 @@ class LlamaCppBackend(Backend):
         takes: dict[int, int] = {}
         # Decoding slots first, one token each, so streams keep flowing while prompts load.
         for slot in sorted(slots, key=lambda s: len(self._sequences[s].pending) > 1):
-            take = min(len(self._sequences[slot].pending), budget)
-            if not take:
+            count = min(len(self._sequences[slot].pending), budget)
+            if not count:
                 break
-            takes[slot] = take
-            budget -= take
+            takes[slot] = count
+            budget -= count
         n = 0
         sample_at: dict[int, int] = {}
         # In slot order: with one KV stream per slot, llama.cpp computes a run of
