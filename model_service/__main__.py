@@ -48,6 +48,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-ctx", type=int, default=None)
     parser.add_argument("--parallel", type=int, default=None, help="sequences decoded at once")
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
+    parser.add_argument(
+        "--weights",
+        choices=["auto", "as_stored"],
+        default="auto",
+        help="auto: serve Q4_1 files from a cached Q8_0 copy (faster on CPU)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8051)
     parser.add_argument("--control-fd", type=int, default=None, help="set by the manager")
@@ -113,6 +119,7 @@ def _standalone_settings(args: argparse.Namespace) -> dict[str, Any]:
         "n_ctx": args.n_ctx,
         "max_concurrent": args.parallel or 4,
         "n_threads": args.threads,
+        "weights": args.weights,
     }
 
 

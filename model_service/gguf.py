@@ -128,8 +128,9 @@ def _read_metadata(path: Path) -> dict[str, Any]:
 PROCESS_OVERHEAD_BYTES = 120 * 2**20
 
 
-def estimate_memory_bytes(path: Path, n_ctx: int) -> int:
-    """Weights (the file) + an f16 KV cache for `n_ctx` tokens + process overhead.
+def estimate_memory_bytes(path: Path, n_ctx: int, weights_bytes: int | None = None) -> int:
+    """Weights (the file, or `weights_bytes`) + an f16 KV cache for `n_ctx` tokens +
+    process overhead.
 
     Raises BackendError when the file cannot be read as GGUF.
     """
@@ -141,4 +142,6 @@ def estimate_memory_bytes(path: Path, n_ctx: int) -> int:
     kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv", heads) or heads)
     head_dim = int(metadata.get(f"{arch}.attention.key_length", width // heads if heads else 0))
     kv_cache = 2 * layers * n_ctx * head_dim * kv_heads * 2  # K and V, 2 bytes each
-    return path.stat().st_size + kv_cache + PROCESS_OVERHEAD_BYTES
+    if weights_bytes is None:
+        weights_bytes = path.stat().st_size
+    return weights_bytes + kv_cache + PROCESS_OVERHEAD_BYTES

@@ -59,6 +59,9 @@ class PoolConfig(BaseModel):
     max_request_bytes: int = Field(default=8 * 2**20, ge=1024)
     # Worker processes kept started ahead (imports done, no model) for fast cold starts.
     spare_workers: int = Field(default=1, ge=0, le=8)
+    # Where widened copies of slow-on-CPU weights go (see model_service/weights.py);
+    # default $POOL_WEIGHTS_CACHE, else ~/.cache/model-pool/weights.
+    weights_cache_dir: str | None = None
 
     @model_validator(mode="after")
     def _ttl_bounds(self) -> PoolConfig:
@@ -93,6 +96,9 @@ class ModelSpec(BaseModel):
     # or "package/file" inside an installed Python package.
     model_path: str | None = None
     package_file: str | None = None
+    # "auto": Q4_1 weights are served from a Q8_0 copy, which llama.cpp's CPU kernels
+    # run about twice as fast; "as_stored": the file as it is.
+    weights: Literal["auto", "as_stored"] = "auto"
     n_ctx: int = Field(default=2048, ge=64, le=1_048_576)
     n_threads: int | None = Field(default=None, ge=1)
     n_batch: int = Field(default=512, ge=1)

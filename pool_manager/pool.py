@@ -31,6 +31,8 @@ import tenacity
 from model_service.backends.base import BackendError
 from model_service.gguf import PROCESS_OVERHEAD_BYTES, estimate_memory_bytes
 from model_service.model_files import resolve_model_file
+from model_service.weights import cache_dir as weights_cache_dir
+from model_service.weights import served_size
 from pool_manager.config import (
     ConfigError,
     ConfigStore,
@@ -539,6 +541,7 @@ class ModelPool:
             settings["model_path"] = self._model_file(spec)
         settings["ollama_base_url"] = self.config.ollama_base_url
         settings["max_request_bytes"] = self.config.max_request_bytes
+        settings["weights_cache_dir"] = str(weights_cache_dir(self.config.weights_cache_dir))
         return settings
 
     def _count_load_failure(self, record: ModelRecord, reason: str) -> None:
@@ -642,7 +645,9 @@ class ModelPool:
             path = Path(self._model_file(record.spec))
             # Every slot (max_concurrent of them) has its own n_ctx of KV cache.
             cells = record.spec.n_ctx * record.spec.max_concurrent
-            return await asyncio.to_thread(estimate_memory_bytes, path, cells)
+            folder = weights_cache_dir(self.config.weights_cache_dir)
+            weights = await asyncio.to_thread(served_size, path, record.spec.weights, folder)
+            return await asyncio.to_thread(estimate_memory_bytes, path, cells, weights)
         except (InvalidModel, BackendError):
             # The worker's load will report what is wrong with the file, clearly.
             return PROCESS_OVERHEAD_BYTES

