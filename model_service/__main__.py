@@ -19,11 +19,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Protocol, TypeVar
 
 import uvicorn
 
+from model_service import heap
 from model_service.activity import StatusChannel, WorkerStats
 from model_service.app import create_remote_worker_app, create_worker_app
 from model_service.auth import ApiKeys
@@ -57,6 +60,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8051)
     parser.add_argument("--control-fd", type=int, default=None, help="set by the manager")
+    parser.add_argument(
+        "--reserve-mb",
+        type=int,
+        default=0,
+        help="spare workers: heap to map ahead for the model's buffers (set by the manager)",
+    )
     parser.add_argument("--graceful-seconds", type=float, default=30.0)
     parser.add_argument("--log-level", default=os.environ.get("POOL_LOG_LEVEL", "INFO"))
     return parser.parse_args(argv)
@@ -138,9 +147,16 @@ class _Loadable(Protocol):
 LoadableT = TypeVar("LoadableT", bound=_Loadable)
 
 
+@dataclass(frozen=True)
+class LoadReport:
+    seconds: float
+    finished_at: float  # time.perf_counter() when the load ended
+    phases: Mapping[str, float]  # seconds per step, as the backend measured them
+
+
 def _load_reporting_failure(
     model_id: str, channel: StatusChannel, make: Callable[[], LoadableT]
-) -> tuple[LoadableT, float] | None:
+) -> tuple[LoadableT, LoadReport] | None:
     """Build and load the model; on failure tell the manager why and return None."""
     started = time.perf_counter()
     try:
@@ -150,7 +166,9 @@ def _load_reporting_failure(
         log.error("model failed to load", extra={"model": model_id, "reason": str(exc)})
         channel.send("failed", reason=str(exc))
         return None
-    return model, time.perf_counter() - started
+    finished = time.perf_counter()
+    phases = getattr(model, "load_phases", None) or {"load_model": finished - started}
+    return model, LoadReport(finished - started, finished, phases)
 
 
 def _admission(settings: dict[str, Any]) -> Admission:
@@ -173,7 +191,8 @@ def _serve_remote(
     loaded = _load_reporting_failure(model_id, channel, lambda: RemoteModel(settings))
     if loaded is None:
         return EXIT_LOAD_FAILED
-    remote, load_seconds = loaded
+    remote, load = loaded
+    heap.release_unused()
     metrics = WorkerMetrics(model_id, stats)
     admission = _admission(settings)
     metrics.watch(queued=lambda: admission.queued, generating=lambda: admission.active)
@@ -189,7 +208,7 @@ def _serve_remote(
         max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
         aliases=frozenset(settings.get("aliases") or ()),
     )
-    _serve(app, sock, args, model_id, load_seconds, channel)
+    _serve(app, sock, args, model_id, load, channel)
     remote.unload()
     log.info("worker stopped", extra={"model": model_id})
     return 0
@@ -200,7 +219,7 @@ def _serve(
     sock: socket.socket,
     args: argparse.Namespace,
     model_id: str,
-    load_seconds: float,
+    load: LoadReport,
     channel: StatusChannel,
 ) -> None:
     """Serve `app` on `sock` until told to stop; report `ready` once accepting."""
@@ -214,20 +233,44 @@ def _serve(
     )
 
     def on_started() -> None:
+        now = time.perf_counter()
+        phases = {**load.phases, "start_server": now - load.finished_at}
+        load_seconds = load.seconds + phases["start_server"]
         log.info(
             "worker ready",
-            extra={"model": model_id, "port": port, "load_seconds": round(load_seconds, 3)},
+            extra={
+                "model": model_id,
+                "port": port,
+                "load_seconds": round(load_seconds, 3),
+                "load_phases": {name: round(value, 3) for name, value in phases.items()},
+            },
         )
-        channel.send("ready", pid=os.getpid(), port=port, load_seconds=load_seconds)
+        channel.send(
+            "ready", pid=os.getpid(), port=port, load_seconds=load_seconds, load_phases=phases
+        )
 
     GracefulServer(config, on_started).run(sockets=[sock])
 
 
-def _warm_imports() -> None:
-    """Import what loading a model needs, so a spare pays for it before it is needed."""
+def _warm_up() -> None:
+    """Pay, in a spare, for what a cold start would otherwise pay on first use.
+
+    Beyond imports: FastAPI's first app and uvicorn's first `Config.load` (which
+    imports the protocol modules) cost ~25 ms each, a later one ~2 ms and ~0.1 ms.
+    """
     import llama_cpp  # noqa: F401
 
     import model_service.backends.llama_cpp  # noqa: F401
+
+    stats = WorkerStats()
+    stand_in = SimpleNamespace(model_id="spare", engine=None)
+    app = create_worker_app(
+        stand_in,  # type: ignore[arg-type]  # routes are built, never called
+        stats,
+        WorkerMetrics("spare", stats),
+        StatusChannel(None),
+    )
+    uvicorn.Config(app, log_config=None, access_log=False, lifespan="off").load()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     link: ManagerLink | None = None
     if args.control_fd is not None:
         link = ManagerLink(args.control_fd, stats)
-        _warm_imports()
+        _warm_up()
+        heap.reserve(args.reserve_mb)
         link.events.send("spare", pid=os.getpid())
         assignment = link.wait_for_model()
         if assignment is None:
@@ -257,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     local = _load_reporting_failure(model_id, channel, lambda: create_backend(settings))
     if local is None:
         return EXIT_LOAD_FAILED
-    backend, load_seconds = local
+    backend, load = local
+    heap.release_unused()
 
     engine = Engine(backend)
     engine.start()
@@ -285,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         keys=ApiKeys.from_env(),
         max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
     )
-    _serve(app, sock, args, model_id, load_seconds, channel)
+    _serve(app, sock, args, model_id, load, channel)
     engine.stop()
     backend.unload()
     log.info("worker stopped", extra={"model": model_id})

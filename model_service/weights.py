@@ -58,26 +58,26 @@ def widened_path(source: Path, folder: Path) -> Path:
     return folder / f"{source.stem}.{digest}.q8_0.gguf"
 
 
+def served_path(source: Path, mode: WeightsMode, folder: Path) -> Path:
+    """The file a worker loads for `source`: its widened copy's path, or `source`."""
+    return widened_path(source, folder) if needs_widening(source, mode) else source
+
+
 def served_size(source: Path, mode: WeightsMode, folder: Path) -> int:
     """Bytes of the file a worker will load for `source` (for the memory estimate)."""
-    if not needs_widening(source, mode):
-        return source.stat().st_size
-    target = widened_path(source, folder)
+    target = served_path(source, mode, folder)
     if target.exists():
         return target.stat().st_size
     return int(source.stat().st_size * WIDENED_SIZE_FACTOR)
 
 
-def served_weights(source: Path, mode: WeightsMode, folder: Path) -> Path:
-    """The file to load for `source`: a widened copy (made now if missing) or `source`.
+def ensure_served(source: Path, target: Path) -> Path:
+    """`target` (made from `source` now if missing, which blocks), or `source` itself.
 
-    Blocks while converting. When the copy cannot be written (read-only or full disk),
-    logs why and returns `source`: slower, but the model still loads.
+    When the copy cannot be written (read-only or full disk), logs why and returns
+    `source`: slower, but the model still loads.
     """
-    if not needs_widening(source, mode):
-        return source
-    target = widened_path(source, folder)
-    if target.exists():
+    if target == source or target.exists():
         return target
     try:
         _widen(source, target)

@@ -59,6 +59,11 @@ class PoolConfig(BaseModel):
     max_request_bytes: int = Field(default=8 * 2**20, ge=1024)
     # Worker processes kept started ahead (imports done, no model) for fast cold starts.
     spare_workers: int = Field(default=1, ge=0, le=8)
+    # Heap a spare maps ahead for the model's buffers (KV cache, repacked weights), so
+    # a cold start skips ~100 ms of page faults; null: as much as the largest local
+    # model needs, 0: none. The spare holds it while idle; a loaded worker keeps only
+    # what its model uses.
+    spare_reserve_mb: int | None = Field(default=None, ge=0, le=1_048_576)
     # Where widened copies of slow-on-CPU weights go (see model_service/weights.py);
     # default $POOL_WEIGHTS_CACHE, else ~/.cache/model-pool/weights.
     weights_cache_dir: str | None = None

@@ -32,7 +32,7 @@ from model_service.backends.base import BackendError
 from model_service.gguf import PROCESS_OVERHEAD_BYTES, estimate_memory_bytes
 from model_service.model_files import resolve_model_file
 from model_service.weights import cache_dir as weights_cache_dir
-from model_service.weights import served_size
+from model_service.weights import served_path, served_size
 from pool_manager.config import (
     ConfigError,
     ConfigStore,
@@ -126,6 +126,9 @@ class ModelRecord:
     cooling_deadline: float | None = None
     loaded_at: float | None = None
     load_seconds: float | None = None
+    # Where the last load's time went: the worker's steps plus `handoff` (the manager,
+    # the control socket and the worker picking the command up), in seconds.
+    load_phases: dict[str, float] = field(default_factory=dict)
     memory_estimate: int = 0  # bytes, set when a load starts
     keep_alive: float | None = None  # seconds to keep after the running request, if asked
     consecutive_failures: int = 0
@@ -205,7 +208,21 @@ class ModelPool:
         return await WorkerProcess.start_spare(
             graceful_seconds=self.config.graceful_shutdown_seconds,
             log_level=self.config.log_level,
+            reserve_mb=await self._spare_reserve_mb(),
         )
+
+    async def _spare_reserve_mb(self) -> int:
+        """spare_reserve_mb, or by default what the largest local model allocates.
+
+        Never more than a quarter of the free memory: an idle spare must not crowd out
+        the models themselves.
+        """
+        if self.config.spare_reserve_mb is not None:
+            return self.config.spare_reserve_mb
+        local = [r for r in self._records.values() if r.spec.is_local]
+        estimates = [await self._estimate_memory(r) for r in local]
+        largest = max(estimates, default=PROCESS_OVERHEAD_BYTES) - PROCESS_OVERHEAD_BYTES
+        return min(largest, psutil.virtual_memory().available // 4) // MB
 
     @property
     def spare_pids(self) -> list[int]:
@@ -504,7 +521,7 @@ class ModelPool:
             self._count_load_failure(record, f"spare worker gone: {exc}")
             raise WorkerStartError(str(exc)) from exc
         try:
-            await worker.wait_ready(self.config.load_timeout_seconds)
+            ready = await worker.wait_ready(self.config.load_timeout_seconds)
         except BaseException as exc:
             worker.kill()
             await worker.wait_exit()
@@ -513,6 +530,8 @@ class ModelPool:
             self._count_load_failure(record, str(exc) or type(exc).__name__)
             raise
         record.load_seconds = time.perf_counter() - started
+        handoff = max(0.0, record.load_seconds - ready.load_seconds)
+        record.load_phases = {"handoff": handoff, **ready.load_phases}
         record.loaded_at = time.time()
         record.consecutive_failures = 0
         record.last_error = None
@@ -538,10 +557,15 @@ class ModelPool:
     def _worker_settings(self, spec: ModelSpec) -> dict[str, Any]:
         settings = spec.model_dump(mode="json")
         if spec.is_local:
-            settings["model_path"] = self._model_file(spec)
+            source = Path(self._model_file(spec))
+            settings["model_path"] = str(source)
+            folder = weights_cache_dir(self.config.weights_cache_dir)
+            # The header was read (and cached) for the memory estimate just before. A bad
+            # file: the worker's load names what is wrong with it.
+            with contextlib.suppress(BackendError):
+                settings["served_model_path"] = str(served_path(source, spec.weights, folder))
         settings["ollama_base_url"] = self.config.ollama_base_url
         settings["max_request_bytes"] = self.config.max_request_bytes
-        settings["weights_cache_dir"] = str(weights_cache_dir(self.config.weights_cache_dir))
         return settings
 
     def _count_load_failure(self, record: ModelRecord, reason: str) -> None:
@@ -632,7 +656,8 @@ class ModelPool:
                 f"it needs about {need // MB} MB and loaded models use about {used // MB} MB "
                 f"of memory_limit_mb={self.config.memory_limit_mb}"
             )
-        available = psutil.virtual_memory().available
+        # The spare that will load it has already mapped part of what it needs.
+        available = psutil.virtual_memory().available + self._spares.reserved_bytes
         if need > available:
             return f"it needs about {need // MB} MB and only {available // MB} MB are free"
         return None

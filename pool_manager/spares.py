@@ -33,6 +33,12 @@ class SparePool:
     def pids(self) -> list[int]:
         return [w.pid for w in self._spares if w.returncode is None]
 
+    @property
+    def reserved_bytes(self) -> int:
+        """Memory the spare `take` would hand out has mapped ahead for its model."""
+        warm = [w.reserved_bytes for w in self._spares if w.is_warm_spare]
+        return max(warm, default=0)
+
     async def take(self) -> WorkerProcess:
         """A spare (warm ones first), or a newly started process when none is left.
 

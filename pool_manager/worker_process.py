@@ -36,6 +36,7 @@ class WorkerReady:
     pid: int
     port: int
     load_seconds: float
+    load_phases: dict[str, float]  # the worker's own steps, seconds each
 
 
 class WorkerStartError(Exception):
@@ -56,6 +57,7 @@ class WorkerProcess:
     def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
         self.model_id: str | None = None
         self.port: int = 0
+        self.reserved_bytes = 0  # heap mapped ahead while a spare (see model_service.heap)
         self._process = process
         self._control = control  # we send on it; a duplicate feeds the event reader
         self._on_activity: ActivityCallback | None = None
@@ -87,7 +89,9 @@ class WorkerProcess:
         return self._spare_ready.done() and self.model_id is None and self.returncode is None
 
     @classmethod
-    async def start_spare(cls, *, graceful_seconds: float, log_level: str) -> WorkerProcess:
+    async def start_spare(
+        cls, *, graceful_seconds: float, log_level: str, reserve_mb: int = 0
+    ) -> WorkerProcess:
         """Start a worker process with no model. Returns at once; it warms up meanwhile."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         command = [
@@ -100,6 +104,8 @@ class WorkerProcess:
             str(graceful_seconds),
             "--log-level",
             log_level,
+            "--reserve-mb",
+            str(reserve_mb),
         ]
         try:
             process = await asyncio.create_subprocess_exec(
@@ -116,6 +122,7 @@ class WorkerProcess:
         finally:
             theirs.close()
         worker = cls(process, ours)
+        worker.reserved_bytes = reserve_mb * 2**20
         reader, writer = await asyncio.open_unix_connection(sock=ours.dup())
         worker._events_writer = writer  # dropping the writer would close the transport
         worker._events_task = asyncio.create_task(
@@ -152,8 +159,16 @@ class WorkerProcess:
                 if self._on_activity is not None:
                     self._on_activity(self, event)
             elif event == "ready" and not self._ready.done():
+                phases = message.get("load_phases")
                 self._ready.set_result(
-                    WorkerReady(self.pid, self.port, float(message.get("load_seconds", 0.0)))
+                    WorkerReady(
+                        self.pid,
+                        self.port,
+                        float(message.get("load_seconds", 0.0)),
+                        {str(k): float(v) for k, v in phases.items()}
+                        if isinstance(phases, dict)
+                        else {},
+                    )
                 )
             elif event == "spare" and not self._spare_ready.done():
                 self._spare_ready.set_result(None)

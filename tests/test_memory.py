@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
+import psutil
 
 from model_service.gguf import estimate_memory_bytes, read_metadata
 from model_service.model_files import package_file
 from model_service.weights import cache_dir, served_size
-from tests.conftest import SMOLLM2_FILE, ManagerFactory, model_entry, pid_alive, wait_for
+from tests.conftest import (
+    SMOLLM2_FILE,
+    Manager,
+    ManagerFactory,
+    model_entry,
+    pid_alive,
+    wait_for,
+)
 
 
 def _estimate_bytes(cells: int) -> int:
@@ -82,3 +92,46 @@ def test_header_reader_reads_the_real_model() -> None:
     assert metadata["general.architecture"] == "llama"
     assert metadata["llama.block_count"] == 30
     assert metadata["llama.context_length"] == 8192
+
+
+def _spare_pids(manager: Manager) -> list[int]:
+    assert manager.process is not None
+    loaded = {m["pid"] for m in manager.models().values() if m["pid"]}
+    children = psutil.Process(manager.process.pid).children()
+    manager.seen_worker_pids.update(c.pid for c in children)
+    return [c.pid for c in children if c.pid not in loaded]
+
+
+def _settled(pid: int) -> bool:
+    """The process used no CPU over a 0.3 s window: a spare that finished starting."""
+    process = psutil.Process(pid)
+    before = sum(process.cpu_times()[:2])
+    time.sleep(0.3)  # the measuring window, not a wait for something to happen
+    return sum(process.cpu_times()[:2]) - before < 0.01
+
+
+def _rss_mb(pid: int) -> float:
+    return float(psutil.Process(pid).memory_info().rss / 2**20)
+
+
+def test_spare_maps_its_reserve_ahead_and_the_loaded_worker_gives_back_the_rest(
+    start_manager: ManagerFactory,
+) -> None:
+    manager = start_manager(config={"spare_reserve_mb": 700}, models=[model_entry("m:1")])
+    spare = wait_for(lambda: _spare_pids(manager), 30, message="a spare worker")[0]
+    # The spare says it is ready only after mapping its reserve.
+    wait_for(lambda: _rss_mb(spare) > 700, 30, message="the spare's reserve to be mapped")
+    model = manager.load("m:1")
+    assert model["pid"] == spare, "the load used the spare"
+    # This model needs far less than 700 MB: the rest went back once it was loaded.
+    assert _rss_mb(spare) < 0.8 * 700 < model["memory_estimate_mb"] + 700
+    phases = model["load_breakdown_ms"]
+    assert {"handoff", "load_model", "create_context", "start_server"} <= set(phases)
+    assert abs(sum(phases.values()) - model["load_seconds"] * 1000) < 5
+
+
+def test_no_reserve_when_turned_off(start_manager: ManagerFactory) -> None:
+    manager = start_manager(config={"spare_reserve_mb": 0}, models=[model_entry("m:1")])
+    spare = wait_for(lambda: _spare_pids(manager), 30, message="a spare worker")[0]
+    wait_for(lambda: _settled(spare), 30, message="the spare to finish starting")
+    assert _rss_mb(spare) < 300

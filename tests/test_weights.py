@@ -8,7 +8,7 @@ from pathlib import Path
 
 from model_service.gguf import read_metadata
 from model_service.model_files import package_file
-from model_service.weights import needs_widening, served_weights, widened_path
+from model_service.weights import ensure_served, needs_widening, served_path, widened_path
 from tests.conftest import SMOLLM2_FILE, Manager, ManagerFactory, model_entry
 
 Q8_0 = 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
@@ -35,14 +35,14 @@ def test_q4_1_is_widened_to_q8_0_once_and_a_changed_source_gets_a_new_copy(
     source = tmp_path / "model.gguf"
     shutil.copy(package_file(SMOLLM2_FILE), source)
     assert needs_widening(source, "auto") and not needs_widening(source, "as_stored")
-    assert served_weights(source, "as_stored", tmp_path / "cache") == source
+    assert served_path(source, "as_stored", tmp_path / "cache") == source
 
-    served = served_weights(source, "auto", tmp_path / "cache")
+    served = ensure_served(source, served_path(source, "auto", tmp_path / "cache"))
     assert served == widened_path(source, tmp_path / "cache") and served.exists()
     assert read_metadata(served)["general.file_type"] == Q8_0
     assert not needs_widening(served, "auto"), "Q8_0 is already fast"
     made = served.stat().st_mtime_ns
-    assert served_weights(source, "auto", tmp_path / "cache").stat().st_mtime_ns == made
+    assert ensure_served(source, served).stat().st_mtime_ns == made, "made once"
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [served.name], "no temp left"
 
     os.utime(source, ns=(made + 10**9, made + 10**9))  # the source file was replaced

@@ -8,7 +8,9 @@ Everything else is called from the engine thread alone and may block.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 
@@ -35,6 +37,9 @@ class RenderedPrompt:
 
 class Backend(ABC):
     """One model, loaded into this process."""
+
+    # Seconds each step of `load` took, by name (the cold-start breakdown).
+    load_phases: Mapping[str, float] = MappingProxyType({})
 
     @property
     @abstractmethod

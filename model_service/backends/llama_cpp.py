@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from model_service.backends.base import Backend, BackendError, RenderedPrompt, SamplingParams
 from model_service.gguf import check_header, read_metadata
-from model_service.weights import WeightsMode, cache_dir, served_weights
+from model_service.weights import WeightsMode, cache_dir, ensure_served, served_path
 
 DEFAULT_CONTEXT = 2048
 DEFAULT_SLOTS = 4
@@ -96,7 +97,9 @@ class LlamaCppBackend(Backend):
         self._model_path = str(settings["model_path"])
         self._weights: WeightsMode = settings.get("weights") or "auto"
         self._weights_cache = settings.get("weights_cache_dir")
-        self.served_path = self._model_path  # the file loaded: maybe a widened copy
+        # The manager says which file to load (it has read the header already); a
+        # standalone worker works it out.
+        self.served_path: str | None = settings.get("served_model_path")
         self._n_ctx = int(settings.get("n_ctx") or DEFAULT_CONTEXT)
         self._n_threads = int(settings.get("n_threads") or os.cpu_count() or 1)
         self._slots = int(settings.get("max_concurrent") or DEFAULT_SLOTS)
@@ -129,10 +132,16 @@ class LlamaCppBackend(Backend):
     def load(self) -> None:
         # The header check gives a clear reason for a missing, truncated or foreign file,
         # where llama.cpp would only say it failed.
+        started = time.perf_counter()
         path = Path(self._model_path)
         check_header(path)
         _init_llama_once()
-        self.served_path = str(served_weights(path, self._weights, cache_dir(self._weights_cache)))
+        if self.served_path is None:
+            planned = served_path(path, self._weights, cache_dir(self._weights_cache))
+        else:
+            planned = Path(self.served_path)
+        self.served_path = str(ensure_served(path, planned))
+        weights_at = time.perf_counter()
         try:
             model = LlamaModel(
                 path_model=self.served_path,
@@ -142,6 +151,7 @@ class LlamaCppBackend(Backend):
         except (ValueError, RuntimeError) as exc:
             read_metadata(path)  # names the problem (say, a truncated file) if it can
             raise BackendError(f"llama.cpp could not load {self._model_path}: {exc}") from exc
+        model_at = time.perf_counter()
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self._n_ctx * self._slots
         params.n_batch = self._n_batch
@@ -156,10 +166,17 @@ class LlamaCppBackend(Backend):
                 f"llama.cpp could not create a context of {self._n_ctx} x {self._slots} tokens"
             )
         self._model, self._ctx = model, ctx
+        context_at = time.perf_counter()
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._formatter = self._chat_formatter(model, model.metadata())
         self._pieces = _TokenPieces(model.vocab)
+        self.load_phases = {
+            "prepare_weights": weights_at - started,
+            "load_model": model_at - weights_at,
+            "create_context": context_at - model_at,
+            "chat_template": time.perf_counter() - context_at,
+        }
 
     @staticmethod
     def _chat_formatter(model: LlamaModel, metadata: dict[str, Any]) -> Jinja2ChatFormatter | None:
