@@ -15,12 +15,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from fastapi.responses import Response, StreamingResponse
 
 from model_service.errors import ApiError
 from model_service.logs import request_id
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
+from pool_manager.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ _HOP_HEADERS = frozenset(
         "proxy-authenticate",
         "content-length",
         "host",
+        # Ours, not the worker's: uvicorn adds them to every reply it sends.
+        "date",
+        "server",
     }
 )
 _FORWARDED_REQUEST_HEADERS = (
@@ -55,15 +58,12 @@ class Gateway:
 
     def __init__(self, pool: ModelPool) -> None:
         self._pool = pool
-        # One keep-alive connection pool for all workers; no timeout on reads, since a
-        # generation may take long (the worker enforces its own timeout_seconds).
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-        )
+        # Keep-alive connections to the workers; no timeout on reads, since a generation
+        # may take long (the worker enforces its own timeout_seconds).
+        self._upstream = UpstreamPool()
 
     async def close(self) -> None:
-        await self._client.aclose()
+        self._upstream.close()
 
     async def relay(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
         """Forward one request, falling back along the model's `fallbacks` chain.
@@ -138,19 +138,20 @@ class Gateway:
             worker = record.worker
             if worker is None:
                 continue  # unloaded again in between: load once more
-            url = f"http://127.0.0.1:{worker.port}{path}"
-            request = self._client.build_request("POST", url, content=body, headers=forwarded)
             try:
-                upstream = await self._client.send(request, stream=True)
-            except httpx.TransportError as exc:
+                upstream = await self._upstream.request(worker.port, path, body, forwarded.items())
+            except UpstreamError as exc:
+                self._upstream.forget(worker.port)
                 log.warning(
                     "worker unreachable",
                     extra={"model": record.model_id, "attempt": attempt + 1, "reason": str(exc)},
                 )
                 continue
-            if upstream.status_code == 503 and attempt + 1 < ATTEMPTS:
-                content = await upstream.aread()
-                await upstream.aclose()
+            if upstream.status == 503 and attempt + 1 < ATTEMPTS:
+                try:
+                    content = await upstream.read()
+                except UpstreamError:
+                    content = b""
                 if b'"model_unloading"' not in content and b'"model_unloaded"' not in content:
                     return Response(content, 503, headers=_reply_headers(record, upstream))
                 # It was draining or force-unloaded: the next load brings a fresh worker.
@@ -168,13 +169,13 @@ class Gateway:
         if record.unload_task is not None:
             await record.unload_task
 
-    async def _respond(self, record: ModelRecord, upstream: httpx.Response) -> Response:
+    async def _respond(self, record: ModelRecord, upstream: UpstreamResponse) -> Response:
         headers = _reply_headers(record, upstream)
-        is_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        is_stream = upstream.header("content-type").startswith("text/event-stream")
         if not is_stream:
             try:
-                content = await upstream.aread()
-            except httpx.TransportError as exc:
+                content = await upstream.read()
+            except UpstreamError as exc:
                 raise ApiError(
                     502,
                     f"The worker for model '{record.model_id}' failed while answering: "
@@ -182,22 +183,20 @@ class Gateway:
                     type="server_error",
                     code="worker_failed",
                 ) from exc
-            finally:
-                await upstream.aclose()
-            return Response(content, status_code=upstream.status_code, headers=headers)
+            return Response(content, status_code=upstream.status, headers=headers)
         return StreamingResponse(
             _relay_stream(record.model_id, upstream),
-            status_code=upstream.status_code,
+            status_code=upstream.status,
             headers=headers,
         )
 
 
-async def _relay_stream(model_id: str, upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def _relay_stream(model_id: str, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
     """Pass SSE bytes through; if the worker dies mid-stream, end with an error event."""
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.body():
             yield chunk
-    except httpx.TransportError as exc:
+    except UpstreamError as exc:
         log.warning("worker stream broke", extra={"model": model_id, "reason": str(exc)})
         error = ApiError(
             502,
@@ -208,11 +207,11 @@ async def _relay_stream(model_id: str, upstream: httpx.Response) -> AsyncIterato
         yield f"data: {json.dumps(error.body())}\n\n".encode()
     finally:
         # Also reached when our client went away: closing tells the worker to stop.
-        await upstream.aclose()
+        upstream.close()
 
 
-def _reply_headers(record: ModelRecord, upstream: httpx.Response) -> dict[str, str]:
-    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+def _reply_headers(record: ModelRecord, upstream: UpstreamResponse) -> dict[str, str]:
+    headers = {k: v for k, v in upstream.headers if k not in _HOP_HEADERS}
     headers["x-pool-model"] = record.model_id  # which model served the request
     return headers
 

@@ -1,0 +1,173 @@
+"""A lean HTTP/1.1 client for the manager's hop to its own workers on loopback.
+
+The relay is on every request's path, and a general-purpose client (httpx) spent about
+a millisecond per request in its own layers. Workers are ours and speak plain
+HTTP/1.1 (uvicorn), so this client does only that: keep-alive connections per port,
+one `write` for the request, a header block parsed in one read, and the body passed on
+as it arrives (chunked or Content-Length).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_IDLE_PER_PORT = 64
+
+
+class UpstreamError(Exception):
+    """The worker could not be reached or broke off its reply."""
+
+
+_Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class UpstreamResponse:
+    """Status and headers read; the body is read by iterating `body()` (once)."""
+
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        connection: _Connection,
+        pool: UpstreamPool,
+        port: int,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self._connection: _Connection | None = connection
+        self._pool = pool
+        self._port = port
+        values = {name: value for name, value in headers}
+        self._chunked = "chunked" in values.get("transfer-encoding", "").lower()
+        length = values.get("content-length")
+        self._length = int(length) if length is not None and length.isdigit() else None
+        self._reusable = values.get("connection", "").lower() != "close" and (
+            self._chunked or self._length is not None
+        )
+
+    def header(self, name: str, default: str = "") -> str:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return default
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive. Raises UpstreamError if the worker breaks off."""
+        if self._connection is None:
+            return
+        reader = self._connection[0]
+        try:
+            if self._chunked:
+                while True:
+                    size_line = await reader.readuntil(b"\r\n")
+                    size = int(size_line.split(b";", 1)[0], 16)
+                    if size == 0:
+                        await reader.readuntil(b"\r\n")  # no trailers from uvicorn
+                        break
+                    data = await reader.readexactly(size + 2)
+                    yield data[:-2]
+            elif self._length is not None:
+                left = self._length
+                while left:
+                    data = await reader.read(min(left, 1 << 16))
+                    if not data:
+                        raise asyncio.IncompleteReadError(b"", left)
+                    left -= len(data)
+                    yield data
+            else:
+                while data := await reader.read(1 << 16):
+                    yield data
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            self.close()
+            raise UpstreamError(f"the reply broke off: {exc or type(exc).__name__}") from exc
+        connection, self._connection = self._connection, None
+        if self._reusable:
+            self._pool.give_back(self._port, connection)
+        else:
+            connection[1].close()
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.body()])
+
+    def close(self) -> None:
+        """Drop the connection (the body was not read to its end; the worker sees EOF)."""
+        if self._connection is not None:
+            self._connection[1].close()
+            self._connection = None
+
+
+class UpstreamPool:
+    """Keep-alive connections to workers on 127.0.0.1, by port. Runs on one event loop."""
+
+    def __init__(self) -> None:
+        self._idle: dict[int, list[_Connection]] = {}
+
+    async def request(
+        self, port: int, path: str, body: bytes, headers: Iterable[tuple[str, str]]
+    ) -> UpstreamResponse:
+        """POST `body` to the worker on `port`; returns once the reply's headers are in.
+
+        Raises UpstreamError when no reply comes. A kept-alive connection the worker
+        closed meanwhile is retried once on a new one (nothing was processed on it).
+        """
+        head = [f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"]
+        head.extend(f"{name}: {value}\r\n" for name, value in headers)
+        head.append(f"content-length: {len(body)}\r\n\r\n")
+        message = "".join(head).encode("latin-1") + body
+        while True:
+            connection, reused = await self._connect(port)
+            try:
+                return await self._exchange(port, connection, message)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                connection[1].close()
+                if reused and isinstance(exc, (asyncio.IncompleteReadError, OSError)):
+                    continue  # stale keep-alive connection: once more on a fresh one
+                raise UpstreamError(str(exc) or type(exc).__name__) from exc
+            except ValueError as exc:
+                connection[1].close()
+                raise UpstreamError(f"unreadable reply: {exc}") from exc
+
+    async def _connect(self, port: int) -> tuple[_Connection, bool]:
+        idle = self._idle.get(port)
+        while idle:
+            reader, writer = idle.pop()
+            if not writer.is_closing() and not reader.at_eof():
+                return (reader, writer), True
+            writer.close()
+        try:
+            connection = await asyncio.open_connection("127.0.0.1", port, limit=MAX_HEADER_BYTES)
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to 127.0.0.1:{port}: {exc}") from exc
+        return connection, False
+
+    async def _exchange(
+        self, port: int, connection: _Connection, message: bytes
+    ) -> UpstreamResponse:
+        reader, writer = connection
+        writer.write(message)
+        block = await reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = block[:-4].decode("latin-1").split("\r\n")
+        _version, status, *_reason = status_line.split(" ", 2)
+        headers = []
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers.append((name.strip().lower(), value.strip()))
+        return UpstreamResponse(int(status), headers, connection, self, port)
+
+    def give_back(self, port: int, connection: _Connection) -> None:
+        idle = self._idle.setdefault(port, [])
+        if len(idle) < MAX_IDLE_PER_PORT:
+            idle.append(connection)
+        else:
+            connection[1].close()
+
+    def forget(self, port: int) -> None:
+        """Close the idle connections to `port` (its worker is gone)."""
+        for _reader, writer in self._idle.pop(port, []):
+            writer.close()
+
+    def close(self) -> None:
+        for port in list(self._idle):
+            self.forget(port)
