@@ -1,0 +1,95 @@
+"""The manager's HTTP/1.1 client for its workers, against a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from pool_manager.upstream import UpstreamError, UpstreamPool
+
+Scope = dict[str, Any]
+
+
+async def _app(scope: Scope, receive: Any, send: Any) -> None:
+    """/stream: three chunks; /fixed: echoes the body with a Content-Length; /cut: dies."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    path = scope["path"]
+    if path == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for piece in (b"one ", b"two ", b"three"):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    elif path == "/fixed":
+        headers = [(b"content-type", b"application/json"), (b"x-seen", scope["method"].encode())]
+        await send({"type": "http.response.start", "status": 201, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    else:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise RuntimeError("the worker broke off")  # uvicorn drops the connection
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(_app, log_config=None, timeout_keep_alive=1, lifespan="off")
+    serving = uvicorn.Server(config)
+    task = asyncio.create_task(serving.serve(sockets=[sock]))
+    async with asyncio.timeout(10):
+        while not serving.started:
+            await asyncio.sleep(0.01)
+    yield sock.getsockname()[1]
+    serving.should_exit = True
+    await task
+
+
+async def test_streams_chunks_and_reads_fixed_length_bodies(server: int) -> None:
+    pool = UpstreamPool()
+    reply = await pool.request(server, "/stream", b"{}", [("x-request-id", "r1")])
+    assert reply.status == 200
+    assert [chunk async for chunk in reply.body()] == [b"one ", b"two ", b"three"]
+    reply = await pool.request(server, "/fixed", b'{"a": 1}', [])
+    assert (reply.status, reply.header("x-seen"), await reply.read()) == (201, "POST", b'{"a": 1}')
+    assert len(pool._idle[server]) == 1, "both requests used one kept-alive connection"
+    pool.close()
+
+
+async def test_a_connection_the_worker_closed_while_idle_is_replaced(server: int) -> None:
+    pool = UpstreamPool()
+    assert await (await pool.request(server, "/fixed", b"1", [])).read() == b"1"
+    reader, _writer = pool._idle[server][0]
+    # uvicorn closes connections idle for timeout_keep_alive (1 s here).
+    async with asyncio.timeout(10):
+        await reader.read()
+    assert reader.at_eof() and len(pool._idle[server]) == 1, "still pooled, but closed"
+    assert await (await pool.request(server, "/fixed", b"2", [])).read() == b"2"
+    pool.close()
+
+
+async def test_a_reply_that_breaks_off_raises(server: int) -> None:
+    pool = UpstreamPool()
+    reply = await pool.request(server, "/cut", b"", [])
+    with pytest.raises(UpstreamError):
+        async for _chunk in reply.body():
+            pass
+    assert not pool._idle.get(server), "a broken connection is not reused"
+    pool.close()
+
+
+async def test_nobody_listening_raises() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        with pytest.raises(UpstreamError, match="cannot connect"):
+            await UpstreamPool().request(port, "/", b"", [])
