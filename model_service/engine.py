@@ -211,6 +211,12 @@ class Engine:
     # --- the engine thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            # Runs while the server starts; a request that arrives meanwhile waits for
+            # it (tens of milliseconds, once per model and machine: see the backend).
+            self.backend.warm_up()
+        except Exception:
+            log.warning("warm-up failed; the first request pays for it", exc_info=True)
         outbox = _Outbox()
         while not (self._stopping and not self._active):
             self._admit(outbox, wait=not self._active)

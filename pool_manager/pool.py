@@ -560,6 +560,7 @@ class ModelPool:
             source = Path(self._model_file(spec))
             settings["model_path"] = str(source)
             folder = weights_cache_dir(self.config.weights_cache_dir)
+            settings["weights_cache_dir"] = str(folder)
             # The header was read (and cached) for the memory estimate just before. A bad
             # file: the worker's load names what is wrong with it.
             with contextlib.suppress(BackendError):

@@ -100,7 +100,8 @@ def test_repeated_long_system_prompt_is_served_from_cache(start_manager: Manager
     first = ask("What is a fox?")
     assert first.prompt_tokens > 900
     assert first.prompt_tokens_details is not None
-    assert first.prompt_tokens_details.cached_tokens == 0
+    # Nothing of the system prompt is cached yet; at most the chat template's opening is.
+    assert first.prompt_tokens_details.cached_tokens < 10
     second = ask("What is a wolf?")
     assert second.prompt_tokens_details is not None
     cached = second.prompt_tokens_details.cached_tokens

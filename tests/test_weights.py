@@ -1,4 +1,4 @@
-"""Weights served in a form llama.cpp's CPU kernels run fast (model_service/weights.py)."""
+"""Weights in a form llama.cpp runs fast, and the chat opening's saved KV cache."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from model_service.gguf import read_metadata
 from model_service.model_files import package_file
 from model_service.weights import ensure_served, needs_widening, served_path, widened_path
-from tests.conftest import SMOLLM2_FILE, Manager, ManagerFactory, model_entry
+from tests.conftest import SMOLLM2_FILE, Manager, ManagerFactory, model_entry, wait_for
 
 Q8_0 = 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
 
@@ -59,10 +59,10 @@ def test_manager_serves_the_widened_copy_and_as_stored_on_request(
     )
     manager.load("stored:1")
     assert _chat(manager, "stored:1")
-    assert not cache.exists(), "as_stored never writes a copy"
+    assert not list(cache.glob("*.gguf")), "as_stored never writes a copy"
     manager.load("fast:1")
     assert _chat(manager, "fast:1")
-    assert [p.suffixes[-2:] for p in cache.iterdir()] == [[".q8_0", ".gguf"]]
+    assert [p.suffixes[-2:] for p in cache.glob("*.gguf")] == [[".q8_0", ".gguf"]]
 
 
 def test_an_unwritable_cache_still_loads_the_model_as_stored(
@@ -76,3 +76,42 @@ def test_an_unwritable_cache_still_loads_the_model_as_stored(
     )
     assert manager.load("m:1")["state"] == "HOT"
     assert _chat(manager, "m:1")
+
+
+def _cached_tokens(manager: Manager, model_id: str) -> int:
+    reply = manager.request(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": model_id,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 1,
+        },
+    )
+    assert reply.status_code == 200, reply.text
+    return int(reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+def test_the_chat_openings_cache_is_saved_once_and_restored_by_later_workers(
+    start_manager: ManagerFactory, tmp_path: Path
+) -> None:
+    cache = tmp_path / "weights"
+    manager = start_manager(config={"weights_cache_dir": str(cache)}, models=[model_entry("m:1")])
+    first = manager.load("m:1")
+    saved = wait_for(lambda: list(cache.glob("*.opening.*.kv")), 30, message="the saved opening")
+    assert len(saved) == 1
+
+    assert manager.request("POST", "/models/m:1/unload").status_code == 200
+    second = manager.load("m:1")
+    assert second["pid"] != first["pid"], "a new worker process"
+    # SmolLM2's template opens with a 24-token default system message: restored, not
+    # computed, so even the new worker's first request finds it cached.
+    assert _cached_tokens(manager, "m:1") >= 20
+
+    garbage = b"not a llama.cpp state file"
+    saved[0].write_bytes(garbage)
+    assert manager.request("POST", "/models/m:1/unload").status_code == 200
+    manager.load("m:1")
+    assert _cached_tokens(manager, "m:1") >= 0, "a bad file does not break the worker"
+    wait_for(lambda: saved[0].read_bytes() != garbage, 30, message="the bad file replaced")
+    assert len(saved[0].read_bytes()) > 100_000, "24 tokens x 30 layers of K and V"

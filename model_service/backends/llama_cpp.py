@@ -10,7 +10,9 @@ the same tokens (a long system prompt, a growing chat) only computes what is new
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
+import logging
 import os
 import time
 from functools import lru_cache
@@ -25,6 +27,8 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 from model_service.backends.base import Backend, BackendError, RenderedPrompt, SamplingParams
 from model_service.gguf import check_header, read_metadata
 from model_service.weights import WeightsMode, cache_dir, ensure_served, served_path
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 2048
 DEFAULT_SLOTS = 4
@@ -111,6 +115,7 @@ class LlamaCppBackend(Backend):
         self._sequences = [_Sequence() for _ in range(self._slots)]
         self._uses = 0
         self._formatter: Jinja2ChatFormatter | None = None
+        self._opening: list[int] | None = None  # to compute and save in warm_up
         self._pieces: _TokenPieces | None = None
 
     @property
@@ -171,12 +176,92 @@ class LlamaCppBackend(Backend):
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._formatter = self._chat_formatter(model, model.metadata())
         self._pieces = _TokenPieces(model.vocab)
+        self._restore_opening()
         self.load_phases = {
             "prepare_weights": weights_at - started,
             "load_model": model_at - weights_at,
             "create_context": context_at - model_at,
-            "chat_template": time.perf_counter() - context_at,
+            "chat_template": time.perf_counter() - context_at,  # and the opening's cache
         }
+
+    # --- the chat template's opening, kept across processes -----------------------------
+
+    def _restore_opening(self) -> None:
+        """Put the KV cache of the chat template's opening into slot 0, from a saved file.
+
+        Every chat prompt starts with the same tokens (SmolLM2's template opens with a
+        default system message: 24 tokens, ~60 ms to compute on 2 cores, most of a cold
+        start's first request). The first worker of a model computes them once it is up
+        (`warm_up`) and saves their KV cache next to the weights; later workers read it
+        back here in well under a millisecond, and requests reuse it like any cached
+        prefix. Without a saved file, or with one that does not fit, nothing is restored.
+        """
+        opening = self._opening_tokens()
+        if len(opening) < 2:
+            return
+        self._opening = opening
+        path = self._opening_file(opening)
+        if not path.exists():
+            return
+        tokens = (llama_cpp.llama_token * len(opening))()
+        count = ctypes.c_size_t(0)
+        read = llama_cpp.llama_state_seq_load_file(
+            self._ctx, str(path).encode(), 0, tokens, len(opening), ctypes.byref(count)
+        )
+        if read and list(tokens[: count.value]) == opening:
+            self._sequences[0].cached = list(opening)
+            self._opening = None  # nothing left to save
+        else:
+            llama_cpp.llama_memory_seq_rm(self._memory, 0, -1, -1)
+
+    def warm_up(self) -> None:
+        """Compute and save the opening when no saved one was found (engine thread)."""
+        opening, self._opening = self._opening, None
+        if opening is None or len(opening) > self._n_batch:
+            return
+        batch = self._batch
+        for position, token in enumerate(opening):
+            batch.token[position] = token
+            batch.pos[position] = position
+            batch.n_seq_id[position] = 1
+            batch.seq_id[position][0] = 0
+            batch.logits[position] = 0
+        batch.logits[len(opening) - 1] = 1
+        batch.n_tokens = len(opening)
+        if llama_cpp.llama_decode(self._ctx, batch) != 0:
+            llama_cpp.llama_memory_seq_rm(self._memory, 0, -1, -1)
+            return
+        self._sequences[0].cached = list(opening)
+        path = self._opening_file(opening)
+        # Written beside and renamed: a worker reading it never sees half a file.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tokens = (llama_cpp.llama_token * len(opening))(*opening)
+            if llama_cpp.llama_state_seq_save_file(
+                self._ctx, str(tmp).encode(), 0, tokens, len(opening)
+            ):
+                os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("could not save the chat opening's cache", extra={"reason": str(exc)})
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _opening_tokens(self) -> list[int]:
+        """The tokens every chat prompt starts with: where two different ones part."""
+        if self._formatter is None:
+            return []
+        one = self.render_chat([{"role": "user", "content": "a"}]).tokens
+        two = self.render_chat([{"role": "user", "content": "b"}]).tokens
+        return one[: _common_prefix(one, two)]
+
+    def _opening_file(self, opening: list[int]) -> Path:
+        """Keyed by the weights file (path, size, time) and the tokens themselves."""
+        served = Path(self.served_path or self._model_path)
+        stat = served.stat()
+        key = f"{served.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{opening}".encode()
+        digest = hashlib.sha256(key).hexdigest()[:16]
+        return cache_dir(self._weights_cache) / f"{served.stem}.opening.{digest}.kv"
 
     @staticmethod
     def _chat_formatter(model: LlamaModel, metadata: dict[str, Any]) -> Jinja2ChatFormatter | None:
