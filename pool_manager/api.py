@@ -15,6 +15,7 @@ import httpx
 from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model_service.auth import ApiKeys, AuthMiddleware, Role
 from model_service.errors import ApiError, install_error_handlers
@@ -84,6 +85,51 @@ def model_view(pool: ModelPool, record: ModelRecord) -> dict[str, Any]:
         "last_error": record.last_error,
         "retry_after_seconds": _round(pool.retry_after(record)),
     }
+
+
+async def relay_or_error(
+    gateway: Gateway, path: str, body: bytes, headers: dict[str, str]
+) -> Response:
+    """The gateway's reply, or its error as an OpenAI error reply."""
+    try:
+        return await gateway.relay(path, body, headers)
+    except ApiError as exc:
+        return exc.response()
+    except PoolError as exc:
+        return _pool_error_response(exc)
+
+
+class InferenceFastPath:
+    """POST /v1/chat/completions and /v1/completions straight to the gateway.
+
+    They are the manager's hottest routes and only relay bytes; skipping FastAPI's
+    routing and request wrappers takes ~0.3 ms off each (scripts/bench.py measures the
+    whole hop against the worker).
+    """
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self._app = app
+        self._gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path")
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in RELAYED_PATHS:
+            await self._app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        reply = await relay_or_error(self._gateway, path, b"".join(chunks), headers)
+        await reply(scope, receive, send)
+
+
+RELAYED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 def _pool_error_response(exc: PoolError) -> JSONResponse:
@@ -158,21 +204,27 @@ def create_app(
         return _pool_error_response(exc)
 
     app.add_exception_handler(PoolError, on_pool_error)
+    # Innermost: inference requests skip FastAPI's routing, inside auth and body limits.
+    app.add_middleware(InferenceFastPath, gateway=gateway)
     app.add_middleware(BodySizeLimit, max_bytes=pool.config.max_request_bytes)
     app.add_middleware(AuthMiddleware, keys=keys or ApiKeys(), role_for=manager_role)
     app.add_middleware(RequestIdMiddleware)  # outermost: every line of a request has its id
 
     # --- the unified OpenAI endpoint -----------------------------------------------------
 
+    # InferenceFastPath answers these before FastAPI routes anything; the routes declare
+    # them for the OpenAPI schema, through the same function.
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
-        return await gateway.relay(
-            "/v1/chat/completions", await request.body(), dict(request.headers)
+        return await relay_or_error(
+            gateway, "/v1/chat/completions", await request.body(), dict(request.headers)
         )
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
-        return await gateway.relay("/v1/completions", await request.body(), dict(request.headers))
+        return await relay_or_error(
+            gateway, "/v1/completions", await request.body(), dict(request.headers)
+        )
 
     @app.get("/v1/models")
     async def openai_models() -> dict[str, Any]:

@@ -9,6 +9,7 @@ mid-stream ends the stream with an SSE error event.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from model_service.errors import ApiError
 from model_service.logs import request_id
@@ -184,11 +186,52 @@ class Gateway:
                     code="worker_failed",
                 ) from exc
             return Response(content, status_code=upstream.status, headers=headers)
-        return StreamingResponse(
-            _relay_stream(record.model_id, upstream),
-            status_code=upstream.status,
-            headers=headers,
+        return RelayedStream(
+            _relay_stream(record.model_id, upstream), upstream, upstream.status, headers
         )
+
+
+class RelayedStream(StreamingResponse):
+    """A relayed SSE stream, sent with less machinery than Starlette's own.
+
+    StreamingResponse runs every stream in a task group, beside a task that listens for
+    the client going away. Here a plain task waits for that and closes the connection to
+    the worker: the relay loop ends, and the worker stops generating.
+    """
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        upstream: UpstreamResponse,
+        status_code: int,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(chunks, status_code=status_code, headers=headers)
+        self._upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.ensure_future(self._close_when_client_leaves(receive))
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client went away; the watcher has closed the worker's connection
+        finally:
+            watcher.cancel()
+            self._upstream.close()
+
+    async def _close_when_client_leaves(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._upstream.close()
 
 
 async def _relay_stream(model_id: str, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
