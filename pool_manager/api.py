@@ -272,7 +272,7 @@ def create_app(
 
     @app.get("/v1/status")
     async def status() -> dict[str, Any]:
-        return mes.status()
+        return await mes.status()
 
     # --- control plane ------------------------------------------------------------------
 

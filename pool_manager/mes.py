@@ -15,6 +15,7 @@ import re
 import time
 from typing import Any
 
+import httpx
 import jsonschema
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +26,7 @@ from pool_manager.pool import ModelPool
 from pool_manager.states import SERVING, ModelState
 
 VERSION = "0.1.0"
+REACHABLE_TIMEOUT_S = 2.0
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
 
 
@@ -115,7 +117,8 @@ class MesService:
             output=text,
             usage=payload.get("usage"),
             latency_ms=latency_ms,
-            model_id=request.model_id,
+            # The model that answered: a fallback of the chain, when it came to that.
+            model_id=reply.headers.get("x-pool-model", request.model_id),
         )
         if request.json_schema is None:
             return result
@@ -143,14 +146,46 @@ class MesService:
             return False, f"warmup models not serving: {', '.join(cold)}"
         return True, "ready"
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         records = self._pool.records()
+        backends = {"llama_cpp": True, **await self._remote_backends_answer()}
         return {
             "models_loaded": [r.model_id for r in records if r.state in SERVING],
             "models_failed": [r.model_id for r in records if r.state is ModelState.FAILED],
             "memory_available_gb": round(psutil.virtual_memory().available / 2**30, 2),
             "gpu_available": self._pool.gpu.available,
-            "backends": {"llama_cpp": True},
-            "ollama_running": None,  # no Ollama backend configured in this build
+            "backends": backends,
+            "ollama_running": backends.get("ollama"),  # null: no ollama model registered
             "version": VERSION,
         }
+
+    async def _remote_backends_answer(self) -> dict[str, bool]:
+        """For each remote backend the registry uses: does every one of its servers answer?
+
+        Ollama servers are asked `GET /api/version`, OpenAI-compatible ones `GET /models`
+        (any reply below 500 counts: a 401 still says the server is up); 2 s each, all at
+        once.
+        """
+        probes: dict[str, set[str]] = {}
+        for record in self._pool.records():
+            spec = record.spec
+            if spec.backend == "ollama":
+                base = spec.base_url or self._pool.config.ollama_base_url
+                probes.setdefault("ollama", set()).add(base.rstrip("/") + "/api/version")
+            elif spec.backend == "openai" and spec.base_url:
+                probes.setdefault("openai", set()).add(spec.base_url.rstrip("/") + "/models")
+        if not probes:
+            return {}
+        async with httpx.AsyncClient(timeout=REACHABLE_TIMEOUT_S, trust_env=False) as client:
+
+            async def answers(url: str) -> bool:
+                try:
+                    return (await client.get(url)).status_code < 500
+                except httpx.HTTPError:
+                    return False
+
+            kinds = sorted(probes)
+            checks = await asyncio.gather(
+                *(asyncio.gather(*(answers(url) for url in sorted(probes[k]))) for k in kinds)
+            )
+        return {kind: all(results) for kind, results in zip(kinds, checks, strict=True)}

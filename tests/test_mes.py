@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import jsonschema
 
@@ -83,3 +85,19 @@ def test_extract_json_from_fences() -> None:
     assert extract_json('{"a": 1}') == {"a": 1}
     assert extract_json('Here:\n```json\n{"a": [1, 2]}\n```\nDone.') == {"a": [1, 2]}
     assert extract_json("```\n[true]\n```") == [True]
+
+
+def test_inference_names_the_model_that_answered(
+    start_manager: ManagerFactory, tmp_path: Path
+) -> None:
+    broken = model_entry("broken:1", fallbacks=[DEFAULT_MODEL])
+    del broken["package_file"]
+    broken["model_path"] = str(tmp_path / "missing.gguf")  # its load fails
+    manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True), broken])
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+    reply = httpx.post(
+        f"{manager.url}/v1/inference",
+        json={"model_id": "broken:1", "prompt": "Say hi", "max_tokens": 4},
+        timeout=60,
+    ).json()
+    assert reply["success"] is True and reply["model_id"] == DEFAULT_MODEL, reply

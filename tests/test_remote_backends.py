@@ -10,6 +10,7 @@ from __future__ import annotations
 import openai
 import pytest
 
+from pool_manager.ports import free_port
 from tests.conftest import DEFAULT_MODEL, ManagerFactory, model_entry
 
 UPSTREAM_KEY = "upstream-key-5c1e"
@@ -112,3 +113,16 @@ def test_ollama_backend_through_another_pools_ollama_api(start_manager: ManagerF
     completion = client.completions.create(model="llama-ish:1", prompt="The sky is", max_tokens=4)
     assert completion.choices[0].text is not None
     assert pool.request("POST", "/models/llama-ish:1/unload").json()["state"] == "COLD"
+
+    # GET /v1/status asks each remote server the registry uses whether it is up.
+    status = pool.request("GET", "/v1/status").json()
+    assert status["backends"] == {"llama_cpp": True, "ollama": True}
+    assert status["ollama_running"] is True
+    gone = {
+        "model_id": "gone:1",
+        "backend": "ollama",
+        "base_url": f"http://127.0.0.1:{free_port()}",
+    }
+    assert pool.request("POST", "/models/register", json=gone).status_code == 201
+    status = pool.request("GET", "/v1/status").json()
+    assert status["backends"]["ollama"] is False and status["ollama_running"] is False
