@@ -126,3 +126,29 @@ def test_ollama_backend_through_another_pools_ollama_api(start_manager: ManagerF
     assert pool.request("POST", "/models/register", json=gone).status_code == 201
     status = pool.request("GET", "/v1/status").json()
     assert status["backends"]["ollama"] is False and status["ollama_running"] is False
+
+
+def test_an_upstream_error_in_a_stream_reaches_the_client(start_manager: ManagerFactory) -> None:
+    upstream = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True, n_ctx=256)])
+    endpoint = upstream.wait_state(DEFAULT_MODEL, "HOT")["endpoint"]
+    pool = start_manager(
+        models=[
+            {
+                "model_id": "far:1",
+                "backend": "openai",
+                "base_url": f"{endpoint}/v1",
+                "remote_model": DEFAULT_MODEL,
+            }
+        ]
+    )
+    client = client_for(pool.url)
+    too_long = "word " * 600  # more than the far end's 256-token context
+    with pytest.raises(openai.APIError) as refused:
+        for _chunk in client.chat.completions.create(
+            model="far:1",
+            messages=[{"role": "user", "content": too_long}],
+            max_tokens=4,
+            stream=True,
+        ):
+            pass
+    assert "context" in str(refused.value).lower(), "the far end's own reason comes through"

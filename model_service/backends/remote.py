@@ -102,31 +102,50 @@ class RemoteModel:
         return 200, _from_ollama(route, self.model_id, data)
 
     async def stream(self, route: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        """A streamed request, as OpenAI SSE frames ending in `data: [DONE]`."""
-        if self.kind == "openai":
-            payload = {**body, "model": self.remote_name}
-            async with self._client.stream(
-                "POST", f"{self.base_url}/{route}", json=payload, headers=self._headers()
-            ) as reply:
-                async for chunk in reply.aiter_raw():
+        """A streamed request, as OpenAI SSE frames ending in `data: [DONE]`.
+
+        An upstream error, before or during the stream, becomes one SSE error event in
+        OpenAI's shape (no `[DONE]`), as for a local model.
+        """
+        try:
+            if self.kind == "openai":
+                async for chunk in self._stream_openai(route, body):
                     yield chunk
-            return
+            else:
+                async for chunk in self._stream_ollama(route, body):
+                    yield chunk
+        except (httpx.HTTPError, ValueError) as exc:
+            message = f"the {self.kind} server at {self.base_url} failed mid-stream: {exc!r}"
+            yield _sse(
+                {"error": {"message": message, "type": "server_error", "code": "upstream_failed"}}
+            )
+
+    async def _stream_openai(self, route: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        payload = {**body, "model": self.remote_name}
+        async with self._client.stream(
+            "POST", f"{self.base_url}/{route}", json=payload, headers=self._headers()
+        ) as reply:
+            if reply.status_code != 200:
+                content = await reply.aread()
+                yield _sse(_json_or_error(httpx.Response(reply.status_code, content=content)))
+                return
+            async for chunk in reply.aiter_raw():
+                yield chunk
+
+    async def _stream_ollama(self, route: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         path, payload = _to_ollama(route, body, self.remote_name, stream=True)
         completion_id, created = new_completion_id("chatcmpl"), unix_now()
         async with self._client.stream("POST", f"{self.base_url}{path}", json=payload) as reply:
             if reply.status_code != 200:
-                detail = _ollama_error(
-                    reply.status_code,
-                    _json_or_error(httpx.Response(reply.status_code, content=await reply.aread())),
-                )
-                yield f"data: {json.dumps(detail)}\n\n".encode()
+                content = await reply.aread()
+                data = _json_or_error(httpx.Response(reply.status_code, content=content))
+                yield _sse(_ollama_error(reply.status_code, data))
                 return
             async for line in reply.aiter_lines():
                 if not line.strip():
                     continue
                 part = json.loads(line)
-                frame = _ollama_chunk(route, self.model_id, completion_id, created, part)
-                yield f"data: {json.dumps(frame)}\n\n".encode()
+                yield _sse(_ollama_chunk(route, self.model_id, completion_id, created, part))
         yield b"data: [DONE]\n\n"
 
     async def _post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
@@ -141,6 +160,10 @@ class RemoteModel:
                 type="server_error",
                 code="upstream_failed",
             ) from exc
+
+
+def _sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
 
 
 def _json_or_error(reply: httpx.Response) -> Any:
