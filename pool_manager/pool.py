@@ -410,10 +410,12 @@ class ModelPool:
                 self._spawn_background(
                     self._reload_pinned(self._records[model_id]), f"warmup:{model_id}"
                 )
-        for model_id in removed:
-            record = self._records[model_id]
-            await self._unload(record, "deleted", force=False)
-            del self._records[model_id]
+        # All removed models drain at once: the reload takes one drain, not one per model.
+        leaving = [self._records[model_id] for model_id in removed]
+        await asyncio.gather(*(self._unload(r, "deleted", force=False) for r in leaving))
+        for record in leaving:
+            if self._records.get(record.model_id) is record:
+                del self._records[record.model_id]
         summary = {"applied": True, "added": added, "removed": removed, "changed": changed}
         log.info("config and registry reloaded", extra=summary)
         return summary

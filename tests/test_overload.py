@@ -82,7 +82,7 @@ def test_oversized_bodies_get_413(start_manager: ManagerFactory) -> None:
     endpoint = manager.load(MODEL)["endpoint"]
     big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 10000}]}
     for url in (f"{endpoint}/v1/chat/completions", f"{manager.url}/models/register"):
-        reply = httpx.post(url, json=big)
+        reply = httpx.post(url, json=big, timeout=60)
         assert reply.status_code == 413, url
         assert reply.json()["error"]["code"] == "request_too_large"
 
@@ -94,10 +94,12 @@ def test_oversized_bodies_get_413(start_manager: ManagerFactory) -> None:
         f"{endpoint}/v1/chat/completions",
         content=chunks(),  # type: ignore[arg-type]
         headers={"Content-Type": "application/json"},
+        timeout=60,
     )
     assert streamed.status_code == 413
     ok = httpx.post(
         f"{endpoint}/v1/chat/completions",
         json={**big, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        timeout=60,  # a shared machine can be slow; the default 5 s is not the point here
     )
     assert ok.status_code == 200

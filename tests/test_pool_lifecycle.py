@@ -566,3 +566,41 @@ def test_registry_edits_are_picked_up_without_dropping_loaded_models(
     assert set(manager.models()) == {DEFAULT_MODEL, "fresh:1"}, "the running registry stays"
     reply = manager.request("POST", "/reload")
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_config"
+
+
+def test_models_removed_together_drain_together(start_manager: ManagerFactory) -> None:
+    import json
+
+    manager = start_manager(
+        config={"graceful_shutdown_seconds": 60},
+        # One thread each: two busy models on two cores, not four threads fighting.
+        models=[model_entry("a:1", n_threads=1), model_entry("b:1", n_threads=1)],
+    )
+    endpoints = {m: manager.load(m)["endpoint"] for m in ("a:1", "b:1")}
+
+    def long_stream(model_id: str) -> int:
+        client = openai.OpenAI(base_url=f"{endpoints[model_id]}/v1", api_key="x", max_retries=0)
+        stream = client.chat.completions.create(
+            model=model_id,
+            messages=[{"role": "user", "content": "Tell a very long story."}],
+            max_tokens=120,
+            temperature=0.9,
+            stream=True,
+        )
+        return sum(1 for chunk in stream if chunk.choices and chunk.choices[0].delta.content)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(long_stream, m) for m in endpoints]
+        wait_for(
+            lambda: all(manager.model(m)["in_flight"] for m in endpoints), 30, message="streams"
+        )
+        manager.registry_path.write_text(json.dumps({"models": []}))
+        manager.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        # Both drain at once: each is UNLOADING while the other's stream still runs.
+        wait_for(
+            lambda: [m["state"] for m in manager.models().values()] == ["UNLOADING"] * 2,
+            30,
+            message="both models draining at the same time",
+        )
+        assert all(f.result(timeout=120) > 0 for f in running), "the drains let both finish"
+    wait_for(lambda: not manager.models(), 30, message="both models forgotten")
