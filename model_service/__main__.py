@@ -79,6 +79,7 @@ class ManagerLink:
         self.events = StatusChannel(fd)
         self.stats = stats
         self.engine: Engine | None = None  # set once the model is loaded
+        self.threads: int | None = None  # the manager's latest share of the cores
         self._assignment: queue.SimpleQueue[tuple[dict[str, Any], int] | None] = queue.SimpleQueue()
         threading.Thread(target=self._read_commands, name="manager-link", daemon=True).start()
 
@@ -110,6 +111,11 @@ class ManagerLink:
         elif name == "drain":
             # New inference requests get 503; accepted ones finish.
             self.stats.draining = True
+        elif name == "threads":
+            # The manager shares the cores among the workers that are generating.
+            self.threads = int(command.get("n") or 0) or None
+            if self.engine is not None and self.threads:
+                self.engine.set_threads(self.threads)
         elif name == "abort":
             # A forced unload: fail what is running with a clear error, then exit.
             self.stats.draining = True
@@ -308,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     engine.start()
     if link is not None:
         link.engine = engine
+        if link.threads:  # a share sent while the model was loading
+            engine.set_threads(link.threads)
     metrics = WorkerMetrics(model_id, stats)
     admission = _admission(settings)
     metrics.watch(queued=lambda: admission.queued, generating=lambda: engine.active_requests)

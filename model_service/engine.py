@@ -170,6 +170,8 @@ class Engine:
         self._stopping = False
         # Set once, by abort(), from another thread; every job from then on fails with it.
         self._abort_reason: str | None = None
+        # Set by set_threads() from another thread; applied before the next step.
+        self._threads_wanted: int | None = None
         # Written by the engine thread only; read for /health and metrics.
         self.tokens_generated = 0
         self.prompt_tokens_cached = 0
@@ -189,6 +191,10 @@ class Engine:
         """Finish the running jobs, then end the thread; waits up to `timeout`."""
         self._jobs.put(None)
         self._thread.join(timeout)
+
+    def set_threads(self, threads: int) -> None:
+        """Compute with at most `threads` threads from the next step on (any thread)."""
+        self._threads_wanted = threads
 
     def abort(self, reason: str) -> None:
         """Fail the running jobs and every later one with `reason` (code model_unloaded)."""
@@ -256,6 +262,9 @@ class Engine:
 
     def _step(self, outbox: _Outbox) -> None:
         backend = self.backend
+        if self._threads_wanted is not None:
+            threads, self._threads_wanted = self._threads_wanted, None
+            backend.set_threads(threads)
         sampled = backend.step(list(self._active))
         to_bytes = backend.token_bytes
         for slot, token in sampled.items():

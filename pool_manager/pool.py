@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import socket
 import time
 from collections import deque
@@ -803,6 +804,8 @@ class ModelPool:
         record.last_used_at = time.time()
         if event == "start":
             record.in_flight += 1
+            if record.in_flight == 1:
+                self._share_cores()
             record.requests_total += 1
             record.idle.clear()
             self.metrics.request_started(record.model_id)
@@ -813,6 +816,7 @@ class ModelPool:
             record.in_flight = max(0, record.in_flight - 1)
             if record.in_flight == 0:
                 record.idle.set()
+                self._share_cores()
             if record.keep_alive is not None:
                 # A client asked for this much after its request (Ollama's keep_alive).
                 record.ttl_deadline, record.keep_alive = now + record.keep_alive, None
@@ -822,6 +826,24 @@ class ModelPool:
                     record.ttl_deadline or 0.0, now + self.ttl_seconds(record)
                 )
             self._reaper_wakeup.set()
+
+    def _share_cores(self) -> None:
+        """Split the cores among the local workers that are generating.
+
+        llama.cpp's threads wait for each other by spinning: two workers with two threads
+        each on a 2-core machine each got under 5 tokens/s (one thread each: 86 and 81).
+        So with k workers busy each may use cores/k threads (at least 1, at most its
+        `n_threads`); a worker alone gets them all back.
+        """
+        local = [
+            r.worker
+            for r in self._records.values()
+            if r.worker is not None and r.spec.is_local and r.state in OCCUPYING
+        ]
+        busy = sum(1 for r in self._records.values() if r.in_flight and r.spec.is_local)
+        share = max(1, (os.cpu_count() or 1) // max(1, busy))
+        for worker in local:
+            worker.share_cores(share)
 
     async def _reap_idle_models(self) -> None:
         while True:

@@ -58,6 +58,7 @@ class WorkerProcess:
         self.model_id: str | None = None
         self.port: int = 0
         self.reserved_bytes = 0  # heap mapped ahead while a spare (see model_service.heap)
+        self.threads: int | None = None  # the share of the cores last sent
         self._process = process
         self._control = control  # we send on it; a duplicate feeds the event reader
         self._on_activity: ActivityCallback | None = None
@@ -196,6 +197,12 @@ class WorkerProcess:
         """Block until the process has exited; returns its exit code."""
         return await asyncio.shield(self._exit_task)
 
+    def share_cores(self, threads: int) -> None:
+        """Tell the worker how many threads it may compute with now (sent on change)."""
+        if threads != self.threads:
+            self.threads = threads
+            self._command_json({"cmd": "threads", "n": threads})
+
     def begin_drain(self) -> None:
         """Tell the worker to refuse new requests (503) while it finishes the others."""
         self._command("drain")
@@ -210,8 +217,11 @@ class WorkerProcess:
             return await self.wait_exit()
 
     def _command(self, word: str) -> None:
+        self._command_json({"cmd": word})
+
+    def _command_json(self, command: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):  # a worker that is gone needs no command
-            self._control.send(json.dumps({"cmd": word}).encode() + b"\n")
+            self._control.send(json.dumps(command).encode() + b"\n")
 
     async def stop(self, timeout: float) -> int:
         """SIGTERM (the worker drains), then SIGKILL after `timeout` seconds."""

@@ -107,3 +107,34 @@ def test_repeated_long_system_prompt_is_served_from_cache(start_manager: Manager
     cached = second.prompt_tokens_details.cached_tokens
     assert cached > 0.9 * first.prompt_tokens, (cached, first.prompt_tokens)
     assert cached < second.prompt_tokens, "the new question itself is computed"
+
+
+def test_two_busy_models_share_the_cores(start_manager: ManagerFactory) -> None:
+    """Two workers with two threads each on a 2-core machine: spinning threads that wait
+    for each other made both crawl (requests timed out). The manager now splits the
+    cores among the workers that are generating, so both finish."""
+    threads = 2
+    manager = start_manager(
+        models=[model_entry(m, n_threads=threads, timeout_seconds=30) for m in ("one:1", "two:1")]
+    )
+    for model_id in ("one:1", "two:1"):
+        manager.load(model_id)
+
+    def story(model_id: str) -> dict[str, object]:
+        reply = httpx.post(
+            f"{manager.url}/v1/chat/completions",
+            json={
+                "model": model_id,
+                "messages": [{"role": "user", "content": "Tell me a long story."}],
+                "max_tokens": 150,
+                "temperature": 0.9,
+            },
+            timeout=120,
+        )
+        assert reply.status_code == 200, reply.text
+        usage: dict[str, object] = reply.json()["usage"]
+        return usage
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        usages = list(pool.map(story, ["one:1", "two:1"]))
+    assert all(int(str(u["completion_tokens"])) > 0 for u in usages)

@@ -573,8 +573,7 @@ def test_models_removed_together_drain_together(start_manager: ManagerFactory) -
 
     manager = start_manager(
         config={"graceful_shutdown_seconds": 60},
-        # One thread each: two busy models on two cores, not four threads fighting.
-        models=[model_entry("a:1", n_threads=1), model_entry("b:1", n_threads=1)],
+        models=[model_entry("a:1"), model_entry("b:1")],
     )
     endpoints = {m: manager.load(m)["endpoint"] for m in ("a:1", "b:1")}
 

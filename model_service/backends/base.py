@@ -46,6 +46,9 @@ class Backend(ABC):
     def context_length(self) -> int:
         """How many tokens (prompt plus completion) one sequence can hold."""
 
+    def set_threads(self, threads: int) -> None:  # noqa: B027  (only local compute has threads)
+        """Compute with at most `threads` threads (engine thread, between steps)."""
+
     def warm_up(self) -> None:  # noqa: B027  (optional: most backends have nothing to do)
         """Work the first request would otherwise do (engine thread, before any job)."""
 

@@ -184,6 +184,12 @@ class LlamaCppBackend(Backend):
             "chat_template": time.perf_counter() - context_at,  # and the opening's cache
         }
 
+    def set_threads(self, threads: int) -> None:
+        """Never more than the registry's n_threads; at least one."""
+        if self._ctx is not None:
+            n = max(1, min(threads, self._n_threads))
+            llama_cpp.llama_set_n_threads(self._ctx, n, n)
+
     # --- the chat template's opening, kept across processes -----------------------------
 
     def _restore_opening(self) -> None:
