@@ -914,16 +914,23 @@ class Bench:
             "all_complete": all(x["all_complete"] for x in runs),
         }
 
+    async def load(self, model_id: str) -> dict[str, Any] | None:
+        """POST /models/{id}/load: the model's view, or None (the problem is noted)."""
+        reply = await self.manager.api.post(f"/models/{model_id}/load", timeout=LOAD_TIMEOUT_S)
+        if reply.status_code != 200:
+            self.problems.append(f"load {model_id}: HTTP {reply.status_code} {reply.text[:300]}")
+            return None
+        view: dict[str, Any] = reply.json()
+        if view.get("pid"):
+            self.manager.seen_pids.add(int(view["pid"]))
+        return view
+
     async def as_stored(self) -> None:
         """The same single-stream and 8-stream runs on the Q4_1 file as stored."""
         log("weights as stored (Q4_1): single stream and 8 streams")
-        reply = await self.manager.api.post(f"/models/{STORED}/load", timeout=LOAD_TIMEOUT_S)
-        if reply.status_code != 200:
-            self.problems.append(f"load {STORED}: HTTP {reply.status_code} {reply.text[:300]}")
+        view = await self.load(STORED)
+        if view is None:
             return
-        view = reply.json()
-        if view.get("pid"):
-            self.manager.seen_pids.add(int(view["pid"]))
         url = f"{view['endpoint']}/v1/chat/completions"
         await self.http(STORED, story(98), 16, seed=98, url=url)  # warm-up, as for HOT
         singles = [
@@ -1004,14 +1011,10 @@ class Bench:
                     break
             spare_wait = await self.manager.wait_spare()
             started = time.perf_counter()
-            reply = await self.manager.api.post(f"/models/{COLD}/load", timeout=LOAD_TIMEOUT_S)
+            view = await self.load(COLD)
             loaded = time.perf_counter()
-            if reply.status_code != 200:
-                self.problems.append(f"load {COLD}: HTTP {reply.status_code} {reply.text[:300]}")
+            if view is None:
                 break
-            view = reply.json()
-            if view.get("pid"):
-                self.manager.seen_pids.add(int(view["pid"]))
             url = f"{view['endpoint']}/v1/chat/completions"
             result = await self.http(COLD, question(50 + i), 1, seed=500 + i, url=url)
             # A second request on the fresh worker: how much of the first was warm-up.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from model_service.gguf import read_metadata
 from model_service.model_files import package_file
@@ -14,19 +15,24 @@ from tests.conftest import SMOLLM2_FILE, Manager, ManagerFactory, model_entry, w
 Q8_0 = 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
 
 
-def _chat(manager: Manager, model_id: str) -> str:
+def _ask(manager: Manager, model_id: str, content: str, max_tokens: int) -> dict[str, Any]:
     reply = manager.request(
         "POST",
         "/v1/chat/completions",
         json={
             "model": model_id,
-            "messages": [{"role": "user", "content": "Say hello."}],
-            "max_tokens": 8,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
             "temperature": 0,
         },
     )
     assert reply.status_code == 200, reply.text
-    return str(reply.json()["choices"][0]["message"]["content"])
+    answer: dict[str, Any] = reply.json()
+    return answer
+
+
+def _chat(manager: Manager, model_id: str) -> str:
+    return str(_ask(manager, model_id, "Say hello.", 8)["choices"][0]["message"]["content"])
 
 
 def test_q4_1_is_widened_to_q8_0_once_and_a_changed_source_gets_a_new_copy(
@@ -79,17 +85,8 @@ def test_an_unwritable_cache_still_loads_the_model_as_stored(
 
 
 def _cached_tokens(manager: Manager, model_id: str) -> int:
-    reply = manager.request(
-        "POST",
-        "/v1/chat/completions",
-        json={
-            "model": model_id,
-            "messages": [{"role": "user", "content": "Name a colour."}],
-            "max_tokens": 1,
-        },
-    )
-    assert reply.status_code == 200, reply.text
-    return int(reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+    usage = _ask(manager, model_id, "Name a colour.", 1)["usage"]
+    return int(usage["prompt_tokens_details"]["cached_tokens"])
 
 
 def test_the_chat_openings_cache_is_saved_once_and_restored_by_later_workers(
