@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+from model_service.cpus import usable_cores
 from model_service.gguf import read_metadata
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def _widen(source: Path, target: Path) -> None:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = _LLAMA_FTYPE_MOSTLY_Q8_0
         params.allow_requantize = True
-        params.nthread = os.cpu_count() or 1
+        params.nthread = usable_cores()
         status = llama_cpp.llama_model_quantize(str(source).encode(), tmp.encode(), params)
         os.chmod(tmp, 0o644)  # a cache like any other file, not a secret
         if status != 0:

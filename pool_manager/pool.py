@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import socket
 import time
 from collections import deque
@@ -30,6 +29,7 @@ import psutil
 import tenacity
 
 from model_service.backends.base import BackendError
+from model_service.cpus import usable_cores
 from model_service.gguf import PROCESS_OVERHEAD_BYTES, estimate_memory_bytes
 from model_service.model_files import resolve_model_file
 from model_service.weights import cache_dir as weights_cache_dir
@@ -841,7 +841,7 @@ class ModelPool:
             if r.worker is not None and r.spec.is_local and r.state in OCCUPYING
         ]
         busy = sum(1 for r in self._records.values() if r.in_flight and r.spec.is_local)
-        share = max(1, (os.cpu_count() or 1) // max(1, busy))
+        share = max(1, usable_cores() // max(1, busy))
         for worker in local:
             worker.share_cores(share)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +187,16 @@ def test_slot_choice_keeps_busy_slots_together_on_a_tie() -> None:
     # Nothing busy: the least recently used slot, so recent caches survive.
     backend._sequences[0].last_used = 9
     assert backend.pick_slot(list(range(8)), [1, 2, 3]) == 1
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")
+def test_usable_cores_follow_the_affinity_limit() -> None:
+    code = "from model_service.cpus import usable_cores; print(usable_cores())"
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    assert pinned.stdout.strip() == "1"

@@ -25,6 +25,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from model_service.backends.base import Backend, BackendError, RenderedPrompt, SamplingParams
+from model_service.cpus import usable_cores
 from model_service.gguf import check_header, read_metadata
 from model_service.weights import WeightsMode, cache_dir, ensure_served, served_path
 
@@ -105,7 +106,7 @@ class LlamaCppBackend(Backend):
         # standalone worker works it out.
         self.served_path: str | None = settings.get("served_model_path")
         self._n_ctx = int(settings.get("n_ctx") or DEFAULT_CONTEXT)
-        self._n_threads = int(settings.get("n_threads") or os.cpu_count() or 1)
+        self._n_threads = int(settings.get("n_threads") or usable_cores())
         self._slots = int(settings.get("max_concurrent") or DEFAULT_SLOTS)
         self._n_batch = max(int(settings.get("n_batch") or 512), self._slots)
         self._model: LlamaModel | None = None
