@@ -905,6 +905,10 @@ class ModelPool:
 
     async def _reload_pinned(self, record: ModelRecord, delay: float = 0.0) -> None:
         await asyncio.sleep(delay)
+        # A timer may fire a hair before time.monotonic() says the cooldown is over
+        # (uvloop's clock moves in milliseconds): wait out what is left of it.
+        while (left := self.retry_after(record) or 0.0) > 0:
+            await asyncio.sleep(left + 0.001)
         try:
             await self.load(record.model_id)
         except PoolError as exc:
