@@ -226,19 +226,14 @@ class LlamaCppBackend(Backend):
         opening, self._opening = self._opening, None
         if opening is None or len(opening) > self._n_batch:
             return
-        batch = self._batch
-        for position, token in enumerate(opening):
-            batch.token[position] = token
-            batch.pos[position] = position
-            batch.n_seq_id[position] = 1
-            batch.seq_id[position][0] = 0
-            batch.logits[position] = 0
-        batch.logits[len(opening) - 1] = 1
-        batch.n_tokens = len(opening)
-        if llama_cpp.llama_decode(self._ctx, batch) != 0:
+        slot = self._sequences[0]
+        slot.cached, slot.pending = [], list(opening)
+        try:
+            self._decode([0])
+        except BackendError:
             llama_cpp.llama_memory_seq_rm(self._memory, 0, -1, -1)
+            slot.cached, slot.pending = [], []
             return
-        self._sequences[0].cached = list(opening)
         path = self._opening_file(opening)
         # Written beside and renamed: a worker reading it never sees half a file.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -376,6 +371,17 @@ class LlamaCppBackend(Backend):
         Prompts are fed in chunks so one long prompt does not stall the others' streams;
         a slot still in its prompt gets no token this step. Raises BackendError.
         """
+        sampled: dict[int, int] = {}
+        for slot, index in self._decode(slots).items():
+            sequence = self._sequences[slot]
+            token = int(llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index))
+            sequence.pending = [token]
+            sampled[slot] = token
+        return sampled
+
+    def _decode(self, slots: list[int]) -> dict[int, int]:
+        """Decode what `slots` have pending (as much as one batch holds); returns, for
+        each slot whose pending tokens are all in, the batch index of its logits."""
         batch = self._batch
         budget = self._n_batch
         takes: dict[int, int] = {}
@@ -411,13 +417,7 @@ class LlamaCppBackend(Backend):
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise BackendError(f"llama_decode failed with status {status}")
-        sampled: dict[int, int] = {}
-        for slot, index in sample_at.items():
-            sequence = self._sequences[slot]
-            token = int(llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index))
-            sequence.pending = [token]
-            sampled[slot] = token
-        return sampled
+        return sample_at
 
     def _sampler(self, params: SamplingParams) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
