@@ -226,6 +226,11 @@ class ModelPool:
         return min(largest, psutil.virtual_memory().available // 4) // MB
 
     @property
+    def _weights_folder(self) -> Path:
+        """Where widened weights and saved openings go (the config may change it)."""
+        return weights_cache_dir(self.config.weights_cache_dir)
+
+    @property
     def spare_pids(self) -> list[int]:
         return self._spares.pids
 
@@ -562,7 +567,7 @@ class ModelPool:
         if spec.is_local:
             source = Path(self._model_file(spec))
             settings["model_path"] = str(source)
-            folder = weights_cache_dir(self.config.weights_cache_dir)
+            folder = self._weights_folder
             settings["weights_cache_dir"] = str(folder)
             # The header was read (and cached) for the memory estimate just before. A bad
             # file: the worker's load names what is wrong with it.
@@ -674,7 +679,7 @@ class ModelPool:
             path = Path(self._model_file(record.spec))
             # Every slot (max_concurrent of them) has its own n_ctx of KV cache.
             cells = record.spec.n_ctx * record.spec.max_concurrent
-            folder = weights_cache_dir(self.config.weights_cache_dir)
+            folder = self._weights_folder
             weights = await asyncio.to_thread(served_size, path, record.spec.weights, folder)
             return await asyncio.to_thread(estimate_memory_bytes, path, cells, weights)
         except (InvalidModel, BackendError):

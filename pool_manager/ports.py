@@ -6,6 +6,7 @@ so nothing can take the port between choosing it and the worker serving on it.
 
 from __future__ import annotations
 
+import random
 import socket
 
 
@@ -25,6 +26,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_range(size: int, rng: random.Random | None = None) -> tuple[int, int]:
+    """`size` consecutive free ports at random in 20000-59999, away from 8050-8099 (for
+    scripts that start a manager of their own)."""
+    rng = rng or random.Random()
+    for _ in range(2000):
+        start = rng.randrange(20000, 60000 - size)
+        if all(port_is_free(p) for p in range(start, start + size)):
+            return start, start + size - 1
+    raise RuntimeError("no free port range found")
 
 
 class NoFreePort(Exception):

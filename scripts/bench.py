@@ -75,7 +75,7 @@ import httpx
 import psutil
 
 from model_service.weights import cache_dir, ensure_served, served_path
-from pool_manager.ports import free_port, port_is_free
+from pool_manager.ports import free_port, free_port_range
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_MD = REPO / "docs" / "BENCHMARKS.md"
@@ -226,16 +226,6 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
-
-
-def free_port_range(size: int) -> tuple[int, int]:
-    """`size` consecutive free ports in 20000-59999, so away from 8050-8099."""
-    rng = random.Random()
-    for _ in range(2000):
-        start = rng.randrange(20000, 60000 - size)
-        if all(port_is_free(p) for p in range(start, start + size)):
-            return start, start + size - 1
-    raise RuntimeError("no free port range found")
 
 
 def pid_alive(pid: int) -> bool:

