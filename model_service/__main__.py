@@ -31,12 +31,14 @@ from model_service.activity import StatusChannel, WorkerStats
 from model_service.app import create_remote_worker_app, create_worker_app
 from model_service.auth import ApiKeys
 from model_service.backends import BackendError, create_backend
+from model_service.backends.llama_cpp import can_preload, open_model
 from model_service.backends.remote import REMOTE_BACKENDS, RemoteModel
 from model_service.engine import Engine
 from model_service.inference import InferenceService, ModelDefaults
 from model_service.limits import DEFAULT_MAX_REQUEST_BYTES, Admission
 from model_service.logs import setup_logging
 from model_service.metrics import WorkerMetrics
+from model_service.preload import Preloader
 from model_service.serving import GracefulServer
 
 log = logging.getLogger("model_service")
@@ -81,6 +83,11 @@ class ManagerLink:
         self.engine: Engine | None = None  # set once the model is loaded
         self.threads: int | None = None  # the manager's latest share of the cores
         self._assignment: queue.SimpleQueue[tuple[dict[str, Any], int] | None] = queue.SimpleQueue()
+        self.preloader = Preloader(
+            open_model,
+            lambda model: model.close(),
+            on_change=lambda paths: self.events.send("preloaded", paths=paths),
+        )
         threading.Thread(target=self._read_commands, name="manager-link", daemon=True).start()
 
     def wait_for_model(self) -> tuple[dict[str, Any], int] | None:
@@ -108,6 +115,9 @@ class ManagerLink:
         name = command.get("cmd")
         if name == "load" and fds:
             self._assignment.put((command["settings"], fds.pop(0)))
+        elif name == "preload":
+            # Files of COLD models to load ahead while we wait, likeliest first.
+            self.preloader.want([str(path) for path in command.get("paths") or []])
         elif name == "drain":
             # New inference requests get 503; accepted ones finish.
             self.stats.draining = True
@@ -158,6 +168,7 @@ class LoadReport:
     seconds: float
     finished_at: float  # time.perf_counter() when the load ended
     phases: Mapping[str, float]  # seconds per step, as the backend measured them
+    weights_preloaded: bool = False  # the spare had loaded them ahead
 
 
 def _load_reporting_failure(
@@ -174,7 +185,8 @@ def _load_reporting_failure(
         return None
     finished = time.perf_counter()
     phases = getattr(model, "load_phases", None) or {"load_model": finished - started}
-    return model, LoadReport(finished - started, finished, phases)
+    preloaded = bool(getattr(model, "weights_preloaded", False))
+    return model, LoadReport(finished - started, finished, phases, preloaded)
 
 
 def _admission(settings: dict[str, Any]) -> Admission:
@@ -249,10 +261,16 @@ def _serve(
                 "port": port,
                 "load_seconds": round(load_seconds, 3),
                 "load_phases": {name: round(value, 3) for name, value in phases.items()},
+                "weights_preloaded": load.weights_preloaded,
             },
         )
         channel.send(
-            "ready", pid=os.getpid(), port=port, load_seconds=load_seconds, load_phases=phases
+            "ready",
+            pid=os.getpid(),
+            port=port,
+            load_seconds=load_seconds,
+            load_phases=phases,
+            weights_preloaded=load.weights_preloaded,
         )
 
     GracefulServer(config, on_started).run(sockets=[sock])
@@ -264,10 +282,6 @@ def _warm_up() -> None:
     Beyond imports: FastAPI's first app and uvicorn's first `Config.load` (which
     imports the protocol modules) cost ~25 ms each, a later one ~2 ms and ~0.1 ms.
     """
-    import llama_cpp  # noqa: F401
-
-    import model_service.backends.llama_cpp  # noqa: F401
-
     stats = WorkerStats()
     stand_in = SimpleNamespace(model_id="spare", engine=None)
     app = create_worker_app(
@@ -288,15 +302,19 @@ def main(argv: list[str] | None = None) -> int:
         link = ManagerLink(args.control_fd, stats)
         _warm_up()
         heap.reserve(args.reserve_mb)
+        if can_preload():
+            link.preloader.start()
         link.events.send("spare", pid=os.getpid())
         assignment = link.wait_for_model()
         if assignment is None:
             return 0  # the manager went away before giving us a model
         settings, listen_fd = assignment
         sock = socket.socket(fileno=listen_fd)
+        preloaded = link.preloader.take(settings.get("served_model_path"))
     else:
         settings = _standalone_settings(args)
         sock = _standalone_socket(args)
+        preloaded = None
     channel = link.events if link else StatusChannel(None)
     model_id = str(settings["model_id"])
     # With POOL_LOG_FILE, each model's worker logs to its own file next to the manager's.
@@ -304,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if settings.get("backend") in REMOTE_BACKENDS:
         return _serve_remote(settings, args, sock, stats, channel)
-    local = _load_reporting_failure(model_id, channel, lambda: create_backend(settings))
+    local = _load_reporting_failure(
+        model_id, channel, lambda: create_backend(settings, preloaded=preloaded)
+    )
     if local is None:
         return EXIT_LOAD_FAILED
     backend, load = local

@@ -77,6 +77,7 @@ def model_view(pool: ModelPool, record: ModelRecord) -> dict[str, Any]:
         "loaded_at": _iso(record.loaded_at),
         "load_seconds": _round(record.load_seconds, 3),
         "load_breakdown_ms": {k: round(v * 1000, 1) for k, v in record.load_phases.items()},
+        "weights_preloaded": record.weights_preloaded,
         "memory_rss_mb": _round(rss / 2**20 if rss is not None else None),
         "memory_estimate_mb": round(record.memory_estimate / 2**20) if worker else None,
         "vram_mb": _round(vram / 2**20 if vram is not None else None),
@@ -290,6 +291,7 @@ def create_app(
             "memory": pool.memory_summary(),
             "available_ports": pool.available_ports(),
             "spare_workers": len(pool.spare_pids),
+            "preloaded_models": pool.preloaded_model_ids,
             "last_reload_error": pool.last_reload_error,
         }
 

@@ -64,6 +64,10 @@ class PoolConfig(BaseModel):
     # model needs, 0: none. The spare holds it while idle; a loaded worker keeps only
     # what its model uses.
     spare_reserve_mb: int | None = Field(default=None, ge=0, le=1_048_576)
+    # How many COLD local models each spare loads the weights of ahead (most recently
+    # used first), so that loading one skips llama.cpp's model load; 0: none. Costs the
+    # spare the models' vocabularies (~16 MB for SmolLM2) besides the shared page cache.
+    spare_preload: int = Field(default=4, ge=0, le=64)
     # Where widened copies of slow-on-CPU weights go (see model_service/weights.py);
     # default $POOL_WEIGHTS_CACHE, else ~/.cache/model-pool/weights.
     weights_cache_dir: str | None = None

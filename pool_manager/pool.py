@@ -130,6 +130,7 @@ class ModelRecord:
     # Where the last load's time went: the worker's steps plus `handoff` (the manager,
     # the control socket and the worker picking the command up), in seconds.
     load_phases: dict[str, float] = field(default_factory=dict)
+    weights_preloaded: bool | None = None  # the last load found its weights in a spare
     memory_estimate: int = 0  # bytes, set when a load starts
     keep_alive: float | None = None  # seconds to keep after the running request, if asked
     consecutive_failures: int = 0
@@ -185,6 +186,7 @@ class ModelPool:
 
     async def start(self) -> None:
         """Start the background loops; warmup models load in the background."""
+        self._refresh_preload()
         self._spares.refill()
         self._spawn_background(self._reap_idle_models(), "reaper")
         self._spawn_background(self._watch_files(), "file-watch")
@@ -233,6 +235,33 @@ class ModelPool:
     @property
     def spare_pids(self) -> list[int]:
         return self._spares.pids
+
+    @property
+    def preloaded_model_ids(self) -> list[str]:
+        """COLD models whose weights a spare has loaded ahead."""
+        loaded = self._spares.preloaded
+        return [model_id for model_id, path in self._preload_files().items() if path in loaded]
+
+    def _refresh_preload(self) -> None:
+        """Tell the spares which models to load ahead (called whenever the set may change)."""
+        self._spares.preload(list(self._preload_files().values()))
+
+    def _preload_files(self) -> dict[str, str]:
+        """model id -> served file, for the spare_preload COLD local models likeliest to be
+        loaded next: the most recently used first, then the rest in registry order. Only
+        files that exist: a widened copy not made yet is made by the first load."""
+        cold = [r for r in self._records.values() if r.spec.is_local and r.state is S.COLD]
+        cold.sort(key=lambda r: -r.last_used_mono)  # stable: never used (0) keep their order
+        files: dict[str, str] = {}
+        for record in cold:
+            if len(files) >= self.config.spare_preload:
+                break
+            with contextlib.suppress(InvalidModel, BackendError, OSError):
+                source = Path(self._model_file(record.spec))
+                path = served_path(source, record.spec.weights, self._weights_folder)
+                if path.is_file():
+                    files[record.model_id] = str(path)
+        return files
 
     def _spawn_background(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -357,6 +386,7 @@ class ModelPool:
         self._ports.set_range(self.config.port_range.start, self.config.port_range.end)
         self._spares.size = self.config.spare_workers
         self._spares.refill()
+        self._refresh_preload()
         self._reaper_wakeup.set()
 
     def update_config(self, changes: dict[str, Any]) -> PoolConfig:
@@ -374,6 +404,7 @@ class ModelPool:
     def _save_registry(self) -> None:
         self._store.save_registry([r.spec for r in self._records.values()])
         self._files_seen = self._store.fingerprint()  # our own write is not an edit
+        self._refresh_preload()
 
     # --- hot reload -------------------------------------------------------------------------
 
@@ -422,6 +453,7 @@ class ModelPool:
         for record in leaving:
             if self._records.get(record.model_id) is record:
                 del self._records[record.model_id]
+        self._refresh_preload()
         summary = {"applied": True, "added": added, "removed": removed, "changed": changed}
         log.info("config and registry reloaded", extra=summary)
         return summary
@@ -540,6 +572,7 @@ class ModelPool:
         record.load_seconds = time.perf_counter() - started
         handoff = max(0.0, record.load_seconds - ready.load_seconds)
         record.load_phases = {"handoff": handoff, **ready.load_phases}
+        record.weights_preloaded = ready.weights_preloaded
         record.loaded_at = time.time()
         record.consecutive_failures = 0
         record.last_error = None
@@ -970,6 +1003,10 @@ class ModelPool:
         log.info("state change", extra=fields)
         self._publish({"type": "state", "time": time.time(), **fields})
         self._reaper_wakeup.set()
+        if new is not S.WARMING:
+            # COLD models are the ones spares load ahead. Not yet when one starts loading:
+            # the spare about to be handed it would drop its weights first.
+            self._refresh_preload()
 
 
 def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

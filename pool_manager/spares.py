@@ -26,12 +26,24 @@ class SparePool:
         self.size = size
         self._start_spare = start_spare
         self._spares: list[WorkerProcess] = []
+        self._preload: list[str] = []  # model files spares should load ahead
         self._refill: asyncio.Task[None] | None = None
         self._closed = False
 
     @property
     def pids(self) -> list[int]:
         return [w.pid for w in self._spares if w.returncode is None]
+
+    @property
+    def preloaded(self) -> set[str]:
+        """Files some spare has loaded ahead."""
+        return {path for w in self._spares if w.returncode is None for path in w.preloaded}
+
+    def preload(self, paths: list[str]) -> None:
+        """Have every spare, now and later, keep these model files loaded ahead."""
+        self._preload = list(paths)
+        for worker in self._spares:
+            worker.preload(self._preload)
 
     @property
     def reserved_bytes(self) -> int:
@@ -59,10 +71,12 @@ class SparePool:
         await asyncio.sleep(delay)
         while not self._closed and len(self._spares) < self.size:
             try:
-                self._spares.append(await self._start_spare())
+                spare = await self._start_spare()
             except OSError as exc:
                 log.error("could not start a spare worker", extra={"reason": str(exc)})
                 return
+            spare.preload(self._preload)
+            self._spares.append(spare)
 
     async def close(self) -> None:
         """Stop every spare (they hold no model and no request)."""

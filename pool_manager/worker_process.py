@@ -4,10 +4,10 @@ A worker starts as a spare: Python, FastAPI and llama.cpp imported, no model. As
 it a model sends the model's settings and a listening socket the manager already bound
 (so nothing can take the port in between) over the control socket; the worker loads the
 weights and reports `ready` the moment it serves. Manager and worker share:
-- the control socket (a Unix socketpair): commands to the worker (`load` with the
-  listening socket attached, `drain`, `abort`) and JSON-line events from it (`spare`,
-  `ready`, `failed`, `start`, `end`). When the manager dies, the worker reads EOF and
-  shuts itself down (no orphans);
+- the control socket (a Unix socketpair): commands to the worker (`preload`, `load`
+  with the listening socket attached, `threads`, `drain`, `abort`) and JSON-line events
+  from it (`spare`, `preloaded`, `ready`, `failed`, `start`, `end`). When the manager
+  dies, the worker reads EOF and shuts itself down (no orphans);
 - the listening socket, once assigned.
 Nothing is polled: process exit is noticed by waiting on the process.
 """
@@ -37,6 +37,7 @@ class WorkerReady:
     port: int
     load_seconds: float
     load_phases: dict[str, float]  # the worker's own steps, seconds each
+    weights_preloaded: bool  # the spare had loaded the weights ahead
 
 
 class WorkerStartError(Exception):
@@ -59,6 +60,8 @@ class WorkerProcess:
         self.port: int = 0
         self.reserved_bytes = 0  # heap mapped ahead while a spare (see model_service.heap)
         self.threads: int | None = None  # the share of the cores last sent
+        self.preload_sent: list[str] | None = None  # files last asked to load ahead
+        self.preloaded: list[str] = []  # files a spare reports loaded ahead
         self._process = process
         self._control = control  # we send on it; a duplicate feeds the event reader
         self._on_activity: ActivityCallback | None = None
@@ -169,8 +172,11 @@ class WorkerProcess:
                         {str(k): float(v) for k, v in phases.items()}
                         if isinstance(phases, dict)
                         else {},
+                        bool(message.get("weights_preloaded")),
                     )
                 )
+            elif event == "preloaded":
+                self.preloaded = [str(path) for path in message.get("paths") or []]
             elif event == "spare" and not self._spare_ready.done():
                 self._spare_ready.set_result(None)
             elif event == "failed":
@@ -202,6 +208,12 @@ class WorkerProcess:
         if threads != self.threads:
             self.threads = threads
             self._command_json({"cmd": "threads", "n": threads})
+
+    def preload(self, paths: list[str]) -> None:
+        """Tell a spare which models' files to load ahead, likeliest first (sent on change)."""
+        if paths != self.preload_sent:
+            self.preload_sent = list(paths)
+            self._command_json({"cmd": "preload", "paths": paths})
 
     def begin_drain(self) -> None:
         """Tell the worker to refuse new requests (503) while it finishes the others."""

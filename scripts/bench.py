@@ -19,8 +19,10 @@ read by a small httpx client:
    (`completion_tokens` == 128, or `finish_reason` "stop");
 3. warm time to first token (short prompt, `max_tokens` 1), median;
 4. cold start: unload `bench:cold`, wait until the spare worker is back (GET /health
-   `spare_workers` >= 1 and the spare idle), then time `POST /models/bench:cold/load` and
-   the first streamed token of a request to its endpoint; median of several rounds;
+   `spare_workers` >= 1 and the spare idle) and has loaded the model's weights ahead
+   (`preloaded_models`), then time `POST /models/bench:cold/load` and the first streamed
+   token of a request to its endpoint; median of several rounds. Then the same with
+   `spare_preload: 0` (set by PATCH /config): a spare without weights;
 5. time to first token with a ~1,000-token system prompt, the first time and repeated
    (same system prompt, another question), with `usage.prompt_tokens_details.cached_tokens`;
 6. worker, spare and manager resident memory (psutil);
@@ -617,17 +619,22 @@ class Manager:
             await asyncio.sleep(0.1)
         raise RuntimeError(f"{model_id} did not serve within {timeout:g} s")
 
-    async def wait_spare(self, timeout: float = SPARE_WAIT_S) -> float:
+    async def wait_spare(
+        self, timeout: float = SPARE_WAIT_S, preloaded: str | None = None
+    ) -> float:
         """Wait until a spare worker exists and is idle (imports done); returns the wait.
 
         GET /health `spare_workers` counts a spare as soon as it is started; its CPU time
-        no longer growing is what says its imports are done.
+        no longer growing is what says its imports are done. With `preloaded`, also wait
+        until GET /health lists that model as loaded ahead in a spare.
         """
         started = time.monotonic()
         deadline = started + timeout
         while time.monotonic() < deadline:
             health = await self.health()
-            if health.get("spare_workers", 1) >= 1:
+            if health.get("spare_workers", 1) >= 1 and (
+                preloaded is None or preloaded in health.get("preloaded_models", ())
+            ):
                 break
             await asyncio.sleep(0.05)
         else:
@@ -987,19 +994,23 @@ class Bench:
             "bench_client_rss_mb": rss_mb(os.getpid()),
         }
 
-    async def cold_start(self) -> None:
-        log(f"cold start, {self.plan.cold_rounds} rounds")
+    async def cold_start(self, preload: bool) -> None:
+        """Rounds of COLD -> first token; `preload`: with the spare loading the model's
+        weights ahead (the default, `spare_preload`), else with a spare that has none."""
+        key = "cold_start" if preload else "cold_start_spare_only"
+        reply = await self.manager.api.patch("/config", json={"spare_preload": 4 if preload else 0})
+        reply.raise_for_status()
+        log(f"cold start, {self.plan.cold_rounds} rounds, weights loaded ahead: {preload}")
         rounds: list[dict[str, Any]] = []
         for i in range(self.plan.cold_rounds):
-            view = await self.manager.model(COLD)
-            if view["state"] != "COLD":
+            if (await self.manager.model(COLD))["state"] != "COLD":
                 reply = await self.manager.api.post(
                     f"/models/{COLD}/unload", timeout=LOAD_TIMEOUT_S
                 )
                 if reply.status_code != 200:
                     self.problems.append(f"unload {COLD}: HTTP {reply.status_code} {reply.text}")
                     break
-            spare_wait = await self.manager.wait_spare()
+            spare_wait = await self.manager.wait_spare(preloaded=COLD if preload else None)
             started = time.perf_counter()
             view = await self.load(COLD)
             loaded = time.perf_counter()
@@ -1020,16 +1031,19 @@ class Bench:
                     "total_ms": _round(ms(first - started) if first else None),
                     "second_request_ttft_ms": _round(ms(again.ttft_s)),
                     "breakdown_ms": view.get("load_breakdown_ms") or {},
+                    "weights_preloaded": view.get("weights_preloaded"),
                     "error": result.error or again.error,
                 }
             )
-        cold_view = await self.manager.model(COLD)
-        self.results["memory"]["cold_worker_rss_mb"] = rss_mb(cold_view.get("pid"))
+        if preload:
+            cold_view = await self.manager.model(COLD)
+            self.results["memory"]["cold_worker_rss_mb"] = rss_mb(cold_view.get("pid"))
 
         def med(key: str) -> float | None:
             return _round(median([r[key] for r in rounds if r[key] is not None]))
 
-        self.results["cold_start"] = {
+        self.results[key] = {
+            "weights_loaded_ahead": preload,
             "rounds": rounds,
             "load_call_ms": med("load_call_ms"),
             "load_seconds_reported_ms": med("load_seconds_reported_ms"),
@@ -1106,7 +1120,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             with bench.phase("weights as stored"):
                 await bench.as_stored()
             with bench.phase("cold start"):
-                await bench.cold_start()
+                await bench.cold_start(preload=True)
+            with bench.phase("cold start, spare only"):
+                await bench.cold_start(preload=False)
     except (TimeoutError, RuntimeError, httpx.HTTPError) as exc:
         failed = True
         reason = str(exc) or (
@@ -1325,6 +1341,16 @@ def figures_rows(results: dict[str, Any]) -> list[list[str]]:
         by_name["cold start (median)"]["pass"],
         " ms",
     )
+    if results.get("cold_start_spare_only"):
+        row(
+            "cold start, spare_preload 0 (spare without weights)",
+            _get(results, "cold_start_spare_only", "total_ms"),
+            None,
+            ANCHOR["cold_start_ms"],
+            "",
+            None,
+            " ms",
+        )
     row(
         "~1,000-token system prompt, first TTFT",
         sysp.get("first_ttft_ms"),
@@ -1405,11 +1431,22 @@ def concurrency_table(results: dict[str, Any]) -> str:
     return md_table(header, rows)
 
 
-def cold_table(results: dict[str, Any]) -> str:
-    cold = results.get("cold_start") or {}
+def _breakdown_text(results: dict[str, Any], key: str) -> str:
+    phases = _get(results, key, "breakdown_ms") or {}
+    return (
+        "Where a load's time went (medians, ms, from `load_breakdown_ms` of "
+        "`POST /models/{id}/load`): "
+        + (", ".join(f"{name} {fmt(value)}" for name, value in phases.items()) or "-")
+        + "."
+    )
+
+
+def cold_table(results: dict[str, Any], key: str = "cold_start") -> str:
+    cold = results.get(key) or {}
     rows = [
         [
             str(i + 1),
+            {True: "yes", False: "no"}.get(r.get("weights_preloaded"), "-"),
             fmt(r["load_call_ms"]),
             fmt(r["load_seconds_reported_ms"]),
             fmt(r["first_token_after_load_ms"]),
@@ -1422,6 +1459,7 @@ def cold_table(results: dict[str, Any]) -> str:
     rows.append(
         [
             "**median**",
+            "",
             fmt(cold.get("load_call_ms")),
             fmt(cold.get("load_seconds_reported_ms")),
             fmt(cold.get("first_token_after_load_ms")),
@@ -1432,6 +1470,7 @@ def cold_table(results: dict[str, Any]) -> str:
     )
     header = [
         "round",
+        "weights loaded ahead",
         "POST load (ms)",
         "of which load_seconds (ms)",
         "first token after load (ms)",
@@ -1541,6 +1580,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
         concurrency_table(results),
         "## Cold start",
         cold_table(results),
+        "## Cold start, spare_preload 0",
+        cold_table(results, "cold_start_spare_only"),
         "## System prompt reuse",
         system_table(results),
         "## Memory",
@@ -1609,24 +1650,29 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
         "to first token includes a whole generation.",
         concurrency_table(results),
         "### Cold start",
-        "Each round unloads `bench:cold`, waits until the spare worker is back and idle, "
-        "then times `POST /models/bench:cold/load` (it returns when the worker serves; "
+        "Each round unloads `bench:cold`, waits until the spare worker is back and idle "
+        "and GET /health lists `bench:cold` in `preloaded_models` (the spare has loaded its "
+        "weights ahead: `spare_preload`, on by default), then times "
+        "`POST /models/bench:cold/load` (it returns when the worker serves; "
         "`load_seconds` is the manager's own figure for that load) and a streamed request "
         "(`max_tokens` 1) to the endpoint it returned, up to its first token. A second "
         "request follows on the same fresh worker (`next request's TTFT`). The manager "
         "starts a new spare 2 s after a load, so the measured requests have the CPU.",
         cold_table(results),
-        "Where a load's time goes (medians, ms, from `load_breakdown_ms` of "
-        "`POST /models/{id}/load`): "
-        + ", ".join(
-            f"{name} {fmt(value)}"
-            for name, value in (_get(results, "cold_start", "breakdown_ms") or {}).items()
-        )
-        + ". `handoff`: the manager choosing a port and the spare, and the spare reading "
+        _breakdown_text(results, "cold_start"),
+        "#### Cold start from a spare without weights (`spare_preload: 0`)",
+        'The same rounds with `PATCH /config {"spare_preload": 0}`: the spare has its '
+        "imports done and its heap mapped but no model, and llama.cpp loads the weights "
+        "after the load call (`load_model`).",
+        cold_table(results, "cold_start_spare_only"),
+        _breakdown_text(results, "cold_start_spare_only"),
+        "`handoff`: the manager choosing a port and the spare, and the spare reading "
         "its command; `prepare_weights`: finding the Q8_0 copy; `load_model`: llama.cpp "
-        "reading the GGUF (mostly its 49,152-token vocabulary); `create_context`: the KV "
+        "reading the GGUF (mostly its 49,152-token vocabulary), or taking the model the "
+        "spare loaded ahead; `create_context`: the KV "
         "cache and compute buffers, in memory the spare mapped ahead "
-        "(`spare_reserve_mb`); `chat_template`: compiling the Jinja template; "
+        "(`spare_reserve_mb`); `chat_template`: compiling the Jinja template and "
+        "restoring the saved KV cache of the template's opening; "
         "`start_server`: building the app and accepting on the socket.",
         "### System prompt reuse",
         f"A support-bot system prompt of {fmt(system_tokens)} tokens ({fmt(prompt_tokens)} "

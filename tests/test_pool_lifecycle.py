@@ -495,8 +495,10 @@ def test_extension_survives_the_next_request(start_manager: ManagerFactory) -> N
 
 
 def test_transient_load_failures_are_retried_then_failed(start_manager: ManagerFactory) -> None:
+    # No spares: each try starts a process, whose imports alone take far over 50 ms (a
+    # spare with the weights loaded ahead can serve within 50 ms).
     manager = start_manager(
-        config={"load_timeout_seconds": 0.05, "max_load_failures": 3},
+        config={"load_timeout_seconds": 0.05, "max_load_failures": 3, "spare_workers": 0},
         models=[model_entry(CODER)],
     )
     reply = manager.request("POST", f"/models/{CODER}/load")

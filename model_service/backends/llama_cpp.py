@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -42,14 +43,31 @@ def _drop_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 
 
 _backend_ready = False
+_backend_lock = threading.Lock()  # a spare's preloader thread may get here first
 
 
 def _init_llama_once() -> None:
     global _backend_ready
-    if not _backend_ready:
-        llama_cpp.llama_log_set(_drop_log, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-        _backend_ready = True
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_log_set(_drop_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def open_model(path: str) -> LlamaModel:
+    """llama.cpp's model (weights and vocabulary; no context) from a GGUF file.
+
+    Raises ValueError or RuntimeError when llama.cpp cannot load it.
+    """
+    _init_llama_once()
+    return LlamaModel(path_model=path, params=llama_cpp.llama_model_default_params(), verbose=False)
+
+
+def can_preload() -> bool:
+    """Whether loading weights ahead costs only host memory: not on a GPU build, where
+    llama.cpp would put them in GPU memory for a model that is not running."""
+    return not llama_cpp.llama_supports_gpu_offload()
 
 
 @lru_cache(maxsize=64)
@@ -98,7 +116,10 @@ class _Sequence:
 
 
 class LlamaCppBackend(Backend):
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], preloaded: LlamaModel | None = None) -> None:
+        """`preloaded`: the served file's model, loaded ahead by a spare (`preload`)."""
+        self._preloaded = preloaded
+        self.weights_preloaded = False  # whether load() used `preloaded`
         self._model_path = str(settings["model_path"])
         self._weights: WeightsMode = settings.get("weights") or "auto"
         self._weights_cache = settings.get("weights_cache_dir")
@@ -140,23 +161,23 @@ class LlamaCppBackend(Backend):
         # where llama.cpp would only say it failed.
         started = time.perf_counter()
         path = Path(self._model_path)
-        check_header(path)
-        _init_llama_once()
-        if self.served_path is None:
-            planned = served_path(path, self._weights, cache_dir(self._weights_cache))
-        else:
-            planned = Path(self.served_path)
-        self.served_path = str(ensure_served(path, planned))
+        model, self._preloaded = self._preloaded, None
+        self.weights_preloaded = model is not None
+        if model is None:
+            check_header(path)
+            served = self.served_path
+            if served is None:
+                planned = served_path(path, self._weights, cache_dir(self._weights_cache))
+            else:
+                planned = Path(served)
+            self.served_path = str(ensure_served(path, planned))
         weights_at = time.perf_counter()
-        try:
-            model = LlamaModel(
-                path_model=self.served_path,
-                params=llama_cpp.llama_model_default_params(),
-                verbose=False,
-            )
-        except (ValueError, RuntimeError) as exc:
-            read_metadata(path)  # names the problem (say, a truncated file) if it can
-            raise BackendError(f"llama.cpp could not load {self._model_path}: {exc}") from exc
+        if model is None:
+            try:
+                model = open_model(str(self.served_path))
+            except (ValueError, RuntimeError) as exc:
+                read_metadata(path)  # names the problem (say, a truncated file) if it can
+                raise BackendError(f"llama.cpp could not load {self._model_path}: {exc}") from exc
         model_at = time.perf_counter()
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self._n_ctx * self._slots

@@ -1,0 +1,148 @@
+"""Weights a spare worker loads ahead, so that a cold start skips llama.cpp's model load.
+
+Loading SmolLM2 from the page cache takes llama.cpp about 80 ms on this project's 2-core
+machine, mostly building its 49,152-token vocabulary: half of a cold start. The manager
+tells each spare which COLD local models are likeliest to be asked for next (the
+`preload` command: their served files, best first); the spare loads their weights on a
+thread, without a context (no KV cache, no compute buffers). When the manager then hands
+it one of them, the worker takes that model as loaded and the others are freed.
+
+While a spare waits, each preloaded model costs its mapped file (page cache, shared with
+every other reader of the file) and its vocabulary on the heap (~16 MB for SmolLM2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+IDLE_NICE = 19
+FileVersion = tuple[int, int, int, int]  # device, inode, size, mtime: "the same file"
+
+
+def _file_version(path: str) -> FileVersion | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+class Preloader:
+    """Owns the models a spare loaded ahead; loads and frees them on its own thread.
+
+    `want` (the manager's latest list) and `take` (once, at assignment) may be called
+    from any thread.
+    """
+
+    def __init__(
+        self,
+        open_model: Callable[[str], Any],
+        close_model: Callable[[Any], None],
+        on_change: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        self._open = open_model
+        self._close = close_model
+        self._on_change = on_change  # told the loaded paths after each change
+        self._changed = threading.Condition()
+        self._wanted: list[str] = []
+        self._loaded: dict[str, tuple[FileVersion, Any]] = {}
+        self._failed: set[tuple[str, FileVersion | None]] = set()  # not tried again
+        self._loading: str | None = None
+        self._taken = False
+        self._claimed: str | None = None  # the path `take` asked for, kept from freeing
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Begin loading (after the spare's own warm-up, which needs the CPU first)."""
+        self._thread = threading.Thread(target=self._run, name="preload", daemon=True)
+        self._thread.start()
+
+    def want(self, paths: list[str]) -> None:
+        """Keep these files loaded (in this order of preference); free any other."""
+        with self._changed:
+            self._wanted = list(dict.fromkeys(paths))
+            self._changed.notify_all()
+
+    def loaded(self) -> list[str]:
+        with self._changed:
+            return list(self._loaded)
+
+    def take(self, path: str | None) -> Any | None:
+        """The model loaded from `path`, if it is (or is being) loaded and the file has not
+        changed since; None otherwise. Ends preloading: the rest is freed on the thread."""
+        with self._changed:
+            self._taken, self._claimed = True, path
+            self._wanted = []
+            self._changed.notify_all()
+            while path is not None and self._loading == path:
+                self._changed.wait()  # the very model: finishing it beats starting over
+            version, model = self._loaded.pop(path, (None, None)) if path else (None, None)
+        if model is not None and version != _file_version(str(path)):
+            self._close(model)  # the file was replaced after it was loaded
+            return None
+        return model
+
+    def _run(self) -> None:
+        # Lowest priority: loading ahead must not slow the workers that serve, nor this
+        # worker's first requests while it frees what it no longer needs (Linux: per thread).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IDLE_NICE)
+        while True:
+            with self._changed:
+                while not self._taken and self._next() is None and not self._unwanted():
+                    self._changed.wait()
+                unwanted = self._unwanted()
+                for gone in unwanted:
+                    del self._loaded[gone]
+                path = None if self._taken else self._next()
+                self._loading = path
+            for _, model in unwanted.values():
+                self._close(model)
+            if unwanted:
+                self._report()
+            if path is None:
+                if self._taken:
+                    return
+                continue
+            version = _file_version(path)
+            model = None
+            try:
+                model = self._open(path)
+            except (ValueError, RuntimeError, OSError) as exc:
+                log.warning("could not preload", extra={"path": path, "reason": str(exc)})
+            with self._changed:
+                self._loading = None
+                if model is None:
+                    self._failed.add((path, version))
+                elif version is not None:
+                    self._loaded[path] = (version, model)  # freed next round if unwanted
+                    model = None
+                self._changed.notify_all()
+            if model is not None:
+                self._close(model)  # the file vanished while it loaded
+            self._report()
+
+    def _next(self) -> str | None:
+        """The first wanted file not loaded yet (and not failed in this version)."""
+        for path in self._wanted:
+            if path not in self._loaded and (path, _file_version(path)) not in self._failed:
+                return path
+        return None
+
+    def _unwanted(self) -> dict[str, tuple[FileVersion, Any]]:
+        return {
+            p: entry
+            for p, entry in self._loaded.items()
+            if p not in self._wanted and p != self._claimed
+        }
+
+    def _report(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.loaded())

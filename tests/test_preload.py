@@ -1,0 +1,194 @@
+"""Spares load COLD models' weights ahead; a load then skips llama.cpp's model load.
+
+The Preloader tests drive the real class with the real llama.cpp loader on the shipped
+SmolLM2 file; only the timing of a load is held back, by a gate, where a test needs a
+load in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import openai
+import pytest
+
+from model_service.backends.llama_cpp import open_model
+from model_service.model_files import package_file
+from model_service.preload import Preloader
+from tests.conftest import SMOLLM2_FILE, ManagerFactory, model_entry, wait_for
+
+VOCAB_SIZE = 49152  # SmolLM2's
+
+
+def _health(manager: Any) -> dict[str, Any]:
+    reply = manager.request("GET", "/health")
+    reply.raise_for_status()
+    health: dict[str, Any] = reply.json()
+    return health
+
+
+def test_a_cold_model_loads_from_weights_a_spare_loaded_ahead(
+    start_manager: ManagerFactory, model_copy: str
+) -> None:
+    other = model_entry("other:1", model_path=model_copy, weights="as_stored")
+    del other["package_file"]
+    manager = start_manager(models=[model_entry("m:1"), other])
+    # The first load makes the widened Q8_0 copy if this session has none yet; only
+    # files that exist are loaded ahead.
+    manager.load("m:1")
+    manager.request("POST", "/models/m:1/unload").raise_for_status()
+    manager.wait_state("m:1", "COLD")
+    wait_for(
+        lambda: set(_health(manager)["preloaded_models"]) == {"m:1", "other:1"},
+        60,
+        message="the spare to load the models' weights ahead",
+    )
+
+    model = manager.load("m:1")
+    assert model["weights_preloaded"] is True
+    # Taken, not loaded: well under the ~80 ms llama.cpp's load of this file takes.
+    assert model["load_breakdown_ms"]["load_model"] < 20, model["load_breakdown_ms"]
+    client = openai.OpenAI(base_url=f"{manager.url}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        model="m:1",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert reply.choices[0].message.content and reply.usage and reply.usage.completion_tokens > 0
+    # A HOT model is not loaded ahead; the other one, still COLD, is once a new spare is up.
+    wait_for(
+        lambda: _health(manager)["preloaded_models"] == ["other:1"],
+        60,
+        message="the new spare to load only the COLD model",
+    )
+
+
+def test_spare_preload_zero_loads_nothing_ahead(start_manager: ManagerFactory) -> None:
+    manager = start_manager(config={"spare_preload": 0}, models=[model_entry("m:1")])
+    manager.load("m:1")
+    manager.request("POST", "/models/m:1/unload").raise_for_status()
+    manager.wait_state("m:1", "COLD")
+    wait_for(lambda: _health(manager)["spare_workers"] == 1, 60, message="a new spare")
+    assert _health(manager)["preloaded_models"] == []
+    model = manager.load("m:1")
+    assert model["weights_preloaded"] is False
+    assert model["load_breakdown_ms"]["load_model"] > 0
+
+
+# --- the Preloader itself -------------------------------------------------------------------
+
+
+class _Closes:
+    """The real close, noting which models it freed."""
+
+    def __init__(self) -> None:
+        self.closed: list[Any] = []
+
+    def __call__(self, model: Any) -> None:
+        self.closed.append(model)
+        model.close()
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path) -> str:
+    target = tmp_path / "smollm2.gguf"
+    shutil.copyfile(package_file(SMOLLM2_FILE), target)
+    return str(target)
+
+
+def _vocab_size(model: Any) -> int:
+    return int(llama_cpp.llama_vocab_n_tokens(model.vocab))
+
+
+def test_preloader_hands_over_the_wanted_model_and_frees_the_rest(
+    model_copy: str, tmp_path: Path
+) -> None:
+    second = str(tmp_path / "second.gguf")
+    shutil.copyfile(model_copy, second)
+    closes = _Closes()
+    reports: list[list[str]] = []
+    preloader = Preloader(open_model, closes, on_change=reports.append)
+    preloader.want([model_copy, second])
+    preloader.start()
+    wait_for(lambda: len(preloader.loaded()) == 2, 30, message="both files loaded")
+    assert reports[-1] == [model_copy, second]
+
+    model = preloader.take(second)
+    assert model is not None and _vocab_size(model) == VOCAB_SIZE
+    wait_for(lambda: len(closes.closed) == 1, 30, message="the other model to be freed")
+    assert closes.closed[0] is not model and preloader.loaded() == []
+    model.close()
+
+
+def test_preloader_frees_what_is_no_longer_wanted(model_copy: str) -> None:
+    closes = _Closes()
+    preloader = Preloader(open_model, closes)
+    preloader.start()
+    preloader.want([model_copy])
+    wait_for(lambda: preloader.loaded() == [model_copy], 30, message="the file loaded")
+    preloader.want([])
+    wait_for(lambda: preloader.loaded() == [] and closes.closed, 30, message="it to be freed")
+    assert preloader.take(model_copy) is None
+
+
+def test_preloader_does_not_hand_over_weights_of_a_replaced_file(model_copy: str) -> None:
+    closes = _Closes()
+    preloader = Preloader(open_model, closes)
+    preloader.want([model_copy])
+    preloader.start()
+    wait_for(lambda: preloader.loaded() == [model_copy], 30, message="the file loaded")
+    stat = os.stat(model_copy)
+    os.utime(model_copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert preloader.take(model_copy) is None
+    assert len(closes.closed) == 1, "the stale model is freed"
+
+
+def test_take_waits_for_the_model_being_loaded(model_copy: str) -> None:
+    gate, started = threading.Event(), threading.Event()
+
+    def gated_open(path: str) -> Any:
+        started.set()
+        assert gate.wait(30)
+        return open_model(path)
+
+    preloader = Preloader(gated_open, _Closes())
+    preloader.want([model_copy])
+    preloader.start()
+    assert started.wait(30)
+    taken: list[Any] = []
+    taker = threading.Thread(target=lambda: taken.append(preloader.take(model_copy)))
+    taker.start()
+    taker.join(0.2)  # a short look: take must still be waiting for the load
+    assert taker.is_alive() and not taken
+    gate.set()
+    taker.join(30)
+    assert taken and taken[0] is not None and _vocab_size(taken[0]) == VOCAB_SIZE
+    taken[0].close()
+
+
+def test_a_file_that_fails_to_load_is_skipped_and_not_retried(
+    model_copy: str, tmp_path: Path
+) -> None:
+    broken = str(tmp_path / "broken.gguf")
+    Path(broken).write_bytes(b"GGUF" + b"\0" * 64)
+    attempts: list[str] = []
+
+    def counting_open(path: str) -> Any:
+        attempts.append(path)
+        return open_model(path)
+
+    preloader = Preloader(counting_open, _Closes())
+    preloader.start()
+    preloader.want([broken])
+    wait_for(lambda: attempts, 30, message="a load attempt")
+    # Asked again, first in line: the same broken file is skipped, the next one loads.
+    preloader.want([broken, model_copy])
+    wait_for(lambda: preloader.loaded() == [model_copy], 30, message="the good file loaded")
+    assert attempts == [broken, model_copy]
+    assert preloader.take(broken) is None
