@@ -17,12 +17,14 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 IDLE_NICE = 19
+FREE_DELAY_SECONDS = 5.0
 FileVersion = tuple[int, int, int, int]  # device, inode, size, mtime: "the same file"
 
 
@@ -46,7 +48,9 @@ class Preloader:
         open_model: Callable[[str], Any],
         close_model: Callable[[Any], None],
         on_change: Callable[[list[str]], None] | None = None,
+        free_delay: float = FREE_DELAY_SECONDS,
     ) -> None:
+        self._free_delay = free_delay  # after `take`, before freeing the rest
         self._open = open_model
         self._close = close_model
         self._on_change = on_change  # told the loaded paths after each change
@@ -76,7 +80,8 @@ class Preloader:
 
     def take(self, path: str | None) -> Any | None:
         """The model loaded from `path`, if it is (or is being) loaded and the file has not
-        changed since; None otherwise. Ends preloading: the rest is freed on the thread."""
+        changed since; None otherwise. Ends preloading: the thread frees the rest
+        `free_delay` seconds later."""
         with self._changed:
             self._taken, self._claimed = True, path
             self._wanted = []
@@ -98,35 +103,43 @@ class Preloader:
             with self._changed:
                 while not self._taken and self._next() is None and not self._unwanted():
                     self._changed.wait()
-                unwanted = self._unwanted()
-                for gone in unwanted:
-                    del self._loaded[gone]
-                path = None if self._taken else self._next()
-                self._loading = path
-            for _, model in unwanted.values():
-                self._close(model)
-            if unwanted:
-                self._report()
-            if path is None:
                 if self._taken:
-                    return
-                continue
-            version = _file_version(path)
-            model = None
-            try:
-                model = self._open(path)
-            except (ValueError, RuntimeError, OSError) as exc:
-                log.warning("could not preload", extra={"path": path, "reason": str(exc)})
-            with self._changed:
-                self._loading = None
-                if model is None:
-                    self._failed.add((path, version))
-                elif version is not None:
-                    self._loaded[path] = (version, model)  # freed next round if unwanted
-                    model = None
-                self._changed.notify_all()
-            if model is not None:
-                self._close(model)  # the file vanished while it loaded
+                    break
+                unwanted = self._pop_unwanted()
+                path = self._loading = self._next()
+            self._free(unwanted)
+            if path is not None:
+                self._load(path)
+        # Handed a model: the new worker's start and first requests come before freeing
+        # the rest (freeing unmaps memory, which interrupts every core of the process).
+        time.sleep(self._free_delay)
+        with self._changed:
+            unwanted = self._pop_unwanted()
+        self._free(unwanted)
+
+    def _load(self, path: str) -> None:
+        version = _file_version(path)
+        model = None
+        try:
+            model = self._open(path)
+        except (ValueError, RuntimeError, OSError) as exc:
+            log.warning("could not preload", extra={"path": path, "reason": str(exc)})
+        with self._changed:
+            self._loading = None
+            if model is None:
+                self._failed.add((path, version))
+            elif version is not None:
+                self._loaded[path] = (version, model)  # freed next round if unwanted
+                model = None
+            self._changed.notify_all()
+        if model is not None:
+            self._close(model)  # the file vanished while it loaded
+        self._report()
+
+    def _free(self, models: list[Any]) -> None:
+        for model in models:
+            self._close(model)
+        if models:
             self._report()
 
     def _next(self) -> str | None:
@@ -136,12 +149,12 @@ class Preloader:
                 return path
         return None
 
-    def _unwanted(self) -> dict[str, tuple[FileVersion, Any]]:
-        return {
-            p: entry
-            for p, entry in self._loaded.items()
-            if p not in self._wanted and p != self._claimed
-        }
+    def _unwanted(self) -> list[str]:
+        return [p for p in self._loaded if p not in self._wanted and p != self._claimed]
+
+    def _pop_unwanted(self) -> list[Any]:
+        """Take the models no longer wanted out of the loaded set (the caller frees them)."""
+        return [self._loaded.pop(path)[1] for path in self._unwanted()]
 
     def _report(self) -> None:
         if self._on_change is not None:

@@ -113,7 +113,7 @@ def test_preloader_hands_over_the_wanted_model_and_frees_the_rest(
     shutil.copyfile(model_copy, second)
     closes = _Closes()
     reports: list[list[str]] = []
-    preloader = Preloader(open_model, closes, on_change=reports.append)
+    preloader = Preloader(open_model, closes, on_change=reports.append, free_delay=0.0)
     preloader.want([model_copy, second])
     preloader.start()
     wait_for(lambda: len(preloader.loaded()) == 2, 30, message="both files loaded")
