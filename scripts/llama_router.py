@@ -1,0 +1,197 @@
+"""llama.cpp's own `llama-server` in router mode, for scripts/bench.py's side-by-side run.
+
+`build()` compiles the `llama-server` target from the llama.cpp that the installed
+llama-cpp-python vendors (its source distribution, fetched with pip from the package
+index), once, into a cache folder outside the repository: about 6 minutes on 2 cores.
+`Router` runs it with `--models-dir` (a folder of links to the GGUF files, each model's
+name is its file name without `.gguf`), loads models on demand as the router does, and
+stops it and every instance it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+START_TIMEOUT_S = 60.0
+STATUS_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+# The anchor's settings (SPEC §9): 8 slots over an 8,192-token context, 2 threads.
+ROUTER_ARGS = ("-np", "8", "-t", "2", "-c", "8192", "--models-max", "4")
+CMAKE_OPTIONS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=ON",
+    "-DLLAMA_CURL=OFF",  # no downloads: models come from --models-dir
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",  # the prebuilt web UI would be downloaded
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+)
+
+
+def _log(message: str) -> None:
+    print(f"[llama-router] {message}", file=sys.stderr, flush=True)
+
+
+def default_build_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    version = metadata.version("llama_cpp_python")
+    return Path(base) / "model-pool" / f"llama-server-{version}"
+
+
+def build(folder: Path | None = None) -> Path:
+    """The llama-server binary, built into `folder` first if it is not there yet.
+
+    Raises RuntimeError (with the tool's output's end) if a step fails.
+    """
+    folder = folder or default_build_dir()
+    binary = folder / "build" / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    folder.mkdir(parents=True, exist_ok=True)
+    version = metadata.version("llama_cpp_python")
+    source = folder / f"llama_cpp_python-{version}"
+    if not source.is_dir():
+        with tempfile.TemporaryDirectory(dir=folder) as download:
+            _log(f"fetching llama-cpp-python {version}'s source distribution")
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    f"llama-cpp-python=={version}",
+                    "--no-binary",
+                    ":all:",
+                    "--no-deps",
+                    "--quiet",
+                    "-d",
+                    download,
+                ]
+            )
+            archive = next(Path(download).glob("*.tar.gz"))
+            with tarfile.open(archive) as tar:
+                tar.extractall(folder, filter="data")
+    llama_cpp = source / "vendor" / "llama.cpp"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    _log("configuring llama.cpp (cmake)")
+    _run(["cmake", "-S", str(llama_cpp), "-B", str(folder / "build"), *generator, *CMAKE_OPTIONS])
+    _log("building llama-server (about 6 minutes on 2 cores)")
+    jobs = str(len(os.sched_getaffinity(0)))
+    _run(["cmake", "--build", str(folder / "build"), "--target", "llama-server", "-j", jobs])
+    if not binary.is_file():
+        raise RuntimeError(f"the build finished without {binary}")
+    return binary
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr)[-2000:]
+        raise RuntimeError(f"{' '.join(command[:4])} ... failed ({done.returncode}):\n{tail}")
+
+
+def version(binary: Path) -> str:
+    done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False)
+    lines = [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("version")]
+    return lines[0] if lines else "unknown"
+
+
+class Router:
+    """One `llama-server` router process on a loopback port, and its model instances."""
+
+    def __init__(self, binary: Path, folder: Path, port: int, models: dict[str, Path]) -> None:
+        self.binary = binary
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.models_dir = folder / "router-models"
+        self.log_path = folder / "llama-server.log"
+        self.models = models  # name -> GGUF file
+        self.process: subprocess.Popen[bytes] | None = None
+        self.args = ["--models-dir", str(self.models_dir), *ROUTER_ARGS]
+        self.api = httpx.AsyncClient(base_url=self.url, timeout=30.0, trust_env=False)
+
+    async def start(self) -> None:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        for name, path in self.models.items():
+            (self.models_dir / f"{name}.gguf").symlink_to(path.resolve())
+        command = [str(self.binary), "--host", "127.0.0.1", "--port", str(self.port), *self.args]
+        with self.log_path.open("ab") as log:
+            # Its own session: stop() signals the router and the instances it spawned.
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.process.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await self.api.get("/models")).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"llama-server did not answer within {START_TIMEOUT_S:g} s")
+
+    async def status(self, name: str) -> str | None:
+        reply = await self.api.get("/models")
+        reply.raise_for_status()
+        for entry in reply.json().get("data", []):
+            if entry.get("id") == name:
+                status: Any = entry.get("status") or {}
+                return str(status.get("value")) if isinstance(status, dict) else str(status)
+        return None
+
+    async def unload(self, name: str) -> None:
+        """Unload `name` and wait until the router says it is unloaded."""
+        if await self.status(name) != "unloaded":
+            await self.api.post("/models/unload", json={"model": name})
+        await self._wait_status(name, "unloaded")
+
+    async def _wait_status(self, name: str, wanted: str) -> None:
+        deadline = time.monotonic() + STATUS_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if await self.status(name) == wanted:
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"llama-server: {name} not {wanted} within {STATUS_TIMEOUT_S:g} s")
+
+    def pids(self) -> list[int]:
+        """The router and the instances it runs."""
+        if self.process is None:
+            return []
+        with contextlib.suppress(Exception):
+            import psutil
+
+            router = psutil.Process(self.process.pid)
+            return [router.pid, *(c.pid for c in router.children(recursive=True))]
+        return []
+
+    async def stop(self) -> list[str]:
+        """SIGTERM the router's process group, SIGKILL what is left; returns problems."""
+        problems: list[str] = []
+        await self.api.aclose()
+        if self.process is None:
+            return problems
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            await asyncio.to_thread(self.process.wait, STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            problems.append(f"llama-server did not exit within {STOP_TIMEOUT_S:g} s of SIGTERM")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # instances left behind, if any
+        if self.process.poll() is None:
+            self.process.wait(10)
+        return problems
