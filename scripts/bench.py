@@ -1220,7 +1220,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         bench.results["router"] = {
             "binary": str(args.router),
             "version": llama_router.version(args.router),
-            "args": bench.router.args,
+            # The models folder is a temporary folder of links: named, not shown.
+            "args": ["--models-dir", "MODELS_DIR", *bench.router.args[2:]],
         }
     failed = False
     started = time.monotonic()
@@ -1778,7 +1779,8 @@ def router_section(results: dict[str, Any]) -> list[str]:
         f"`{theirs.get('version')}`, built from the llama.cpp that llama-cpp-python vendors "
         "(`scripts/bench.py --build-router`), run as `llama-server "
         + " ".join(str(a) for a in theirs.get("args") or ())
-        + "` on loopback, with the same requests as the pool worker, interleaved with "
+        + "` on loopback (`MODELS_DIR` holds links to the two files), with the same "
+        "requests as the pool worker, interleaved with "
         "them (single stream, warm TTFT) or right after them (1 and 8 streams).",
         md_table(header, rows),
         "Its cold start: `POST /models/unload`, wait until `GET /models` says `unloaded`, "
