@@ -2,10 +2,12 @@
 
 llama.cpp has fast x86 kernels (repacked weights, AVX-512/AVX2 matrix products) for Q8_0
 but none for Q4_1. Measured on this project's 2-core machine with SmolLM2-135M (the
-shipped Q4_1 file): from Q8_0, prompts are read 2.1x faster and 8 sequences decode 1.3x
-faster, single-stream decode 1.1x. Widening Q4_1 to Q8_0 keeps the model: an 8-bit step
-is 1/16 of a 4-bit one (perplexity on docs/ARCHITECTURE.md 41.24 as stored, 41.32
-widened; narrowing to Q4_0 instead would give 48.9). The widened copy is written once
+shipped Q4_1 file): from Q8_0, prompts are read 2.1x faster and 8 sequences decode 1.2x
+to 1.3x faster. A single sequence, bound by memory bandwidth rather than compute, decodes
+0.9x to 1.1x as fast, depending on the day (docs/BENCHMARKS.md). Widening Q4_1 to Q8_0
+keeps the model: an 8-bit step is 1/16 of a 4-bit one (perplexity on
+docs/ARCHITECTURE.md 41.24 as stored, 41.32 widened; narrowing to Q4_0 instead would give
+48.9, llama.cpp's Q4_K_M mix 44.2). The widened copy is written once
 (about 0.5 s for that model) into a cache folder, keyed by the source's path, size and
 modification time, and loaded from there. `weights: "as_stored"` in the registry turns
 this off.

@@ -1770,6 +1770,32 @@ def router_section(results: dict[str, Any]) -> list[str]:
         "warm TTFT",
         "cold start",
     ]
+
+    def times(ours: float | None, their: float | None) -> str:
+        return fmt(_round(ratio(ours, their), 2), 2, "x")
+
+    same_file = (
+        "Weights for weights, single-stream decode: the pool worker does "
+        + times(_get(results, "single_stream", "decode_tps"), q8.get("single_stream_tps"))
+        + " llama-server's on the Q8_0 copy and "
+        + times(
+            _get(results, "as_stored", "single_stream_tps"),
+            _get(theirs, "single_stream", "decode_tps"),
+        )
+        + " on the Q4_1 file; 8 streams: "
+        + times(
+            _get(level(results, 8) or {}, "aggregate_tps"),
+            _get(q8, "aggregate_8", "aggregate_tps"),
+        )
+        + " on Q8_0 and "
+        + times(
+            _get(results, "as_stored", "aggregate_8", "aggregate_tps"),
+            _get(levels.get(8) or {}, "aggregate_tps"),
+        )
+        + " on Q4_1. Both run the same llama.cpp kernels, so one token of one stream costs "
+        "both about the same; which file decodes a single stream faster depends on the "
+        "machine (memory bandwidth against compute) and can change from day to day in a VM."
+    )
     cold_rows = [
         [str(i + 1), fmt(r["total_ms"]), fmt(r.get("second_request_ttft_ms"))]
         for i, r in enumerate(_get(theirs, "cold_start", "rounds") or ())
@@ -1783,6 +1809,7 @@ def router_section(results: dict[str, Any]) -> list[str]:
         "requests as the pool worker, interleaved with "
         "them (single stream, warm TTFT) or right after them (1 and 8 streams).",
         md_table(header, rows),
+        same_file,
         "Its cold start: `POST /models/unload`, wait until `GET /models` says `unloaded`, "
         "then time a streamed request (`max_tokens` 1) up to its first token; the router "
         "starts a model instance and loads the file. Rounds (ms):",
