@@ -180,6 +180,7 @@ class ModelPool:
         # Listeners for state changes (GET /events); each gets its own bounded queue.
         self._listeners: set[asyncio.Queue[dict[str, Any]]] = set()
         self._spares = SparePool(self.config.spare_workers, self._start_spare)
+        self._preload_targets: dict[str, str] = {}  # model id -> file spares load ahead
         metrics.attach(self)
 
     # --- start and stop ---------------------------------------------------------------------
@@ -240,11 +241,16 @@ class ModelPool:
     def preloaded_model_ids(self) -> list[str]:
         """COLD models whose weights a spare has loaded ahead."""
         loaded = self._spares.preloaded
-        return [model_id for model_id, path in self._preload_files().items() if path in loaded]
+        return [model_id for model_id, path in self._preload_targets.items() if path in loaded]
+
+    def weights_loaded_ahead(self, record: ModelRecord) -> bool:
+        path = self._preload_targets.get(record.model_id)
+        return path is not None and path in self._spares.preloaded
 
     def _refresh_preload(self) -> None:
         """Tell the spares which models to load ahead (called whenever the set may change)."""
-        self._spares.preload(list(self._preload_files().values()))
+        self._preload_targets = self._preload_files()
+        self._spares.preload(list(self._preload_targets.values()))
 
     def _preload_files(self) -> dict[str, str]:
         """model id -> served file, for the spare_preload COLD local models likeliest to be

@@ -176,6 +176,13 @@ def test_dashboard_shows_models_live_and_loads_and_unloads(
         message="the pool health header",
     )
     assert "MB" in cell(browser, DEFAULT_MODEL, ".bar-label"), "the memory bar has a label"
+    # The spare loads the COLD model's weights ahead (the HOT model made their file).
+    wait_for(
+        lambda: "loaded ahead" in cell(browser, COLD_MODEL, ".chips"),
+        60,
+        message="the 'loaded ahead' chip",
+    )
+    assert "loaded ahead" not in cell(browser, DEFAULT_MODEL, ".chips")
 
     click(browser, COLD_MODEL, "load")
     wait_badge(browser, COLD_MODEL, "HOT")
@@ -184,6 +191,11 @@ def test_dashboard_shows_models_live_and_loads_and_unloads(
         lambda: cell(browser, COLD_MODEL, ".port") == str(loaded["port"]),
         10,
         message="the port of the loaded model",
+    )
+    wait_for(
+        lambda: "loaded ahead" not in cell(browser, COLD_MODEL, ".chips"),
+        10,
+        message="the chip to go once the model is loaded",
     )
 
     # The TTL ticks down between snapshots, and +10 min adds about 600 s to it.

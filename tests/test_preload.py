@@ -49,8 +49,9 @@ def test_a_cold_model_loads_from_weights_a_spare_loaded_ahead(
         message="the spare to load the models' weights ahead",
     )
 
+    assert manager.model("m:1")["weights_loaded_ahead"] is True
     model = manager.load("m:1")
-    assert model["weights_preloaded"] is True
+    assert model["weights_preloaded"] is True and model["weights_loaded_ahead"] is False
     # Taken, not loaded: well under the ~80 ms llama.cpp's load of this file takes.
     assert model["load_breakdown_ms"]["load_model"] < 20, model["load_breakdown_ms"]
     client = openai.OpenAI(base_url=f"{manager.url}/v1", api_key="unused", max_retries=0)
