@@ -7,6 +7,7 @@ load in flight.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 
 import llama_cpp
 import openai
+import psutil
 import pytest
 
 from model_service.backends.llama_cpp import open_model
@@ -23,6 +25,16 @@ from model_service.preload import Preloader
 from tests.conftest import SMOLLM2_FILE, ManagerFactory, model_entry, wait_for
 
 VOCAB_SIZE = 49152  # SmolLM2's
+
+
+def _spare_holds(manager: Any, path: str) -> bool:
+    """Whether a worker process of this manager maps `path` (a spare holding it ahead)."""
+    assert manager.process is not None
+    for child in psutil.Process(manager.process.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if any(m.path == path for m in child.memory_maps()):
+                return True
+    return False
 
 
 def _health(manager: Any) -> dict[str, Any]:
@@ -68,15 +80,32 @@ def test_a_cold_model_loads_from_weights_a_spare_loaded_ahead(
         60,
         message="the new spare to load only the COLD model",
     )
+    # A model taken out of the registry is not kept ahead.
+    assert _spare_holds(manager, model_copy)
+    manager.request("DELETE", "/models/other:1").raise_for_status()
+    wait_for(
+        lambda: not _spare_holds(manager, model_copy),
+        30,
+        message="the spare to free the deleted model's weights",
+    )
 
 
-def test_spare_preload_zero_loads_nothing_ahead(start_manager: ManagerFactory) -> None:
-    manager = start_manager(config={"spare_preload": 0}, models=[model_entry("m:1")])
-    manager.load("m:1")
+def test_spare_preload_zero_frees_what_spares_hold_and_loads_nothing_ahead(
+    start_manager: ManagerFactory,
+) -> None:
+    manager = start_manager(models=[model_entry("m:1")])
+    manager.load("m:1")  # makes the widened copy if this session has none yet
     manager.request("POST", "/models/m:1/unload").raise_for_status()
     manager.wait_state("m:1", "COLD")
-    wait_for(lambda: _health(manager)["spare_workers"] == 1, 60, message="a new spare")
-    assert _health(manager)["preloaded_models"] == []
+    wait_for(lambda: _health(manager)["preloaded_models"] == ["m:1"], 60, message="weights ahead")
+
+    manager.request("PATCH", "/config", json={"spare_preload": 0}).raise_for_status()
+    wait_for(
+        lambda: _health(manager)["preloaded_models"] == [],
+        30,
+        message="the spare to free the weights",
+    )
+    assert manager.model("m:1")["weights_loaded_ahead"] is False
     model = manager.load("m:1")
     assert model["weights_preloaded"] is False
     assert model["load_breakdown_ms"]["load_model"] > 0
