@@ -58,9 +58,7 @@ class Preloader:
         self._wanted: list[str] = []
         self._loaded: dict[str, tuple[FileVersion, Any]] = {}
         self._failed: set[tuple[str, FileVersion | None]] = set()  # not tried again
-        self._loading: str | None = None
         self._taken = False
-        self._claimed: str | None = None  # the path `take` asked for, kept from freeing
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -79,15 +77,17 @@ class Preloader:
             return list(self._loaded)
 
     def take(self, path: str | None) -> Any | None:
-        """The model loaded from `path`, if it is (or is being) loaded and the file has not
-        changed since; None otherwise. Ends preloading: the thread frees the rest
-        `free_delay` seconds later."""
+        """The model loaded from `path`, if it is loaded and the file has not changed since;
+        None otherwise. Ends preloading: the thread frees the rest `free_delay` seconds
+        later.
+
+        A load still in flight is not waited for: at nice 19 on a machine busy with other
+        workers it could take seconds, where the caller's own load takes ~100 ms.
+        """
         with self._changed:
-            self._taken, self._claimed = True, path
+            self._taken = True
             self._wanted = []
             self._changed.notify_all()
-            while path is not None and self._loading == path:
-                self._changed.wait()  # the very model: finishing it beats starting over
             version, model = self._loaded.pop(path, (None, None)) if path else (None, None)
         if model is not None and version != _file_version(str(path)):
             self._close(model)  # the file was replaced after it was loaded
@@ -106,7 +106,7 @@ class Preloader:
                 if self._taken:
                     break
                 unwanted = self._pop_unwanted()
-                path = self._loading = self._next()
+                path = self._next()
             self._free(unwanted)
             if path is not None:
                 self._load(path)
@@ -125,7 +125,6 @@ class Preloader:
         except (ValueError, RuntimeError, OSError) as exc:
             log.warning("could not preload", extra={"path": path, "reason": str(exc)})
         with self._changed:
-            self._loading = None
             if model is None:
                 self._failed.add((path, version))
             elif version is not None:
@@ -150,7 +149,7 @@ class Preloader:
         return None
 
     def _unwanted(self) -> list[str]:
-        return [p for p in self._loaded if p not in self._wanted and p != self._claimed]
+        return [p for p in self._loaded if p not in self._wanted]
 
     def _pop_unwanted(self) -> list[Any]:
         """Take the models no longer wanted out of the loaded set (the caller frees them)."""
