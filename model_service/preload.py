@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 IDLE_NICE = 19
 FREE_DELAY_SECONDS = 5.0
+INFLIGHT_WAIT_SECONDS = 1.0
 FileVersion = tuple[int, int, int, int]  # device, inode, size, mtime: "the same file"
 
 
@@ -49,8 +50,10 @@ class Preloader:
         close_model: Callable[[Any], None],
         on_change: Callable[[list[str]], None] | None = None,
         free_delay: float = FREE_DELAY_SECONDS,
+        inflight_wait: float = INFLIGHT_WAIT_SECONDS,
     ) -> None:
         self._free_delay = free_delay  # after `take`, before freeing the rest
+        self._inflight_wait = inflight_wait  # the longest `take` waits for a load under way
         self._open = open_model
         self._close = close_model
         self._on_change = on_change  # told the loaded paths after each change
@@ -58,6 +61,7 @@ class Preloader:
         self._wanted: list[str] = []
         self._loaded: dict[str, tuple[FileVersion, Any]] = {}
         self._failed: set[tuple[str, FileVersion | None]] = set()  # not tried again
+        self._loading: str | None = None  # the file the thread is loading now
         self._taken = False
         self._thread: threading.Thread | None = None
 
@@ -81,13 +85,20 @@ class Preloader:
         None otherwise. Ends preloading: the thread frees the rest `free_delay` seconds
         later.
 
-        A load still in flight is not waited for: at nice 19 on a machine busy with other
-        workers it could take seconds, where the caller's own load takes ~100 ms.
+        A load of `path` under way is waited for, `inflight_wait` seconds at most: it
+        usually ends sooner than a new load would, but at nice 19 on a machine busy with
+        other workers it could take seconds.
         """
+        deadline = time.monotonic() + self._inflight_wait
         with self._changed:
             self._taken = True
             self._wanted = []
             self._changed.notify_all()
+            while path is not None and self._loading == path:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
             version, model = self._loaded.pop(path, (None, None)) if path else (None, None)
         if model is not None and version != _file_version(str(path)):
             self._close(model)  # the file was replaced after it was loaded
@@ -106,7 +117,7 @@ class Preloader:
                 if self._taken:
                     break
                 unwanted = self._pop_unwanted()
-                path = self._next()
+                path = self._loading = self._next()
             self._free(unwanted)
             if path is not None:
                 self._load(path)
@@ -125,6 +136,7 @@ class Preloader:
         except (ValueError, RuntimeError, OSError) as exc:
             log.warning("could not preload", extra={"path": path, "reason": str(exc)})
         with self._changed:
+            self._loading = None
             if model is None:
                 self._failed.add((path, version))
             elif version is not None:

@@ -179,21 +179,40 @@ def test_preloader_does_not_hand_over_weights_of_a_replaced_file(model_copy: str
     assert len(closes.closed) == 1, "the stale model is freed"
 
 
-def test_take_does_not_wait_for_a_load_in_flight_which_is_then_freed(model_copy: str) -> None:
-    gate, started = threading.Event(), threading.Event()
-
+def _gated_open(gate: threading.Event, started: threading.Event) -> Any:
     def gated_open(path: str) -> Any:
         started.set()
         assert gate.wait(30)
         return open_model(path)
 
-    closes = _Closes()
-    preloader = Preloader(gated_open, closes, free_delay=0.0)
+    return gated_open
+
+
+def test_take_waits_for_the_model_being_loaded(model_copy: str) -> None:
+    gate, started = threading.Event(), threading.Event()
+    preloader = Preloader(_gated_open(gate, started), _Closes(), inflight_wait=30.0)
     preloader.want([model_copy])
     preloader.start()
     assert started.wait(30)
-    # The load is held at the gate: take answers at once, without the model.
-    assert preloader.take(model_copy) is None
+    taken: list[Any] = []
+    taker = threading.Thread(target=lambda: taken.append(preloader.take(model_copy)))
+    taker.start()
+    taker.join(0.2)  # a short look: take must still be waiting for the load
+    assert taker.is_alive() and not taken
+    gate.set()
+    taker.join(30)
+    assert taken and taken[0] is not None and _vocab_size(taken[0]) == VOCAB_SIZE
+    taken[0].close()
+
+
+def test_take_gives_up_on_a_slow_load_which_is_then_freed(model_copy: str) -> None:
+    gate, started = threading.Event(), threading.Event()
+    closes = _Closes()
+    preloader = Preloader(_gated_open(gate, started), closes, free_delay=0.0, inflight_wait=0.2)
+    preloader.want([model_copy])
+    preloader.start()
+    assert started.wait(30)
+    assert preloader.take(model_copy) is None  # the load is still held at the gate
     gate.set()
     wait_for(lambda: closes.closed, 30, message="the late model to be freed")
     assert preloader.loaded() == []
