@@ -255,9 +255,11 @@ class ModelPool:
     def _preload_files(self) -> dict[str, str]:
         """model id -> served file, for the spare_preload COLD local models likeliest to be
         loaded next: the most recently used first, then the rest in registry order. Only
-        files that exist: a widened copy not made yet is made by the first load."""
+        files that exist (a widened copy not made yet is made by the first load), and
+        together no more than half the available memory: a spare maps them whole."""
         cold = [r for r in self._records.values() if r.spec.is_local and r.state is S.COLD]
         cold.sort(key=lambda r: -r.last_used_mono)  # stable: never used (0) keep their order
+        budget = psutil.virtual_memory().available // 2
         files: dict[str, str] = {}
         for record in cold:
             if len(files) >= self.config.spare_preload:
@@ -265,8 +267,10 @@ class ModelPool:
             with contextlib.suppress(InvalidModel, BackendError, OSError):
                 source = Path(self._model_file(record.spec))
                 path = served_path(source, record.spec.weights, self._weights_folder)
-                if path.is_file():
+                size = 0 if str(path) in files.values() else path.stat().st_size
+                if size <= budget:
                     files[record.model_id] = str(path)
+                    budget -= size
         return files
 
     def _spawn_background(self, coro: Any, name: str) -> None:
