@@ -53,12 +53,17 @@ def needs_widening(source: Path, mode: WeightsMode) -> bool:
     return read_metadata(source).get("general.file_type") in _WIDEN_TO_Q8_0
 
 
+def version_key(path: Path, *extra: object) -> str:
+    """A short digest of this version of `path` (its real path, size and modification
+    time) and `extra`: names of cache files that a changed file must not match."""
+    stat = path.stat()
+    parts = [str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), *map(str, extra)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
 def widened_path(source: Path, folder: Path) -> Path:
     """Where the Q8_0 copy of `source` lives; a changed source gets a new name."""
-    stat = source.stat()
-    key = f"{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
-    digest = hashlib.sha256(key).hexdigest()[:16]
-    return folder / f"{source.stem}.{digest}.q8_0.gguf"
+    return folder / f"{source.stem}.{version_key(source)}.q8_0.gguf"
 
 
 def served_path(source: Path, mode: WeightsMode, folder: Path) -> Path:

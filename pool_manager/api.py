@@ -101,6 +101,9 @@ async def relay_or_error(
         return _pool_error_response(exc)
 
 
+RELAYED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
 class InferenceFastPath:
     """POST /v1/chat/completions and /v1/completions straight to the gateway.
 
@@ -129,9 +132,6 @@ class InferenceFastPath:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         reply = await relay_or_error(self._gateway, path, b"".join(chunks), headers)
         await reply(scope, receive, send)
-
-
-RELAYED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 def _pool_error_response(exc: PoolError) -> JSONResponse:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 START_TIMEOUT_S = 60.0
 STATUS_TIMEOUT_S = 60.0
@@ -171,9 +172,7 @@ class Router:
         """The router and the instances it runs."""
         if self.process is None:
             return []
-        with contextlib.suppress(Exception):
-            import psutil
-
+        with contextlib.suppress(psutil.Error):
             router = psutil.Process(self.process.pid)
             return [router.pid, *(c.pid for c in router.children(recursive=True))]
         return []

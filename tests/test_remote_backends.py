@@ -20,6 +20,17 @@ def client_for(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
+def far_model(endpoint: str, **extra: str) -> dict[str, str]:
+    """Registry entry `far:1`: the default model of another pool's worker, as an openai backend."""
+    return {
+        "model_id": "far:1",
+        "backend": "openai",
+        "base_url": f"{endpoint}/v1",
+        "remote_model": DEFAULT_MODEL,
+        **extra,
+    }
+
+
 def test_openai_backend_through_another_pools_worker(start_manager: ManagerFactory) -> None:
     upstream = start_manager(
         models=[model_entry(DEFAULT_MODEL, warmup=True)],
@@ -27,15 +38,7 @@ def test_openai_backend_through_another_pools_worker(start_manager: ManagerFacto
     )
     endpoint = upstream.wait_state(DEFAULT_MODEL, "HOT")["endpoint"]
     pool = start_manager(
-        models=[
-            {
-                "model_id": "far:1",
-                "backend": "openai",
-                "base_url": f"{endpoint}/v1",
-                "remote_model": DEFAULT_MODEL,
-                "api_key_env": "UPSTREAM_KEY",
-            }
-        ],
+        models=[far_model(endpoint, api_key_env="UPSTREAM_KEY")],
         env={"UPSTREAM_KEY": UPSTREAM_KEY},
     )
     client = client_for(pool.url)
@@ -131,16 +134,7 @@ def test_ollama_backend_through_another_pools_ollama_api(start_manager: ManagerF
 def test_an_upstream_error_in_a_stream_reaches_the_client(start_manager: ManagerFactory) -> None:
     upstream = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True, n_ctx=256)])
     endpoint = upstream.wait_state(DEFAULT_MODEL, "HOT")["endpoint"]
-    pool = start_manager(
-        models=[
-            {
-                "model_id": "far:1",
-                "backend": "openai",
-                "base_url": f"{endpoint}/v1",
-                "remote_model": DEFAULT_MODEL,
-            }
-        ]
-    )
+    pool = start_manager(models=[far_model(endpoint)])
     client = client_for(pool.url)
     too_long = "word " * 600  # more than the far end's 256-token context
     with pytest.raises(openai.APIError) as refused:

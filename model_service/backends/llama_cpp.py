@@ -10,7 +10,6 @@ the same tokens (a long system prompt, a growing chat) only computes what is new
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,13 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 from model_service.backends.base import Backend, BackendError, RenderedPrompt, SamplingParams
 from model_service.cpus import usable_cores
 from model_service.gguf import check_header, read_metadata
-from model_service.weights import WeightsMode, cache_dir, ensure_served, served_path
+from model_service.weights import (
+    WeightsMode,
+    cache_dir,
+    ensure_served,
+    served_path,
+    version_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +286,7 @@ class LlamaCppBackend(Backend):
     def _opening_file(self, opening: list[int]) -> Path:
         """Keyed by the weights file (path, size, time) and the tokens themselves."""
         served = Path(self.served_path or self._model_path)
-        stat = served.stat()
-        key = f"{served.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{opening}".encode()
-        digest = hashlib.sha256(key).hexdigest()[:16]
+        digest = version_key(served, opening)
         return cache_dir(self._weights_cache) / f"{served.stem}.opening.{digest}.kv"
 
     @staticmethod
