@@ -57,7 +57,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--weights",
         choices=["auto", "as_stored"],
         default="auto",
-        help="auto: serve Q4_1 files from a cached Q8_0 copy (faster on CPU)",
+        help="auto: Q4_1 on the patched kernel, else from a cached Q8_0 copy (faster on CPU)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8051)

@@ -1,21 +1,26 @@
 """Weights in a form llama.cpp's CPU kernels run fast.
 
-llama.cpp has fast x86 kernels (repacked weights, AVX-512/AVX2 matrix products) for Q8_0
-but none for Q4_1. Measured on this project's 2-core machine with SmolLM2-135M (the
-shipped Q4_1 file): from Q8_0, prompts are read 2.1x faster and 8 sequences decode 1.2x
-to 1.3x faster. A single sequence, bound by memory bandwidth rather than compute, decodes
-0.9x to 1.1x as fast, depending on the day (docs/BENCHMARKS.md). Widening Q4_1 to Q8_0
-keeps the model: an 8-bit step is 1/16 of a 4-bit one (perplexity on
-docs/ARCHITECTURE.md 41.24 as stored, 41.32 widened; narrowing to Q4_0 instead would give
-48.9, llama.cpp's Q4_K_M mix 44.2). The widened copy is written once
-(about 0.5 s for that model) into a cache folder, keyed by the source's path, size and
-modification time, and loaded from there. `weights: "as_stored"` in the registry turns
-this off.
+Stock llama.cpp has fast x86 kernels (repacked weights, AVX-512/AVX2 matrix products)
+for Q8_0 but none for Q4_1, the format SmolLM2 ships in. This project's build of
+llama-cpp-python adds one (patches/llama-cpp-q4_1-repack.patch, built by
+scripts/build_llama_cpp.py): with it, Q4_1 is served as stored, repacked at load, and
+decodes faster than any other form of the same weights (docs/BENCHMARKS.md).
+
+Without that kernel (a stock llama-cpp-python, or a CPU without AVX2), `weights: auto`
+widens Q4_1 to Q8_0 instead: prompts are read 2.1x faster and 8 sequences decode 1.2x to
+1.3x faster than stock Q4_1. Widening keeps the model: an 8-bit step is 1/16 of a 4-bit
+one (perplexity on docs/ARCHITECTURE.md 41.24 as stored, 41.32 widened; narrowing to
+Q4_0 instead would give 48.9, llama.cpp's Q4_K_M mix 44.2). The widened copy is written
+once (about 0.5 s for that model) into a cache folder, keyed by the source's path, size
+and modification time, and loaded from there. `weights: "as_stored"` in the registry
+turns this off.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import tempfile
@@ -29,8 +34,9 @@ log = logging.getLogger(__name__)
 
 WeightsMode = Literal["auto", "as_stored"]
 
-# general.file_type values (llama.cpp's LLAMA_FTYPE_MOSTLY_*) whose CPU kernels are slow.
-_WIDEN_TO_Q8_0 = {3: "Q4_1"}
+# general.file_type values (llama.cpp's LLAMA_FTYPE_MOSTLY_*): Q4_1, whose stock CPU
+# kernels are slow, and Q8_0.
+_LLAMA_FTYPE_MOSTLY_Q4_1 = 3
 _LLAMA_FTYPE_MOSTLY_Q8_0 = 7
 # Q8_0 stores 34 bytes per 32 weights, Q4_1 20: the widened file's size at most.
 WIDENED_SIZE_FACTOR = 34 / 20
@@ -46,11 +52,47 @@ def cache_dir(configured: str | None = None) -> Path:
     return Path(base) / "model-pool" / "weights"
 
 
+# A function only this project's patched llama.cpp has (scripts/build_llama_cpp.py).
+_Q4_1_KERNEL_SYMBOL = b"ggml_gemv_q4_1_8x8_q8_0"
+
+
+@functools.cache
+def fast_q4_1() -> bool:
+    """Whether the installed llama.cpp runs Q4_1 on repacked AVX2 kernels here.
+
+    Looks for the patch's kernel in llama.cpp's CPU library file, without loading it
+    (the manager asks too, and does not load llama.cpp), and for AVX2 on this CPU.
+    """
+    library = _ggml_cpu_library()
+    if library is None:
+        return False
+    try:
+        has_kernel = _Q4_1_KERNEL_SYMBOL in library.read_bytes()
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    return has_kernel and "avx2" in flags.split()
+
+
+def _ggml_cpu_library() -> Path | None:
+    # llama_cpp loads its libraries from $LLAMA_CPP_LIB_PATH when set, else from its lib/.
+    folder = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if not folder:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or spec.origin is None:
+            return None
+        folder = str(Path(spec.origin).parent / "lib")
+    library = Path(folder) / "libggml-cpu.so"
+    return library if library.is_file() else None
+
+
 def needs_widening(source: Path, mode: WeightsMode) -> bool:
     """Whether `source` would be served from a widened Q8_0 copy."""
     if mode != "auto":
         return False
-    return read_metadata(source).get("general.file_type") in _WIDEN_TO_Q8_0
+    is_q4_1 = read_metadata(source).get("general.file_type") == _LLAMA_FTYPE_MOSTLY_Q4_1
+    return is_q4_1 and not fast_q4_1()
 
 
 def version_key(path: Path, *extra: object) -> str:
@@ -72,11 +114,20 @@ def served_path(source: Path, mode: WeightsMode, folder: Path) -> Path:
 
 
 def served_size(source: Path, mode: WeightsMode, folder: Path) -> int:
-    """Bytes of the file a worker will load for `source` (for the memory estimate)."""
+    """Bytes the weights a worker loads for `source` keep resident (the memory estimate).
+
+    A file loaded as it is stays mapped: its size. A Q4_1 file on the patched kernel is
+    also copied into repacked buffers at load, and the mapped pages it was read from stay
+    resident too: twice its size (measured for SmolLM2's 78 MB file: +172 MB RSS, against
+    +153 MB for its 145 MB Q8_0 copy).
+    """
     target = served_path(source, mode, folder)
-    if target.exists():
-        return target.stat().st_size
-    return int(source.stat().st_size * WIDENED_SIZE_FACTOR)
+    if not target.exists():
+        return int(source.stat().st_size * WIDENED_SIZE_FACTOR)
+    size = target.stat().st_size
+    is_q4_1 = read_metadata(target).get("general.file_type") == _LLAMA_FTYPE_MOSTLY_Q4_1
+    repacked = is_q4_1 and fast_q4_1()
+    return 2 * size if repacked else size
 
 
 def ensure_served(source: Path, target: Path) -> Path:

@@ -105,8 +105,8 @@ class ModelSpec(BaseModel):
     # or "package/file" inside an installed Python package.
     model_path: str | None = None
     package_file: str | None = None
-    # "auto": Q4_1 weights are served from a Q8_0 copy, which llama.cpp's CPU kernels
-    # run about twice as fast; "as_stored": the file as it is.
+    # "auto": Q4_1 weights run on this project's Q4_1 kernel, or without it from a Q8_0
+    # copy, which stock llama.cpp's CPU kernels run faster; "as_stored": the file as it is.
     weights: Literal["auto", "as_stored"] = "auto"
     n_ctx: int = Field(default=2048, ge=64, le=1_048_576)
     n_threads: int | None = Field(default=None, ge=1)

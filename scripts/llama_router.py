@@ -1,8 +1,9 @@
 """llama.cpp's own `llama-server` in router mode, for scripts/bench.py's side-by-side run.
 
-`build()` compiles the `llama-server` target from the llama.cpp that the installed
-llama-cpp-python vendors (its source distribution, fetched with pip from the package
-index), once, into a cache folder outside the repository: about 6 minutes on 2 cores.
+`build()` compiles the `llama-server` target from the llama.cpp that llama-cpp-python
+vendors (its source distribution, fetched with pip from the package index), stock: not
+this project's patched kernels. Once, into a cache folder outside the repository: about
+6 minutes on 2 cores.
 `Router` runs it with `--models-dir` (a folder of links to the GGUF files, each model's
 name is its file name without `.gguf`), loads models on demand as the router does, and
 stops it and every instance it started.
@@ -17,15 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+from build_llama_cpp import VERSION, cache_root, fetch_sdist
 
 START_TIMEOUT_S = 60.0
 STATUS_TIMEOUT_S = 60.0
@@ -48,9 +47,7 @@ def _log(message: str) -> None:
 
 
 def default_build_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    version = metadata.version("llama_cpp_python")
-    return Path(base) / "model-pool" / f"llama-server-{version}"
+    return cache_root() / f"llama-server-{VERSION}"
 
 
 def build(folder: Path | None = None) -> Path:
@@ -62,30 +59,7 @@ def build(folder: Path | None = None) -> Path:
     binary = folder / "build" / "bin" / "llama-server"
     if binary.is_file():
         return binary
-    folder.mkdir(parents=True, exist_ok=True)
-    version = metadata.version("llama_cpp_python")
-    source = folder / f"llama_cpp_python-{version}"
-    if not source.is_dir():
-        with tempfile.TemporaryDirectory(dir=folder) as download:
-            _log(f"fetching llama-cpp-python {version}'s source distribution")
-            _run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    f"llama-cpp-python=={version}",
-                    "--no-binary",
-                    ":all:",
-                    "--no-deps",
-                    "--quiet",
-                    "-d",
-                    download,
-                ]
-            )
-            archive = next(Path(download).glob("*.tar.gz"))
-            with tarfile.open(archive) as tar:
-                tar.extractall(folder, filter="data")
+    source = fetch_sdist(VERSION, folder)
     llama_cpp = source / "vendor" / "llama.cpp"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     _log("configuring llama.cpp (cmake)")

@@ -21,7 +21,7 @@ from tests.conftest import (
 
 
 def _estimate_bytes(cells: int) -> int:
-    """The manager's estimate for the shipped file: its Q8_0 copy is what workers load."""
+    """The manager's estimate for the shipped file, as served (model_service/weights.py)."""
     source = package_file(SMOLLM2_FILE)
     return estimate_memory_bytes(source, cells, served_size(source, "auto", cache_dir()))
 

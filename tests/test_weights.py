@@ -7,6 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from model_service import weights
 from model_service.gguf import read_metadata
 from model_service.model_files import package_file
 from model_service.weights import ensure_served, needs_widening, served_path, widened_path
@@ -35,9 +38,11 @@ def _chat(manager: Manager, model_id: str) -> str:
     return str(_ask(manager, model_id, "Say hello.", 8)["choices"][0]["message"]["content"])
 
 
-def test_q4_1_is_widened_to_q8_0_once_and_a_changed_source_gets_a_new_copy(
-    tmp_path: Path,
+def test_without_the_q4_1_kernel_q4_1_is_widened_to_q8_0_once_and_a_changed_source_gets_a_new_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A stock llama-cpp-python (or a CPU without AVX2): no fast kernel for Q4_1.
+    monkeypatch.setattr(weights, "fast_q4_1", lambda: False)
     source = tmp_path / "model.gguf"
     shutil.copy(package_file(SMOLLM2_FILE), source)
     assert needs_widening(source, "auto") and not needs_widening(source, "as_stored")
@@ -55,7 +60,16 @@ def test_q4_1_is_widened_to_q8_0_once_and_a_changed_source_gets_a_new_copy(
     assert widened_path(source, tmp_path / "cache") != served
 
 
-def test_manager_serves_the_widened_copy_and_as_stored_on_request(
+def test_with_the_q4_1_kernel_q4_1_is_served_as_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(weights, "fast_q4_1", lambda: True)
+    source = package_file(SMOLLM2_FILE)
+    assert not needs_widening(source, "auto")
+    assert served_path(source, "auto", tmp_path / "cache") == source
+
+
+def test_manager_serves_the_fast_form_and_as_stored_on_request(
     start_manager: ManagerFactory, tmp_path: Path
 ) -> None:
     cache = tmp_path / "weights"
@@ -68,7 +82,10 @@ def test_manager_serves_the_widened_copy_and_as_stored_on_request(
     assert not list(cache.glob("*.gguf")), "as_stored never writes a copy"
     manager.load("fast:1")
     assert _chat(manager, "fast:1")
-    assert [p.suffixes[-2:] for p in cache.glob("*.gguf")] == [[".q8_0", ".gguf"]]
+    # With this project's llama.cpp (make install) Q4_1 runs as stored; a stock build
+    # gets the Q8_0 copy.
+    copies = [p.suffixes[-2:] for p in cache.glob("*.gguf")]
+    assert copies == ([] if weights.fast_q4_1() else [[".q8_0", ".gguf"]])
 
 
 def test_an_unwritable_cache_still_loads_the_model_as_stored(
