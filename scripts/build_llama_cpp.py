@@ -101,6 +101,10 @@ def build_wheel() -> Path:
     found = sorted(wheels.glob(f"llama_cpp_python-{version}-*.whl"))
     if not found:
         raise RuntimeError(f"the build finished without a wheel in {wheels}")
+    # Wheels of earlier patches (24 MB each) are not used again.
+    for old in wheels.glob(f"llama_cpp_python-{VERSION}+pool.*.whl"):
+        if old not in found:
+            old.unlink(missing_ok=True)
     return found[-1]
 
 

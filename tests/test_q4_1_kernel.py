@@ -2,14 +2,16 @@
 
 Checked against an independent path: llama.cpp's stock Q8_0 kernels on the Q8_0 copy of
 the same weights. A Q4_1 block widened to Q8_0 is within an 8-bit step of itself, so the
-two must agree closely (measured: mean KL 0.004 to 0.006 nats, top-1 0.95); a wrong
+two must agree closely (measured: mean KL 0.007 nats, top-1 0.95 to 0.97); a wrong
 kernel gives garbage (a bug during development gave KL 25). Batches of 1 token (GEMV), 7
 (GEMM for 4 columns, GEMV for the other 3) and 64 (GEMM) each take their own code path.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +76,15 @@ def test_q4_1_on_the_kernel_agrees_with_the_stock_q8_0_kernels(
     assert _kl(q8_0_reference, q4_1) < 0.02
     agreement = float((q8_0_reference.argmax(axis=1) == q4_1.argmax(axis=1)).mean())
     assert agreement > 0.85
+
+
+def test_the_patched_build_is_the_version_pyproject_pins() -> None:
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location(
+        "build_llama_cpp", root / "scripts" / "build_llama_cpp.py"
+    )
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert f'"llama-cpp-python=={build.VERSION}"' in (root / "pyproject.toml").read_text()
+    assert metadata.version("llama_cpp_python") == build.patched_version(), "run `make install`"
