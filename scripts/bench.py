@@ -38,7 +38,7 @@ to first token, 546 ms cold start, measured on this machine) and against the tar
 
 Run it from the repository root, with nothing else busy if the figures are to mean much:
 
-    .venv/bin/python scripts/bench.py --quick                     # under a minute
+    .venv/bin/python scripts/bench.py --quick                     # under a minute (no Q8_0 copy)
     .venv/bin/python scripts/bench.py --json-out /tmp/bench.json  # the full run, ~3 minutes
     .venv/bin/python scripts/bench.py --write-docs                # also rewrites
                                                                   # docs/BENCHMARKS.md and
@@ -207,13 +207,14 @@ class Plan:
     system_rounds: int
     system_repeats: int
     unified_pairs: int
+    q8_0_copy: bool  # also serve the Q8_0 copy (a comparison, ~18 s: not in quick mode)
     budget_s: float  # the whole run stops after this, whatever is left
 
     @staticmethod
     def make(quick: bool) -> Plan:
         if quick:
-            return Plan(2, 5, (1, 8), 1, 1, 1, 2, 5, 300.0)
-        return Plan(5, 20, (1, 2, 4, 8, 16), 3, 11, 3, 3, 40, 1800.0)
+            return Plan(2, 5, (1, 8), 1, 1, 1, 2, 5, False, 300.0)
+        return Plan(5, 20, (1, 2, 4, 8, 16), 3, 11, 3, 3, 40, True, 1800.0)
 
 
 # --- small helpers -------------------------------------------------------------------------
@@ -1263,8 +1264,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             with bench.phase("unified endpoint"):
                 await bench.unified_endpoint()
             await bench.memory()
-            with bench.phase("Q8_0 copy"):
-                await bench.q8_0_copy()
+            if plan.q8_0_copy:
+                with bench.phase("Q8_0 copy"):
+                    await bench.q8_0_copy()
             with bench.phase("cold start"):
                 await bench.cold_start(preload=True)
             with bench.phase("cold start, one request"):
@@ -2031,9 +2033,10 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
         "\n".join(f"- {p}" for p in problems) if problems else "None.",
         "## How each figure is measured (and how to reproduce it)",
         "Run `.venv/bin/python scripts/bench.py` from the repository root (`--quick` for "
-        "a run under a minute, `--json-out FILE` for every raw figure, `--write-docs` to "
-        "rewrite this page and the plot). It needs nothing but the project's virtual "
-        "environment (matplotlib for the plot). All traffic is on 127.0.0.1; the manager "
+        "a run under a minute, with fewer rounds and without the Q8_0 copy, `--json-out "
+        "FILE` for every raw figure, `--write-docs` to rewrite this page and the plot). "
+        "It needs nothing but the project's virtual environment (matplotlib for the plot). "
+        "All traffic is on 127.0.0.1; the manager "
         "runs in a temporary folder on free ports and is stopped with SIGTERM at the end. "
         "`--build-router` also runs llama.cpp's `llama-server` in router mode side by "
         "side: it fetches llama-cpp-python's source distribution from the package index "
@@ -2155,7 +2158,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark the pool worker against in-process llama-cpp-python and "
         "llama.cpp's router.",
     )
-    parser.add_argument("--quick", action="store_true", help="fewer rounds, 1 and 8 streams")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer rounds, 1 and 8 streams, no Q8_0 copy"
+    )
     parser.add_argument("--json-out", type=Path, help="write every figure here as JSON")
     parser.add_argument(
         "--write-docs", action="store_true", help="rewrite docs/BENCHMARKS.md and the plot"
