@@ -9,8 +9,11 @@ match stock llama.cpp's Q4_1 as closely as stock matches full-precision weights
 
 The wheel is built once from the package index's source distribution, patched, with a
 local version label naming the patches (`0.3.36+pool.<digest>`), and kept in
-~/.cache/model-pool/wheels: later installs, fresh clones included, reuse it. The first
-build compiles llama.cpp (about 5 minutes on 2 cores). `make install` runs this.
+~/.cache/model-pool/wheels/<cpu>: later installs, fresh clones included, reuse it. The
+build targets this CPU's instruction set (llama.cpp's GGML_NATIVE), so the cache keeps one
+wheel per CPU feature set: a home folder shared by different machines never hands one a
+wheel that would die on an illegal instruction. The first build compiles llama.cpp (about
+5 minutes on 2 cores). `make install` runs this.
 
 Usage: python scripts/build_llama_cpp.py [--install]   (prints the wheel's path)
 Standard library only: it runs before the project's dependencies are installed.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import tarfile
@@ -48,6 +52,22 @@ def patched_version() -> str:
     for patch in PATCHES:
         digest.update(patch.name.encode() + b"\0" + patch.read_bytes())
     return f"{VERSION}+pool.{digest.hexdigest()[:10]}"
+
+
+def cpu_key() -> str:
+    """Names this CPU's instruction set: the folder of the wheels built for it."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):  # x86, ARM
+                    flags = " ".join(sorted(value.split()))
+                    break
+    except OSError:
+        pass  # not Linux: the processor's name stands in for its features
+    identity = f"{platform.machine()}\0{flags or platform.processor()}"
+    return f"{platform.machine()}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
 def installed_version() -> str | None:
@@ -80,7 +100,7 @@ def fetch_sdist(version: str, folder: Path) -> Path:
 def build_wheel() -> Path:
     """The patched wheel from the cache, built first if it is not there yet."""
     version = patched_version()
-    wheels = cache_root() / "wheels"
+    wheels = cache_root() / "wheels" / cpu_key()
     found = sorted(wheels.glob(f"llama_cpp_python-{version}-*.whl"))
     if found:
         return found[-1]
@@ -101,11 +121,18 @@ def build_wheel() -> Path:
     found = sorted(wheels.glob(f"llama_cpp_python-{version}-*.whl"))
     if not found:
         raise RuntimeError(f"the build finished without a wheel in {wheels}")
-    # Wheels of earlier patches (24 MB each) are not used again.
-    for old in wheels.glob(f"llama_cpp_python-{VERSION}+pool.*.whl"):
-        if old not in found:
-            old.unlink(missing_ok=True)
+    prune_wheels(wheels.parent, version)
     return found[-1]
+
+
+def prune_wheels(cache: Path, version: str) -> None:
+    """Delete wheels of earlier patches (24 MB each), for any CPU, and those from before
+    the per-CPU folders (which CPU they were built for is unknown)."""
+    for old in cache.glob(f"*/llama_cpp_python-{VERSION}+pool.*.whl"):
+        if not old.name.startswith(f"llama_cpp_python-{version}-"):
+            old.unlink(missing_ok=True)
+    for unsorted in cache.glob("llama_cpp_python-*.whl"):
+        unsorted.unlink(missing_ok=True)
 
 
 def install() -> None:

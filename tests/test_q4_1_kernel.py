@@ -13,6 +13,7 @@ import importlib.util
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -78,13 +79,43 @@ def test_q4_1_on_the_kernel_agrees_with_the_stock_q8_0_kernels(
     assert agreement > 0.85
 
 
-def test_the_patched_build_is_the_version_pyproject_pins() -> None:
-    root = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _build_script() -> Any:
     spec = importlib.util.spec_from_file_location(
-        "build_llama_cpp", root / "scripts" / "build_llama_cpp.py"
+        "build_llama_cpp", ROOT / "scripts" / "build_llama_cpp.py"
     )
     assert spec is not None and spec.loader is not None
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    assert f'"llama-cpp-python=={build.VERSION}"' in (root / "pyproject.toml").read_text()
+    return build
+
+
+def test_the_patched_build_is_the_version_pyproject_pins() -> None:
+    build = _build_script()
+    assert f'"llama-cpp-python=={build.VERSION}"' in (ROOT / "pyproject.toml").read_text()
     assert metadata.version("llama_cpp_python") == build.patched_version(), "run `make install`"
+
+
+def test_the_wheel_cache_keeps_the_current_patches_for_every_cpu(tmp_path: Path) -> None:
+    """Wheels are built for one CPU's instruction set, so each CPU has its own folder;
+    pruning drops earlier patches' wheels and those of the folder-less layout."""
+    build = _build_script()
+    assert build.cpu_key() == build.cpu_key()  # stable: later installs find the wheel
+    current = build.patched_version()
+    older = f"{build.VERSION}+pool.0000000000"
+    names = {
+        "cpu-a/keep": f"llama_cpp_python-{current}-py3-none-linux_x86_64.whl",
+        "cpu-b/keep": f"llama_cpp_python-{current}-py3-none-linux_x86_64.whl",
+        "cpu-a/drop": f"llama_cpp_python-{older}-py3-none-linux_x86_64.whl",
+        "unsorted/drop": f"llama_cpp_python-{current}-py3-none-linux_x86_64.whl",
+    }
+    files = {}
+    for key, name in names.items():
+        folder = tmp_path if key.startswith("unsorted") else tmp_path / key.split("/")[0]
+        folder.mkdir(exist_ok=True)
+        files[key] = folder / name
+        files[key].write_bytes(b"wheel")
+    build.prune_wheels(tmp_path, current)
+    assert {key for key, path in files.items() if path.exists()} == {"cpu-a/keep", "cpu-b/keep"}
