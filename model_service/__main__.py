@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Protocol, TypeVar
 
 import uvicorn
@@ -40,6 +39,7 @@ from model_service.logs import setup_logging
 from model_service.metrics import WorkerMetrics
 from model_service.preload import Preloader
 from model_service.serving import GracefulServer
+from model_service.warmup import warm_up_serving
 
 log = logging.getLogger("model_service")
 
@@ -276,23 +276,6 @@ def _serve(
     GracefulServer(config, on_started).run(sockets=[sock])
 
 
-def _warm_up() -> None:
-    """Pay, in a spare, for what a cold start would otherwise pay on first use.
-
-    Beyond imports: FastAPI's first app and uvicorn's first `Config.load` (which
-    imports the protocol modules) cost ~25 ms each, a later one ~2 ms and ~0.1 ms.
-    """
-    stats = WorkerStats()
-    stand_in = SimpleNamespace(model_id="spare", engine=None)
-    app = create_worker_app(
-        stand_in,  # type: ignore[arg-type]  # routes are built, never called
-        stats,
-        WorkerMetrics("spare", stats),
-        StatusChannel(None),
-    )
-    uvicorn.Config(app, log_config=None, access_log=False, lifespan="off").load()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     setup_logging("worker", args.log_level, file_suffix="-workers")
@@ -300,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     link: ManagerLink | None = None
     if args.control_fd is not None:
         link = ManagerLink(args.control_fd, stats)
-        _warm_up()
+        warm_up_serving()
         heap.reserve(args.reserve_mb)
         if can_preload():
             link.preloader.start()

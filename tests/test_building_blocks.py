@@ -200,3 +200,19 @@ def test_usable_cores_follow_the_affinity_limit() -> None:
         cwd=REPO,
     )
     assert pinned.stdout.strip() == "1"
+
+
+def test_a_spare_warms_up_the_streaming_path_with_one_in_process_request() -> None:
+    """The warm-up's canned request goes through the worker app's real middleware and
+    route and gets a whole SSE stream back; it leaves the first-use imports done."""
+    code = (
+        "import sys\n"
+        "from model_service.warmup import warm_up_serving\n"
+        "assert 'anyio.streams.memory' not in sys.modules\n"
+        "print(warm_up_serving(), 'anyio.streams.memory' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]
