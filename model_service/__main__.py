@@ -30,7 +30,7 @@ from model_service.activity import StatusChannel, WorkerStats
 from model_service.app import create_remote_worker_app, create_worker_app
 from model_service.auth import ApiKeys
 from model_service.backends import BackendError, create_backend
-from model_service.backends.llama_cpp import can_preload, open_model
+from model_service.backends.llama_cpp import ContextShape, Preloaded, can_preload
 from model_service.backends.remote import REMOTE_BACKENDS, RemoteModel
 from model_service.engine import Engine
 from model_service.inference import InferenceService, ModelDefaults
@@ -76,7 +76,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 class ManagerLink:
     """The worker's end of the control socket: commands in (on a thread), events out."""
 
-    def __init__(self, fd: int, stats: WorkerStats) -> None:
+    def __init__(self, fd: int, stats: WorkerStats, reserve_mb: int) -> None:
         self.sock = socket.socket(fileno=fd)
         self.events = StatusChannel(fd)
         self.stats = stats
@@ -84,9 +84,12 @@ class ManagerLink:
         self.threads: int | None = None  # the manager's latest share of the cores
         self._assignment: queue.SimpleQueue[tuple[dict[str, Any], int] | None] = queue.SimpleQueue()
         self.preloader = Preloader(
-            open_model,
-            lambda model: model.close(),
+            Preloaded.open,
+            Preloaded.close,
             on_change=lambda paths: self.events.send("preloaded", paths=paths),
+            # A context made ahead lives in the heap reserve; with none (spare_reserve_mb
+            # 0, to keep spares small) it would be memory nobody budgeted.
+            fit_model=Preloaded.fit if reserve_mb > 0 else None,
         )
         threading.Thread(target=self._read_commands, name="manager-link", daemon=True).start()
 
@@ -116,8 +119,14 @@ class ManagerLink:
         if name == "load" and fds:
             self._assignment.put((command["settings"], fds.pop(0)))
         elif name == "preload":
-            # Files of COLD models to load ahead while we wait, likeliest first.
-            self.preloader.want([str(path) for path in command.get("paths") or []])
+            # Files of COLD models to load ahead while we wait, likeliest first, and the
+            # settings of the likeliest model: its context is made ahead too.
+            paths = [str(path) for path in command.get("paths") or []]
+            first = command.get("first_settings")
+            shape = None
+            if paths and first and first.get("served_model_path") == paths[0]:
+                shape = ContextShape.from_settings(first)
+            self.preloader.want(paths, shape)
         elif name == "drain":
             # New inference requests get 503; accepted ones finish.
             self.stats.draining = True
@@ -169,6 +178,7 @@ class LoadReport:
     finished_at: float  # time.perf_counter() when the load ended
     phases: Mapping[str, float]  # seconds per step, as the backend measured them
     weights_preloaded: bool = False  # the spare had loaded them ahead
+    context_preloaded: bool = False  # ...and made the model's context ahead
 
 
 def _load_reporting_failure(
@@ -186,7 +196,8 @@ def _load_reporting_failure(
     finished = time.perf_counter()
     phases = getattr(model, "load_phases", None) or {"load_model": finished - started}
     preloaded = bool(getattr(model, "weights_preloaded", False))
-    return model, LoadReport(finished - started, finished, phases, preloaded)
+    context = bool(getattr(model, "context_preloaded", False))
+    return model, LoadReport(finished - started, finished, phases, preloaded, context)
 
 
 def _admission(settings: dict[str, Any]) -> Admission:
@@ -262,6 +273,7 @@ def _serve(
                 "load_seconds": round(load_seconds, 3),
                 "load_phases": {name: round(value, 3) for name, value in phases.items()},
                 "weights_preloaded": load.weights_preloaded,
+                "context_preloaded": load.context_preloaded,
             },
         )
         channel.send(
@@ -271,6 +283,7 @@ def _serve(
             load_seconds=load_seconds,
             load_phases=phases,
             weights_preloaded=load.weights_preloaded,
+            context_preloaded=load.context_preloaded,
         )
 
     GracefulServer(config, on_started).run(sockets=[sock])
@@ -282,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = WorkerStats()
     link: ManagerLink | None = None
     if args.control_fd is not None:
-        link = ManagerLink(args.control_fd, stats)
+        link = ManagerLink(args.control_fd, stats, args.reserve_mb)
         warm_up_serving()
         heap.reserve(args.reserve_mb)
         if can_preload():

@@ -21,8 +21,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # mallopt parameters (malloc.h) and glibc's defaults for them.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX, _DEFAULT_ARENA_MAX = 128 * 1024, 65536, 0
 _KEEP_EVERYTHING = 2**31 - 1
 
 
@@ -45,7 +45,10 @@ def reserve(megabytes: int) -> bool:
     if megabytes <= 0 or libc is None:
         return False
     libc.mallopt(_M_MMAP_MAX, 0)  # big blocks come from the heap too...
-    libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_EVERYTHING)  # ...and freed ones stay in it
+    libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_EVERYTHING)  # ...and freed ones stay in it...
+    # ...the one heap, whichever thread allocates: the preloader thread's model and
+    # context must land in this memory, not in an arena of its own.
+    libc.mallopt(_M_ARENA_MAX, 1)
     size = megabytes * 2**20
     block = libc.malloc(size)
     if not block:
@@ -64,4 +67,5 @@ def release_unused() -> None:
         return
     libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
     libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+    libc.mallopt(_M_ARENA_MAX, _DEFAULT_ARENA_MAX)
     libc.malloc_trim(0)

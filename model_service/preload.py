@@ -4,11 +4,16 @@ Loading SmolLM2 from the page cache takes llama.cpp about 80 ms on this project'
 machine, mostly building its 49,152-token vocabulary: half of a cold start. The manager
 tells each spare which COLD local models are likeliest to be asked for next (the
 `preload` command: their served files, best first); the spare loads their weights on a
-thread, without a context (no KV cache, no compute buffers). When the manager then hands
-it one of them, the worker takes that model as loaded and the others are freed.
+thread. When the manager then hands it one of them, the worker takes that model as
+loaded and the others are freed.
 
 While a spare waits, each preloaded model costs its mapped file (page cache, shared with
 every other reader of the file) and its vocabulary on the heap (~16 MB for SmolLM2).
+
+The likeliest model also gets its context made ahead (`fit`), of the shape the manager
+says its registry entry asks for: llama.cpp zeroing the KV cache is the next biggest
+cost of a cold start (8 ms to 40 ms for SmolLM2's 190 MB, by the machine). It lives in
+the heap the spare reserved for that model's buffers anyway (model_service.heap).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ IDLE_NICE = 19
 FREE_DELAY_SECONDS = 5.0
 INFLIGHT_WAIT_SECONDS = 1.0
 FileVersion = tuple[int, int, int, int]  # device, inode, size, mtime: "the same file"
+_DROP = object()  # a pending fit that frees a context
 
 
 def _file_version(path: str) -> FileVersion | None:
@@ -51,17 +57,23 @@ class Preloader:
         on_change: Callable[[list[str]], None] | None = None,
         free_delay: float = FREE_DELAY_SECONDS,
         inflight_wait: float = INFLIGHT_WAIT_SECONDS,
+        fit_model: Callable[[Any, Any], None] | None = None,
     ) -> None:
         self._free_delay = free_delay  # after `take`, before freeing the rest
         self._inflight_wait = inflight_wait  # the longest `take` waits for a load under way
         self._open = open_model
         self._close = close_model
+        # fit_model(model, shape): give a loaded model a context of `shape` (None: none).
+        self._fit = fit_model
         self._on_change = on_change  # told the loaded paths after each change
         self._changed = threading.Condition()
         self._wanted: list[str] = []
+        self._shape: Any = None  # the context the first wanted model should have
         self._loaded: dict[str, tuple[FileVersion, Any]] = {}
+        self._fitted: dict[str, Any] = {}  # path -> the shape its model holds a context of
         self._failed: set[tuple[str, FileVersion | None]] = set()  # not tried again
-        self._loading: str | None = None  # the file the thread is loading now
+        self._failed_fits: set[tuple[str, Any]] = set()
+        self._loading: str | None = None  # the file the thread is loading or fitting now
         self._taken = False
         self._thread: threading.Thread | None = None
 
@@ -70,24 +82,27 @@ class Preloader:
         self._thread = threading.Thread(target=self._run, name="preload", daemon=True)
         self._thread.start()
 
-    def want(self, paths: list[str]) -> None:
-        """Keep these files loaded (in this order of preference); free any other."""
+    def want(self, paths: list[str], shape: Any = None) -> None:
+        """Keep these files loaded (in this order of preference); free any other. The
+        first one's model also gets a context of `shape` (with `fit_model`; None: none)."""
         with self._changed:
             self._wanted = list(dict.fromkeys(paths))
+            self._shape = shape if self._fit is not None else None
             self._changed.notify_all()
 
     def loaded(self) -> list[str]:
+        """The files whose models are ready to take: loaded, and fitted where wanted."""
         with self._changed:
-            return list(self._loaded)
+            return [path for path in self._loaded if self._pending_fit(path) is None]
 
     def take(self, path: str | None) -> Any | None:
         """The model loaded from `path`, if it is loaded and the file has not changed since;
         None otherwise. Ends preloading: the thread frees the rest `free_delay` seconds
         later.
 
-        A load of `path` under way is waited for, `inflight_wait` seconds at most: it
-        usually ends sooner than a new load would, but at nice 19 on a machine busy with
-        other workers it could take seconds.
+        A load (or context) of `path` under way is waited for, `inflight_wait` seconds at
+        most: it usually ends sooner than a new load would, but at nice 19 on a machine busy
+        with other workers it could take seconds.
         """
         deadline = time.monotonic() + self._inflight_wait
         with self._changed:
@@ -99,7 +114,10 @@ class Preloader:
                 if left <= 0:
                     break
                 self._changed.wait(left)
-            version, model = self._loaded.pop(path, (None, None)) if path else (None, None)
+            if path is None or self._loading == path:
+                return None  # still in the thread's hands: it frees it later
+            version, model = self._loaded.pop(path, (None, None))
+            self._fitted.pop(path, None)
         if model is not None and version != _file_version(str(path)):
             self._close(model)  # the file was replaced after it was loaded
             return None
@@ -112,15 +130,20 @@ class Preloader:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IDLE_NICE)
         while True:
             with self._changed:
-                while not self._taken and self._next() is None and not self._unwanted():
+                while not self._taken and self._next_job() is None and not self._unwanted():
                     self._changed.wait()
                 if self._taken:
                     break
                 unwanted = self._pop_unwanted()
-                path = self._loading = self._next()
+                job = self._next_job()
+                self._loading = job[0] if job else None
             self._free(unwanted)
-            if path is not None:
-                self._load(path)
+            if job is not None:
+                path, action = job
+                if action == "load":
+                    self._load(path)
+                else:
+                    self._fit_context(path)
         # Handed a model: the new worker's start and first requests come before freeing
         # the rest (freeing unmaps memory, which interrupts every core of the process).
         time.sleep(self._free_delay)
@@ -147,17 +170,55 @@ class Preloader:
             self._close(model)  # the file vanished while it loaded
         self._report()
 
+    def _fit_context(self, path: str) -> None:
+        with self._changed:
+            pending = self._pending_fit(path)
+            shape = None if pending is _DROP else pending
+            entry = self._loaded.get(path)
+        failed = False
+        if entry is not None and self._fit is not None:
+            try:
+                self._fit(entry[1], shape)
+            except Exception as exc:  # an allocation that failed must not end the spare
+                log.warning("could not make a context ahead", extra={"reason": str(exc)})
+                failed = True
+        with self._changed:
+            self._loading = None
+            if failed:
+                self._failed_fits.add((path, shape))
+            else:
+                self._fitted[path] = shape
+            self._changed.notify_all()
+        self._report()
+
+    def _pending_fit(self, path: str) -> Any:
+        """The shape `path`'s model should get a context of next, or None if it is as it
+        should be. Only the first wanted file keeps one."""
+        first = self._wanted[0] if self._wanted else None
+        target = self._shape if path == first else None
+        held = self._fitted.get(path)
+        if target == held or (path, target) in self._failed_fits:
+            return None
+        return target if target is not None else _DROP
+
     def _free(self, models: list[Any]) -> None:
         for model in models:
             self._close(model)
         if models:
             self._report()
 
-    def _next(self) -> str | None:
-        """The first wanted file not loaded yet (and not failed in this version)."""
+    def _next_job(self) -> tuple[str, str] | None:
+        """(path, "load" or "fit"): contexts no longer wanted are freed first; then the
+        wanted files load in order, the first one's context made right after its load."""
+        for path in self._loaded:
+            if self._pending_fit(path) is _DROP:
+                return path, "fit"
         for path in self._wanted:
-            if path not in self._loaded and (path, _file_version(path)) not in self._failed:
-                return path
+            if path not in self._loaded:
+                if (path, _file_version(path)) not in self._failed:
+                    return path, "load"
+            elif self._pending_fit(path) is not None:
+                return path, "fit"
         return None
 
     def _unwanted(self) -> list[str]:
@@ -165,7 +226,10 @@ class Preloader:
 
     def _pop_unwanted(self) -> list[Any]:
         """Take the models no longer wanted out of the loaded set (the caller frees them)."""
-        return [self._loaded.pop(path)[1] for path in self._unwanted()]
+        unwanted = self._unwanted()
+        for path in unwanted:
+            self._fitted.pop(path, None)
+        return [self._loaded.pop(path)[1] for path in unwanted]
 
     def _report(self) -> None:
         if self._on_change is not None:

@@ -78,6 +78,7 @@ def model_view(pool: ModelPool, record: ModelRecord) -> dict[str, Any]:
         "load_seconds": _round(record.load_seconds, 3),
         "load_breakdown_ms": {k: round(v * 1000, 1) for k, v in record.load_phases.items()},
         "weights_preloaded": record.weights_preloaded,
+        "context_preloaded": record.context_preloaded,
         "weights_loaded_ahead": pool.weights_loaded_ahead(record),
         "memory_rss_mb": _round(rss / 2**20 if rss is not None else None),
         "memory_estimate_mb": round(record.memory_estimate / 2**20) if worker else None,

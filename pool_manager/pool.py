@@ -131,6 +131,7 @@ class ModelRecord:
     # the control socket and the worker picking the command up), in seconds.
     load_phases: dict[str, float] = field(default_factory=dict)
     weights_preloaded: bool | None = None  # the last load found its weights in a spare
+    context_preloaded: bool | None = None  # ...and its context made ahead
     memory_estimate: int = 0  # bytes, set when a load starts
     keep_alive: float | None = None  # seconds to keep after the running request, if asked
     consecutive_failures: int = 0
@@ -250,7 +251,12 @@ class ModelPool:
     def _refresh_preload(self) -> None:
         """Tell the spares which models to load ahead (called whenever the set may change)."""
         self._preload_targets = self._preload_files()
-        self._spares.preload(list(self._preload_targets.values()))
+        first = next(iter(self._preload_targets), None)
+        first_settings = None
+        if first is not None:
+            with contextlib.suppress(InvalidModel, BackendError, OSError):
+                first_settings = self._worker_settings(self._records[first].spec)
+        self._spares.preload(list(self._preload_targets.values()), first_settings)
 
     def _preload_files(self) -> dict[str, str]:
         """model id -> served file, for the spare_preload COLD local models likeliest to be
@@ -583,6 +589,7 @@ class ModelPool:
         handoff = max(0.0, record.load_seconds - ready.load_seconds)
         record.load_phases = {"handoff": handoff, **ready.load_phases}
         record.weights_preloaded = ready.weights_preloaded
+        record.context_preloaded = ready.context_preloaded
         record.loaded_at = time.time()
         record.consecutive_failures = 0
         record.last_error = None

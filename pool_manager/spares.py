@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from pool_manager.worker_process import WorkerProcess
 
@@ -27,6 +28,7 @@ class SparePool:
         self._start_spare = start_spare
         self._spares: list[WorkerProcess] = []
         self._preload: list[str] = []  # model files spares should load ahead
+        self._first_settings: dict[str, Any] | None = None  # the likeliest model's
         self._refill: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -39,11 +41,13 @@ class SparePool:
         """Files some spare has loaded ahead."""
         return {path for w in self._spares if w.returncode is None for path in w.preloaded}
 
-    def preload(self, paths: list[str]) -> None:
-        """Have every spare, now and later, keep these model files loaded ahead."""
+    def preload(self, paths: list[str], first_settings: dict[str, Any] | None = None) -> None:
+        """Have every spare, now and later, keep these model files loaded ahead, and a
+        context for the first one's model made with `first_settings`."""
         self._preload = list(paths)
+        self._first_settings = first_settings
         for worker in self._spares:
-            worker.preload(self._preload)
+            worker.preload(self._preload, first_settings)
 
     @property
     def reserved_bytes(self) -> int:
@@ -75,7 +79,7 @@ class SparePool:
             except OSError as exc:
                 log.error("could not start a spare worker", extra={"reason": str(exc)})
                 return
-            spare.preload(self._preload)
+            spare.preload(self._preload, self._first_settings)
             self._spares.append(spare)
 
     async def close(self) -> None:

@@ -38,6 +38,7 @@ class WorkerReady:
     load_seconds: float
     load_phases: dict[str, float]  # the worker's own steps, seconds each
     weights_preloaded: bool  # the spare had loaded the weights ahead
+    context_preloaded: bool = False  # ...and made the context ahead
 
 
 class WorkerStartError(Exception):
@@ -60,7 +61,7 @@ class WorkerProcess:
         self.port: int = 0
         self.reserved_bytes = 0  # heap mapped ahead while a spare (see model_service.heap)
         self.threads: int | None = None  # the share of the cores last sent
-        self.preload_sent: list[str] | None = None  # files last asked to load ahead
+        self.preload_sent: dict[str, Any] | None = None  # the last `preload` command
         self.preloaded: list[str] = []  # files a spare reports loaded ahead
         self._process = process
         self._control = control  # we send on it; a duplicate feeds the event reader
@@ -173,6 +174,7 @@ class WorkerProcess:
                         if isinstance(phases, dict)
                         else {},
                         bool(message.get("weights_preloaded")),
+                        bool(message.get("context_preloaded")),
                     )
                 )
             elif event == "preloaded":
@@ -209,11 +211,13 @@ class WorkerProcess:
             self.threads = threads
             self._command_json({"cmd": "threads", "n": threads})
 
-    def preload(self, paths: list[str]) -> None:
-        """Tell a spare which models' files to load ahead, likeliest first (sent on change)."""
-        if paths != self.preload_sent:
-            self.preload_sent = list(paths)
-            self._command_json({"cmd": "preload", "paths": paths})
+    def preload(self, paths: list[str], first_settings: dict[str, Any] | None = None) -> None:
+        """Tell a spare which models' files to load ahead, likeliest first, and the first
+        one's settings (its context is made ahead too). Sent on change."""
+        plan = {"cmd": "preload", "paths": list(paths), "first_settings": first_settings}
+        if plan != self.preload_sent:
+            self.preload_sent = plan
+            self._command_json(plan)
 
     def begin_drain(self) -> None:
         """Tell the worker to refuse new requests (503) while it finishes the others."""

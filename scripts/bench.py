@@ -1162,6 +1162,7 @@ class Bench:
                     "second_request_ttft_ms": _round(ms(again.ttft_s)),
                     "breakdown_ms": view.get("load_breakdown_ms") or {},
                     "weights_preloaded": view.get("weights_preloaded"),
+                    "context_preloaded": view.get("context_preloaded"),
                     "error": result.error or again.error,
                 }
             )
@@ -1655,12 +1656,21 @@ def _breakdown_text(results: dict[str, Any], key: str) -> str:
     )
 
 
+def _ahead(cold_round: dict[str, Any]) -> str:
+    """What the spare had ready for the round's load."""
+    if cold_round.get("weights_preloaded") is None:
+        return "-"
+    if not cold_round["weights_preloaded"]:
+        return "nothing"
+    return "weights, context" if cold_round.get("context_preloaded") else "weights"
+
+
 def cold_table(results: dict[str, Any], key: str = "cold_start") -> str:
     cold = results.get(key) or {}
     rows = [
         [
             str(i + 1),
-            {True: "yes", False: "no"}.get(r.get("weights_preloaded"), "-"),
+            _ahead(r),
             fmt(r["load_call_ms"]),
             fmt(r["load_seconds_reported_ms"]),
             fmt(r["first_token_after_load_ms"]),
@@ -1684,7 +1694,7 @@ def cold_table(results: dict[str, Any], key: str = "cold_start") -> str:
     )
     header = [
         "round",
-        "weights loaded ahead",
+        "loaded ahead",
         "POST load (ms)",
         "of which load_seconds (ms)",
         "first token after load (ms)",
@@ -1740,7 +1750,7 @@ def memory_table(results: dict[str, Any]) -> str:
             fmt(mem.get("cold_worker_rss_mb"), 1, " MB"),
         ],
         [
-            "spare worker (imports done, heap reserve, weights loaded ahead)",
+            "spare worker (imports done, heap reserve, weights and a context made ahead)",
             ", ".join(fmt(x, 1, " MB") for x in mem.get("spare_rss_mb") or []) or "-",
         ],
         ["manager", fmt(mem.get("manager_rss_mb"), 1, " MB")],
@@ -1962,7 +1972,8 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
         "### Cold start",
         "Each round unloads `bench:cold`, waits until the spare worker is back and idle "
         "and GET /health lists `bench:cold` in `preloaded_models` (the spare has loaded its "
-        "weights ahead: `spare_preload`, on by default), then times "
+        "weights ahead, and made its context since it is the likeliest COLD model: "
+        "`spare_preload`, on by default), then times "
         "`POST /models/bench:cold/load` (it returns when the worker serves; "
         "`load_seconds` is the manager's own figure for that load) and a streamed request "
         "(`max_tokens` 1) to the endpoint it returned, up to its first token. A second "
@@ -1987,7 +1998,8 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
         "llama.cpp reading the GGUF (its 49,152-token vocabulary; repacking Q4_1), or "
         "taking the model the spare loaded ahead; `create_context`: the KV "
         "cache and compute buffers, in memory the spare mapped ahead "
-        "(`spare_reserve_mb`); `chat_template`: compiling the Jinja template and "
+        "(`spare_reserve_mb`), or taking the context the spare made ahead; "
+        "`chat_template`: compiling the Jinja template (unless the spare did) and "
         "restoring the saved KV cache of the template's opening; "
         "`start_server`: building the app and accepting on the socket.",
         *router_section(results),

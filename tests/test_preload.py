@@ -19,7 +19,7 @@ import openai
 import psutil
 import pytest
 
-from model_service.backends.llama_cpp import open_model
+from model_service.backends.llama_cpp import ContextShape, Preloaded, open_model
 from model_service.model_files import package_file
 from model_service.preload import Preloader
 from tests.conftest import SMOLLM2_FILE, ManagerFactory, model_entry, wait_for
@@ -64,6 +64,8 @@ def test_a_cold_model_loads_from_weights_a_spare_loaded_ahead(
     assert manager.model("m:1")["weights_loaded_ahead"] is True
     model = manager.load("m:1")
     assert model["weights_preloaded"] is True and model["weights_loaded_ahead"] is False
+    # m:1, the most recently used, came first in the spare's list: its context too.
+    assert model["context_preloaded"] is True
     # Taken, not loaded: well under the ~80 ms llama.cpp's load of this file takes.
     assert model["load_breakdown_ms"]["load_model"] < 20, model["load_breakdown_ms"]
     client = openai.OpenAI(base_url=f"{manager.url}/v1", api_key="unused", max_retries=0)
@@ -107,7 +109,7 @@ def test_spare_preload_zero_frees_what_spares_hold_and_loads_nothing_ahead(
     )
     assert manager.model("m:1")["weights_loaded_ahead"] is False
     model = manager.load("m:1")
-    assert model["weights_preloaded"] is False
+    assert model["weights_preloaded"] is False and model["context_preloaded"] is False
     assert model["load_breakdown_ms"]["load_model"] > 0
 
 
@@ -132,15 +134,21 @@ def model_copy(tmp_path: Path) -> str:
     return str(target)
 
 
+@pytest.fixture
+def second(model_copy: str, tmp_path: Path) -> str:
+    """Another file with the same model in it."""
+    target = tmp_path / "second.gguf"
+    shutil.copyfile(model_copy, target)
+    return str(target)
+
+
 def _vocab_size(model: Any) -> int:
     return int(llama_cpp.llama_vocab_n_tokens(model.vocab))
 
 
 def test_preloader_hands_over_the_wanted_model_and_frees_the_rest(
-    model_copy: str, tmp_path: Path
+    model_copy: str, second: str
 ) -> None:
-    second = str(tmp_path / "second.gguf")
-    shutil.copyfile(model_copy, second)
     closes = _Closes()
     reports: list[list[str]] = []
     preloader = Preloader(open_model, closes, on_change=reports.append, free_delay=0.0)
@@ -238,3 +246,79 @@ def test_a_file_that_fails_to_load_is_skipped_and_not_retried(
     wait_for(lambda: preloader.loaded() == [model_copy], 30, message="the good file loaded")
     assert attempts == [broken, model_copy]
     assert preloader.take(broken) is None
+
+
+# --- a context made ahead for the likeliest model -------------------------------------------
+
+SMALL = ContextShape(n_ctx=256, slots=2, n_batch=64)
+
+
+class _Fits:
+    """The real Preloaded.fit, noting which file's model got which shape."""
+
+    def __init__(self) -> None:
+        self.paths: dict[int, str] = {}
+        self.calls: list[tuple[str, ContextShape | None]] = []
+
+    def open(self, path: str) -> Preloaded:
+        item = Preloaded.open(path)
+        self.paths[id(item)] = path
+        return item
+
+    def __call__(self, item: Preloaded, shape: ContextShape | None) -> None:
+        item.fit(shape)
+        self.calls.append((self.paths[id(item)], shape))
+
+
+def test_the_likeliest_model_gets_its_context_made_ahead_and_handed_over(
+    model_copy: str, second: str
+) -> None:
+    fits = _Fits()
+    preloader = Preloader(fits.open, Preloaded.close, free_delay=0.0, fit_model=fits)
+    preloader.want([model_copy, second], SMALL)
+    preloader.start()
+    wait_for(lambda: len(preloader.loaded()) == 2, 30, message="both files ready")
+    assert fits.calls == [(model_copy, SMALL)], "only the first file's model gets a context"
+
+    item = preloader.take(model_copy)
+    assert isinstance(item, Preloaded)
+    context = item.take_context(SMALL)
+    assert context is not None
+    assert llama_cpp.llama_n_ctx(context) == SMALL.n_ctx * SMALL.slots
+    assert llama_cpp.llama_n_seq_max(context) == SMALL.slots
+    assert item.take_context(SMALL) is None, "handed over once"
+    llama_cpp.llama_free(context)
+    item.close()
+
+
+def test_a_context_of_another_shape_is_freed_not_handed_over(model_copy: str) -> None:
+    preloader = Preloader(Preloaded.open, Preloaded.close, fit_model=Preloaded.fit)
+    preloader.want([model_copy], SMALL)
+    preloader.start()
+    wait_for(lambda: preloader.loaded() == [model_copy], 30, message="the file ready")
+    item = preloader.take(model_copy)
+    assert isinstance(item, Preloaded)
+    assert item.take_context(ContextShape(n_ctx=512, slots=2, n_batch=64)) is None
+    assert item.take_context(SMALL) is None, "the mismatched context was freed"
+    item.close()
+
+
+def test_the_context_moves_when_another_model_becomes_the_likeliest(
+    model_copy: str, second: str
+) -> None:
+    fits = _Fits()
+    preloader = Preloader(fits.open, Preloaded.close, fit_model=fits)
+    preloader.want([model_copy, second], SMALL)
+    preloader.start()
+    wait_for(lambda: len(preloader.loaded()) == 2, 30, message="both files ready")
+
+    preloader.want([second, model_copy], SMALL)
+    wait_for(lambda: len(fits.calls) == 3, 30, message="the context to move")
+    # Freed from the old first before it is made for the new one: its memory is reused.
+    assert fits.calls[1:] == [(model_copy, None), (second, SMALL)]
+    item = preloader.take(second)
+    assert isinstance(item, Preloaded)
+    context = item.take_context(SMALL)
+    assert context is not None
+    llama_cpp.llama_free(context)
+    item.close()

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,113 @@ def open_model(path: str) -> LlamaModel:
     return LlamaModel(path_model=path, params=llama_cpp.llama_model_default_params(), verbose=False)
 
 
+@dataclass(frozen=True)
+class ContextShape:
+    """What a llama.cpp context for a model is created with, besides the model and the
+    thread count (which can change later): two contexts of one shape are interchangeable."""
+
+    n_ctx: int  # cells per slot
+    slots: int
+    n_batch: int
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> ContextShape:
+        slots = int(settings.get("max_concurrent") or DEFAULT_SLOTS)
+        return cls(
+            n_ctx=int(settings.get("n_ctx") or DEFAULT_CONTEXT),
+            slots=slots,
+            n_batch=max(int(settings.get("n_batch") or 512), slots),
+        )
+
+
+def create_context(model: LlamaModel, shape: ContextShape, threads: int) -> Any:
+    """A context of `shape` on `model`: each slot its own KV cache of `n_ctx` cells.
+
+    Most of its cost is llama.cpp zeroing the KV cache (190 MB for SmolLM2 with 8 x 1,024
+    cells: 8 ms to 40 ms, by the machine's memory bandwidth). Raises BackendError.
+    """
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = shape.n_ctx * shape.slots
+    params.n_batch = shape.n_batch
+    params.n_ubatch = min(512, shape.n_batch)
+    params.n_seq_max = shape.slots
+    params.n_threads = params.n_threads_batch = threads
+    params.kv_unified = False  # each slot owns n_ctx cells: no slot can starve another
+    ctx = llama_cpp.llama_init_from_model(model.model, params)
+    if not ctx:
+        raise BackendError(
+            f"llama.cpp could not create a context of {shape.n_ctx} x {shape.slots} tokens"
+        )
+    return ctx
+
+
+class Preloaded:
+    """A model a spare loaded ahead and, for the likeliest one, its context made ahead too.
+
+    Owned by the spare's preloader thread until `take`n; then by the backend that loads it.
+    """
+
+    def __init__(self, model: LlamaModel) -> None:
+        self.model = model
+        self._context: Any = None
+        self._shape: ContextShape | None = None
+
+    @classmethod
+    def open(cls, path: str) -> Preloaded:
+        return cls(open_model(path))
+
+    def fit(self, shape: ContextShape | None) -> None:
+        """Hold a context of `shape` (None: none). Raises BackendError."""
+        if shape == self._shape:
+            return
+        self._free_context()  # first: its memory serves the new one
+        if shape is not None:
+            self._context = create_context(self.model, shape, usable_cores())
+            self._shape = shape
+            chat_formatter(self.model, self.model.metadata())  # compiled into the cache
+
+    def take_context(self, shape: ContextShape) -> Any:
+        """The context made ahead if it has `shape` (the caller then owns it), else None."""
+        if self._context is None or shape != self._shape:
+            self._free_context()
+            return None
+        context, self._context, self._shape = self._context, None, None
+        return context
+
+    def close(self) -> None:
+        self._free_context()
+        self.model.close()
+
+    def _free_context(self) -> None:
+        if self._context is not None:
+            llama_cpp.llama_free(self._context)
+        self._context, self._shape = None, None
+
+
+def chat_formatter(model: LlamaModel, metadata: dict[str, Any]) -> Jinja2ChatFormatter | None:
+    """The model's chat template, compiled (None if the file has none)."""
+    template = metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    eos, bos = model.token_eos(), model.token_bos()
+    return _compiled_template(
+        template,
+        model.token_get_text(eos) if eos != -1 else "",
+        model.token_get_text(bos) if bos != -1 else "",
+        eos,
+    )
+
+
+@lru_cache(maxsize=16)
+def _compiled_template(template: str, eos: str, bos: str, eos_id: int) -> Jinja2ChatFormatter:
+    """Cached: compiling takes ~5 ms, which a spare pays ahead for its likeliest model.
+    A formatter keeps no state between calls, so the backend can use the one compiled
+    on the preloader's thread."""
+    return Jinja2ChatFormatter(
+        template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
+    )
+
+
 def can_preload() -> bool:
     """Whether loading weights ahead costs only host memory: not on a GPU build, where
     llama.cpp would put them in GPU memory for a model that is not running."""
@@ -121,20 +229,22 @@ class _Sequence:
 
 
 class LlamaCppBackend(Backend):
-    def __init__(self, settings: dict[str, Any], preloaded: LlamaModel | None = None) -> None:
+    def __init__(self, settings: dict[str, Any], preloaded: Preloaded | None = None) -> None:
         """`preloaded`: the served file's model, loaded ahead by a spare (`preload`)."""
         self._preloaded = preloaded
         self.weights_preloaded = False  # whether load() used `preloaded`
+        self.context_preloaded = False  # whether it also had the context made ahead
         self._model_path = str(settings["model_path"])
         self._weights: WeightsMode = settings.get("weights") or "auto"
         self._weights_cache = settings.get("weights_cache_dir")
         # The manager says which file to load (it has read the header already); a
         # standalone worker works it out.
         self.served_path: str | None = settings.get("served_model_path")
-        self._n_ctx = int(settings.get("n_ctx") or DEFAULT_CONTEXT)
+        self._shape = ContextShape.from_settings(settings)
+        self._n_ctx = self._shape.n_ctx
         self._n_threads = int(settings.get("n_threads") or usable_cores())
-        self._slots = int(settings.get("max_concurrent") or DEFAULT_SLOTS)
-        self._n_batch = max(int(settings.get("n_batch") or 512), self._slots)
+        self._slots = self._shape.slots
+        self._n_batch = self._shape.n_batch
         self._model: LlamaModel | None = None
         self._ctx: Any = None
         self._memory: Any = None
@@ -166,8 +276,11 @@ class LlamaCppBackend(Backend):
         # where llama.cpp would only say it failed.
         started = time.perf_counter()
         path = Path(self._model_path)
-        model, self._preloaded = self._preloaded, None
+        preloaded, self._preloaded = self._preloaded, None
+        model = preloaded.model if preloaded is not None else None
+        ctx = preloaded.take_context(self._shape) if preloaded is not None else None
         self.weights_preloaded = model is not None
+        self.context_preloaded = ctx is not None
         if model is None:
             check_header(path)
             served = self.served_path
@@ -184,19 +297,14 @@ class LlamaCppBackend(Backend):
                 read_metadata(path)  # names the problem (say, a truncated file) if it can
                 raise BackendError(f"llama.cpp could not load {self._model_path}: {exc}") from exc
         model_at = time.perf_counter()
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self._n_ctx * self._slots
-        params.n_batch = self._n_batch
-        params.n_ubatch = min(512, self._n_batch)
-        params.n_seq_max = self._slots
-        params.n_threads = params.n_threads_batch = self._n_threads
-        params.kv_unified = False  # each slot owns n_ctx cells: no slot can starve another
-        ctx = llama_cpp.llama_init_from_model(model.model, params)
-        if not ctx:
-            model.close()
-            raise BackendError(
-                f"llama.cpp could not create a context of {self._n_ctx} x {self._slots} tokens"
-            )
+        if ctx is None:
+            try:
+                ctx = create_context(model, self._shape, self._n_threads)
+            except BackendError:
+                model.close()
+                raise
+        else:
+            llama_cpp.llama_set_n_threads(ctx, self._n_threads, self._n_threads)
         self._model, self._ctx = model, ctx
         context_at = time.perf_counter()
         self._memory = llama_cpp.llama_get_memory(ctx)
@@ -291,16 +399,7 @@ class LlamaCppBackend(Backend):
 
     @staticmethod
     def _chat_formatter(model: LlamaModel, metadata: dict[str, Any]) -> Jinja2ChatFormatter | None:
-        template = metadata.get("tokenizer.chat_template")
-        if not template:
-            return None
-        eos, bos = model.token_eos(), model.token_bos()
-        return Jinja2ChatFormatter(
-            template=template,
-            eos_token=model.token_get_text(eos) if eos != -1 else "",
-            bos_token=model.token_get_text(bos) if bos != -1 else "",
-            stop_token_ids=[eos],
-        )
+        return chat_formatter(model, metadata)
 
     def unload(self) -> None:
         for sequence in self._sequences:
