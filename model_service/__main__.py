@@ -9,6 +9,7 @@ are `drain` and `abort`; EOF means the manager is gone, and the worker shuts dow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -125,7 +126,8 @@ class ManagerLink:
             first = command.get("first_settings")
             shape = None
             if paths and first and first.get("served_model_path") == paths[0]:
-                shape = ContextShape.from_settings(first)
+                with contextlib.suppress(BackendError):  # its load will say what is wrong
+                    shape = ContextShape.from_settings(first)
             self.preloader.want(paths, shape)
         elif name == "drain":
             # New inference requests get 503; accepted ones finish.

@@ -111,6 +111,10 @@ class ModelSpec(BaseModel):
     n_ctx: int = Field(default=2048, ge=64, le=1_048_576)
     n_threads: int | None = Field(default=None, ge=1)
     n_batch: int = Field(default=512, ge=1)
+    # llama.cpp's flash attention. "auto" (llama.cpp's default: on, on CPU) is faster for
+    # new prompts and short contexts; "off" for many sequences at long contexts and small
+    # additions to a long cached prompt (docs/OPERATIONS.md has the figures).
+    flash_attn: Literal["auto", "on", "off"] = "auto"
     chat_format: str | None = None
     max_concurrent: int = Field(default=4, ge=1)
     max_queue: int = Field(default=32, ge=0)

@@ -10,10 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import llama_cpp
+import numpy as np
 import pytest
 
-from model_service.backends.llama_cpp import LlamaCppBackend
+from model_service.backends.base import BackendError
+from model_service.backends.llama_cpp import (
+    ContextShape,
+    LlamaCppBackend,
+    create_context,
+    open_model,
+)
 from model_service.engine import StopMatcher
+from model_service.model_files import package_file
 from pool_manager.config import (
     ConfigError,
     ConfigStore,
@@ -30,7 +39,7 @@ from pool_manager.states import (
     check_transition,
     mermaid_diagram,
 )
-from tests.conftest import REPO, free_port_range
+from tests.conftest import REPO, SMOLLM2_FILE, free_port_range
 
 S = ModelState
 
@@ -216,3 +225,34 @@ def test_a_spare_warms_up_the_streaming_path_with_one_in_process_request() -> No
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True"]
+
+
+def test_the_flash_attn_setting_reaches_llama_cpp() -> None:
+    """Off twice gives the same logits to the bit; on computes attention another way, so
+    they differ a little, with the same top token."""
+    model = open_model(str(package_file(SMOLLM2_FILE)))
+    tokens = model.tokenize(b"The capital of France is", add_bos=True, special=False)
+
+    def last_logits(flash_attn: str) -> np.ndarray:
+        ctx = create_context(model, ContextShape(256, 1, 64, flash_attn), 2)
+        batch = llama_cpp.llama_batch_init(64, 0, 1)
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == len(tokens) - 1
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        size = llama_cpp.llama_vocab_n_tokens(model.vocab)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(size,))
+        copied = logits.copy()
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        return copied
+
+    off, off_again, on = last_logits("off"), last_logits("off"), last_logits("on")
+    model.close()
+    assert np.array_equal(off, off_again)
+    assert not np.array_equal(off, on)
+    assert off.argmax() == on.argmax() and np.abs(off - on).max() < 2.0
+    with pytest.raises(BackendError, match="flash_attn"):
+        ContextShape.from_settings({"flash_attn": "sometimes"})

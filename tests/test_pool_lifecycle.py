@@ -280,6 +280,7 @@ def test_bad_bodies_are_400(start_manager: ManagerFactory) -> None:
         ("POST", "/models/register", {"json": {**model_entry("bad id!")}}),
         ("POST", "/models/register", {"json": {**model_entry("x:1"), "n_ctx": "big"}}),
         ("POST", "/models/register", {"json": {**model_entry("x:1"), "surprise": 1}}),
+        ("POST", "/models/register", {"json": {**model_entry("x:1"), "flash_attn": "maybe"}}),
         (
             "POST",
             "/models/register",

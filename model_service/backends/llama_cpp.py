@@ -70,6 +70,13 @@ def open_model(path: str) -> LlamaModel:
     return LlamaModel(path_model=path, params=llama_cpp.llama_model_default_params(), verbose=False)
 
 
+_FLASH_ATTN = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+}
+
+
 @dataclass(frozen=True)
 class ContextShape:
     """What a llama.cpp context for a model is created with, besides the model and the
@@ -78,14 +85,19 @@ class ContextShape:
     n_ctx: int  # cells per slot
     slots: int
     n_batch: int
+    flash_attn: str = "auto"  # "auto", "on" or "off"
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> ContextShape:
         slots = int(settings.get("max_concurrent") or DEFAULT_SLOTS)
+        flash_attn = str(settings.get("flash_attn") or "auto")
+        if flash_attn not in _FLASH_ATTN:
+            raise BackendError(f"flash_attn must be auto, on or off, not {flash_attn!r}")
         return cls(
             n_ctx=int(settings.get("n_ctx") or DEFAULT_CONTEXT),
             slots=slots,
             n_batch=max(int(settings.get("n_batch") or 512), slots),
+            flash_attn=flash_attn,
         )
 
 
@@ -102,6 +114,7 @@ def create_context(model: LlamaModel, shape: ContextShape, threads: int) -> Any:
     params.n_seq_max = shape.slots
     params.n_threads = params.n_threads_batch = threads
     params.kv_unified = False  # each slot owns n_ctx cells: no slot can starve another
+    params.flash_attn_type = _FLASH_ATTN[shape.flash_attn]
     ctx = llama_cpp.llama_init_from_model(model.model, params)
     if not ctx:
         raise BackendError(
