@@ -17,6 +17,7 @@ from model_service.limits import Admission
 from model_service.logs import prompts_may_be_logged
 from model_service.metrics import WorkerMetrics
 from model_service.protocol import (
+    SSE_DONE,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -244,7 +245,7 @@ class InferenceService:
         self._metrics.observe_generation(started, first_token_at, result)
         for frame in framer.closing(result):
             yield frame
-        yield b"data: [DONE]\n\n"
+        yield SSE_DONE
 
     # --- chat -------------------------------------------------------------------------------
 

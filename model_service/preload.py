@@ -32,7 +32,6 @@ IDLE_NICE = 19
 FREE_DELAY_SECONDS = 5.0
 INFLIGHT_WAIT_SECONDS = 1.0
 FileVersion = tuple[int, int, int, int]  # device, inode, size, mtime: "the same file"
-_DROP = object()  # a pending fit that frees a context
 
 
 def _file_version(path: str) -> FileVersion | None:
@@ -93,7 +92,7 @@ class Preloader:
     def loaded(self) -> list[str]:
         """The files whose models are ready to take: loaded, and fitted where wanted."""
         with self._changed:
-            return [path for path in self._loaded if self._pending_fit(path) is None]
+            return [path for path in self._loaded if not self._needs_fit(path)]
 
     def take(self, path: str | None) -> Any | None:
         """The model loaded from `path`, if it is loaded and the file has not changed since;
@@ -172,8 +171,7 @@ class Preloader:
 
     def _fit_context(self, path: str) -> None:
         with self._changed:
-            pending = self._pending_fit(path)
-            shape = None if pending is _DROP else pending
+            shape = self._fit_target(path)
             entry = self._loaded.get(path)
         failed = False
         if entry is not None and self._fit is not None:
@@ -191,15 +189,17 @@ class Preloader:
             self._changed.notify_all()
         self._report()
 
-    def _pending_fit(self, path: str) -> Any:
-        """The shape `path`'s model should get a context of next, or None if it is as it
-        should be. Only the first wanted file keeps one."""
+    def _fit_target(self, path: str) -> Any:
+        """The shape of context `path`'s model should hold (None: none). Only the first
+        wanted file keeps one."""
         first = self._wanted[0] if self._wanted else None
-        target = self._shape if path == first else None
-        held = self._fitted.get(path)
-        if target == held or (path, target) in self._failed_fits:
-            return None
-        return target if target is not None else _DROP
+        return self._shape if path == first else None
+
+    def _needs_fit(self, path: str) -> bool:
+        """Whether `path`'s model holds another context than it should (and making that
+        one has not failed already)."""
+        target = self._fit_target(path)
+        return target != self._fitted.get(path) and (path, target) not in self._failed_fits
 
     def _free(self, models: list[Any]) -> None:
         for model in models:
@@ -211,13 +211,13 @@ class Preloader:
         """(path, "load" or "fit"): contexts no longer wanted are freed first; then the
         wanted files load in order, the first one's context made right after its load."""
         for path in self._loaded:
-            if self._pending_fit(path) is _DROP:
+            if self._needs_fit(path) and self._fit_target(path) is None:
                 return path, "fit"
         for path in self._wanted:
             if path not in self._loaded:
                 if (path, _file_version(path)) not in self._failed:
                     return path, "load"
-            elif self._pending_fit(path) is not None:
+            elif self._needs_fit(path):
                 return path, "fit"
         return None
 

@@ -203,6 +203,10 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# The frame that ends every OpenAI SSE stream.
+SSE_DONE = b"data: [DONE]\n\n"
+
+
 def new_completion_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

@@ -25,7 +25,7 @@ from model_service.app import create_worker_app
 from model_service.engine import Finished
 from model_service.inference import ChatFramer, StreamHandle
 from model_service.metrics import WorkerMetrics
-from model_service.protocol import ChatCompletionRequest
+from model_service.protocol import SSE_DONE, ChatCompletionRequest
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class _CannedService:
             yield framer.piece("ok")
             for frame in framer.closing(Finished("stop", 1, 1)):
                 yield frame
-            yield b"data: [DONE]\n\n"
+            yield SSE_DONE
 
         return StreamHandle(frames(), lambda: None)
 
@@ -72,7 +72,7 @@ def warm_up_serving() -> bool:
     except Exception as exc:  # a warm-up must never stop the spare
         log.warning("spare warm-up request failed", extra={"reason": repr(exc)})
         return False
-    if status != 200 or not body.endswith(b"data: [DONE]\n\n"):
+    if status != 200 or not body.endswith(SSE_DONE):
         log.warning("spare warm-up request failed", extra={"status": status})
         return False
     return True

@@ -254,15 +254,12 @@ class LlamaCppBackend(Backend):
         # standalone worker works it out.
         self.served_path: str | None = settings.get("served_model_path")
         self._shape = ContextShape.from_settings(settings)
-        self._n_ctx = self._shape.n_ctx
         self._n_threads = int(settings.get("n_threads") or usable_cores())
-        self._slots = self._shape.slots
-        self._n_batch = self._shape.n_batch
         self._model: LlamaModel | None = None
         self._ctx: Any = None
         self._memory: Any = None
         self._batch: Any = None
-        self._sequences = [_Sequence() for _ in range(self._slots)]
+        self._sequences = [_Sequence() for _ in range(self._shape.slots)]
         self._uses = 0
         self._formatter: Jinja2ChatFormatter | None = None
         self._opening: list[int] | None = None  # to compute and save in warm_up
@@ -270,11 +267,11 @@ class LlamaCppBackend(Backend):
 
     @property
     def context_length(self) -> int:
-        return self._n_ctx
+        return self._shape.n_ctx
 
     @property
     def slots(self) -> int:
-        return self._slots
+        return self._shape.slots
 
     @property
     def model(self) -> LlamaModel:
@@ -321,7 +318,7 @@ class LlamaCppBackend(Backend):
         self._model, self._ctx = model, ctx
         context_at = time.perf_counter()
         self._memory = llama_cpp.llama_get_memory(ctx)
-        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(self._shape.n_batch, 0, 1)
         self._formatter = self._chat_formatter(model, model.metadata())
         self._pieces = _TokenPieces(model.vocab)
         self._restore_opening()
@@ -371,7 +368,7 @@ class LlamaCppBackend(Backend):
     def warm_up(self) -> None:
         """Compute and save the opening when no saved one was found (engine thread)."""
         opening, self._opening = self._opening, None
-        if opening is None or len(opening) > self._n_batch:
+        if opening is None or len(opening) > self._shape.n_batch:
             return
         slot = self._sequences[0]
         slot.cached, slot.pending = [], list(opening)
@@ -472,7 +469,7 @@ class LlamaCppBackend(Backend):
         first), so a useful cache is not overwritten while an idle one could be.
         """
         self._uses += 1
-        busy = set(range(self._slots)).difference(free)
+        busy = set(range(self._shape.slots)).difference(free)
 
         def value(slot: int) -> tuple[int, bool, int]:
             sequence = self._sequences[slot]
@@ -519,7 +516,7 @@ class LlamaCppBackend(Backend):
         """Decode what `slots` have pending (as much as one batch holds); returns, for
         each slot whose pending tokens are all in, the batch index of its logits."""
         batch = self._batch
-        budget = self._n_batch
+        budget = self._shape.n_batch
         takes: dict[int, int] = {}
         # Decoding slots first, one token each, so streams keep flowing while prompts load.
         for slot in sorted(slots, key=lambda s: len(self._sequences[s].pending) > 1):

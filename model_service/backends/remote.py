@@ -23,7 +23,7 @@ import httpx
 
 from model_service.backends.base import BackendError
 from model_service.errors import ApiError
-from model_service.protocol import new_completion_id, unix_now
+from model_service.protocol import SSE_DONE, new_completion_id, unix_now
 
 REMOTE_BACKENDS = frozenset({"openai", "ollama"})
 
@@ -146,7 +146,7 @@ class RemoteModel:
                     continue
                 part = json.loads(line)
                 yield _sse(_ollama_chunk(route, self.model_id, completion_id, created, part))
-        yield b"data: [DONE]\n\n"
+        yield SSE_DONE
 
     async def _post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
         try:
