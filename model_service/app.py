@@ -32,6 +32,7 @@ from model_service.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    TokenCount,
 )
 
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -62,6 +63,11 @@ def create_worker_app(
         if request.stream:
             return _sse_response(await service.complete_stream(request))
         return await service.complete(request)
+
+    @app.post("/v1/count_tokens")
+    async def count_tokens(request: ChatCompletionRequest) -> TokenCount:
+        """The prompt's size in tokens, as a chat request would render it (tools too)."""
+        return TokenCount(model=service.model_id, prompt_tokens=service.count_chat_tokens(request))
 
     _add_common_parts(
         app,
@@ -161,6 +167,17 @@ def _add_common_parts(
     @app.get("/v1/models")
     async def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_id, created=loaded_at)])
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> ModelCard:
+        if name != model_id:
+            raise ApiError(
+                404,
+                f"The model '{name}' is not served here; this worker serves '{model_id}'",
+                param="model",
+                code="model_not_found",
+            )
+        return ModelCard(id=model_id, created=loaded_at)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from model_service.backends.base import Backend, SamplingParams
+from model_service.backends.base import Backend, SamplingParams, TokenScore
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,14 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Text with the scores of the tokens that made it (when the request asked for them)."""
+
+    text: str
+    scores: list[TokenScore]
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ class GenerationJob:
     max_tokens: int
     stop: list[str]
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[str | Finished | Failed] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[str | Scored | Finished | Failed] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
 
@@ -92,14 +100,21 @@ class GenerationStream:
     def __init__(self, job: GenerationJob) -> None:
         self._job = job
         self.result: Finished | None = None
+        # Every token's score so far, when the request asked for logprobs.
+        self.scores: list[TokenScore] = []
 
     async def pieces(self) -> AsyncIterator[str]:
-        """Yield text as it is generated. Raises EngineError if generation failed."""
+        """Yield text as it is generated. Raises EngineError if generation failed.
+
+        With logprobs, a piece may be empty: its tokens' scores are in `scores`."""
         try:
             while True:
                 event = await self._job.events.get()
                 if isinstance(event, str):
                     yield event
+                elif isinstance(event, Scored):
+                    self.scores.extend(event.scores)
+                    yield event.text
                 elif isinstance(event, Finished):
                     self.result = event
                     return
@@ -143,7 +158,7 @@ class _Outbox:
     def __init__(self) -> None:
         self._events: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = defaultdict(list)
 
-    def put(self, job: GenerationJob, event: str | Finished | Failed) -> None:
+    def put(self, job: GenerationJob, event: str | Scored | Finished | Failed) -> None:
         self._events[job.loop].append((job.events, event))
 
     def send(self) -> None:
@@ -275,7 +290,10 @@ class Engine:
             active.produced += 1
             self.tokens_generated += 1
             text, hit_stop = active.stopper.feed(active.decoder.decode(to_bytes(token)))
-            if text:
+            score = backend.token_score(slot)
+            if score is not None:
+                outbox.put(active.job, Scored(text, [score]))
+            elif text:
                 outbox.put(active.job, text)
             if hit_stop:
                 self._finish(slot, outbox, "stop", flush=False)

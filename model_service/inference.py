@@ -7,10 +7,10 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
-from model_service.backends.base import BackendError, RenderedPrompt, SamplingParams
+from model_service.backends.base import BackendError, RenderedPrompt, SamplingParams, TokenScore
 from model_service.engine import Engine, EngineError, Finished, FinishReason, GenerationStream
 from model_service.errors import ApiError
 from model_service.limits import Admission
@@ -24,16 +24,34 @@ from model_service.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     ChunkDelta,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
+    FunctionCall,
+    FunctionCallDelta,
     PromptTokensDetails,
     ResponseFormat,
     SamplingFields,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
     Usage,
     new_completion_id,
     unix_now,
+)
+from model_service.tools import (
+    ArgumentsDelta,
+    CallStart,
+    Event,
+    ToolPlan,
+    ToolReplyParser,
+    prompt_messages,
+    read_reply,
+    tool_results_as_user,
 )
 
 log = logging.getLogger(__name__)
@@ -61,6 +79,13 @@ class Prepared:
     params: SamplingParams
     max_tokens: int
     stop: list[str] = field(default_factory=list)
+    tools: ToolPlan | None = None  # set when the reply is read as tool calls
+    n: int = 1  # choices: sequences generated side by side
+
+    @property
+    def scored(self) -> bool:
+        """Whether the reply reports logprobs."""
+        return self.params.top_logprobs is not None
 
 
 def _schema_of(response_format: ResponseFormat | None) -> dict[str, Any] | None:
@@ -120,7 +145,9 @@ class InferenceService:
         request: SamplingFields,
         prompt: RenderedPrompt,
         requested_max: int | None,
-        response_format: ResponseFormat | None,
+        schema: dict[str, Any] | None,
+        top_logprobs: int | None,
+        tools: ToolPlan | None = None,
     ) -> Prepared:
         context = self._backend.context_length
         prompt_tokens = len(prompt.tokens)
@@ -153,34 +180,69 @@ class InferenceService:
             seed=request.seed,
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
-            json_schema=_schema_of(response_format),
+            json_schema=schema,
+            top_logprobs=top_logprobs,
         )
         try:
             self._backend.check_sampling(params)
         except BackendError as exc:
-            raise ApiError(400, str(exc), param="response_format", code="invalid_value") from exc
-        return Prepared(prompt, params, max_tokens, stop=prompt.stop + request.stop_sequences())
+            param = "tools" if tools is not None else "response_format"
+            raise ApiError(400, str(exc), param=param, code="invalid_value") from exc
+        stop = prompt.stop + request.stop_sequences()
+        return Prepared(prompt, params, max_tokens, stop=stop, tools=tools, n=request.n)
 
     def _submit(self, prepared: Prepared) -> GenerationStream:
         return self.engine.submit(
             prepared.prompt.tokens, prepared.params, prepared.max_tokens, prepared.stop
         )
 
-    def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
+    def render_chat(self, request: ChatCompletionRequest) -> tuple[RenderedPrompt, ToolPlan | None]:
+        """The prompt for a chat request, and its tool plan (None without tools)."""
         self._check_model(request.model)
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        answer_schema = _schema_of(request.response_format)
+        plan = ToolPlan.from_request(request, answer_schema)
+        messages = prompt_messages(request, plan)
         if prompts_may_be_logged():
             log.debug("chat prompt", extra={"messages": messages})
         try:
             prompt = self._backend.render_chat(messages)
         except BackendError as exc:
-            raise ApiError(400, str(exc), param="messages", code="invalid_value") from exc
-        return self._prepare(request, prompt, request.token_limit(), request.response_format)
+            # Some templates know no `tool` role: tell them the results as the user.
+            if not any(m["role"] == "tool" for m in messages):
+                raise ApiError(400, str(exc), param="messages", code="invalid_value") from exc
+            try:
+                prompt = self._backend.render_chat(tool_results_as_user(messages))
+            except BackendError as again:
+                raise ApiError(400, str(again), param="messages", code="invalid_value") from exc
+        return prompt, plan
+
+    def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
+        prompt, plan = self.render_chat(request)
+        schema = _schema_of(request.response_format)
+        if plan is not None and plan.constrained:
+            schema = plan.schema()
+        else:
+            plan = None
+        if request.top_logprobs is not None and not request.logprobs:
+            raise ApiError(
+                400,
+                "top_logprobs needs logprobs set to true",
+                param="top_logprobs",
+                code="invalid_value",
+            )
+        top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        return self._prepare(request, prompt, request.token_limit(), schema, top_logprobs, plan)
+
+    def count_chat_tokens(self, request: ChatCompletionRequest) -> int:
+        """How many tokens the request's prompt takes (messages, tools and template)."""
+        prompt, _ = self.render_chat(request)
+        return len(prompt.tokens)
 
     def prepare_completion(self, request: CompletionRequest) -> Prepared:
         self._check_model(request.model)
         prompt = RenderedPrompt(tokens=self._backend.tokenize(request.prompt_text()))
-        return self._prepare(request, prompt, request.token_limit(), request.response_format)
+        schema = _schema_of(request.response_format)
+        return self._prepare(request, prompt, request.token_limit(), schema, request.logprobs)
 
     # --- running a request -----------------------------------------------------------------
 
@@ -193,7 +255,7 @@ class InferenceService:
             code="timeout",
         )
 
-    async def _generate(self, prepared: Prepared) -> tuple[str, Finished]:
+    async def _generate(self, prepared: Prepared) -> Generated:
         """Queue for a slot, generate, collect. Raises ApiError 429/504/500."""
         try:
             async with asyncio.timeout(self._timeout), self.admission.slot():
@@ -204,92 +266,241 @@ class InferenceService:
         except EngineError as exc:
             raise _engine_error(exc) from exc
         assert stream.result is not None
-        return text, stream.result
+        return Generated(text, stream.result, stream.scores)
 
-    async def open_stream(self, prepared: Prepared, framer: Framer) -> StreamHandle:
-        """Take a slot (waiting in the queue), then hand back the SSE frames to send.
+    async def _generate_choices(self, prepared: Prepared) -> list[Generated]:
+        """`n` sequences of one prompt, generated side by side (one batch)."""
+        started = time.perf_counter()
+        if prepared.n == 1:
+            generated = [await self._generate(prepared)]
+        else:
+            generated = list(await asyncio.gather(*map(self._generate, _choices(prepared))))
+        for one in generated:
+            self._metrics.observe_generation(started, None, one.result)
+        return generated
+
+    async def open_stream(self, prepared: Prepared, framers: list[Framer]) -> StreamHandle:
+        """Take a slot for each choice (waiting in the queue), then hand back the SSE
+        frames to send.
 
         Raises ApiError 429 (queue full) or 504 (no slot before the deadline). The caller
         must call `StreamHandle.close()` when the response is over, sent or not.
         """
         deadline = asyncio.get_running_loop().time() + self._timeout
+        taken = 0
         try:
             async with asyncio.timeout_at(deadline):
-                await self.admission.acquire()
-        except TimeoutError:
-            raise self._timeout_error() from None
-        return StreamHandle(self._frames(prepared, framer, deadline), self.admission.release)
+                for _ in framers:
+                    await self.admission.acquire()
+                    taken += 1
+        except BaseException as exc:
+            for _ in range(taken):
+                self.admission.release()
+            if isinstance(exc, TimeoutError):
+                raise self._timeout_error() from None
+            raise
+
+        def release() -> None:
+            for _ in framers:
+                self.admission.release()
+
+        return StreamHandle(self._frames(prepared, framers, deadline), release)
 
     async def _frames(
-        self, prepared: Prepared, framer: Framer, deadline: float
+        self, prepared: Prepared, framers: list[Framer], deadline: float
     ) -> AsyncIterator[bytes]:
         started = time.perf_counter()
         first_token_at: float | None = None
-        stream = self._submit(prepared)
-        for frame in framer.opening():
-            yield frame
+        streams = [self._submit(choice) for choice in _choices(prepared)]
+        for framer in framers:
+            for frame in framer.opening():
+                yield frame
         try:
             async with asyncio.timeout_at(deadline):
-                async for piece in stream.pieces():
+                async for index, piece, scores in _interleaved(streams):
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
-                    yield framer.piece(piece)
+                    if piece is None:  # choice `index` is over
+                        yield framers[index].finish(_result(streams[index]))
+                        continue
+                    frame = framers[index].piece(piece, scores)
+                    if frame:
+                        yield frame
         except TimeoutError:
             yield _sse(json.dumps(self._timeout_error().body()))
             return
         except EngineError as exc:
             yield _sse(json.dumps(_engine_error(exc).body()))
             return
-        result = stream.result
-        assert result is not None
-        self._metrics.observe_generation(started, first_token_at, result)
-        for frame in framer.closing(result):
-            yield frame
+        finally:
+            for stream in streams:
+                stream.cancel()
+        results = [_result(stream) for stream in streams]
+        for result in results:
+            self._metrics.observe_generation(started, first_token_at, result)
+        if framers[0].include_usage:
+            yield framers[0].usage(_usage(results))
         yield SSE_DONE
 
     # --- chat -------------------------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
         prepared = self.prepare_chat(request)
-        started = time.perf_counter()
-        text, result = await self._generate(prepared)
-        self._metrics.observe_generation(started, None, result)
+        generated = await self._generate_choices(prepared)
         return ChatCompletion(
             id=new_completion_id("chatcmpl"),
             created=unix_now(),
             model=self.model_id,
             choices=[
-                ChatChoice(
-                    message=AssistantMessage(content=text), finish_reason=result.finish_reason
-                )
+                self._chat_choice(index, one, prepared.tools, prepared.scored)
+                for index, one in enumerate(generated)
             ],
-            usage=_usage(result),
+            usage=_usage([one.result for one in generated]),
         )
+
+    def _chat_choice(
+        self, index: int, one: Generated, tools: ToolPlan | None, scored: bool
+    ) -> ChatChoice:
+        message = AssistantMessage(content=one.text)
+        finish: ChoiceFinish = one.result.finish_reason
+        if tools is not None:
+            reply = read_reply(one.text)
+            calls = [
+                ToolCall(id=c.id, function=FunctionCall(name=c.name or "", arguments=c.arguments))
+                for c in reply.calls
+            ]
+            message = AssistantMessage(content=reply.content, tool_calls=calls or None)
+            if calls and finish == "stop":
+                finish = "tool_calls"
+        logprobs = None
+        if scored:
+            logprobs = chat_logprobs(one.scores, self._backend.token_bytes)
+        return ChatChoice(index=index, message=message, finish_reason=finish, logprobs=logprobs)
 
     async def chat_stream(self, request: ChatCompletionRequest) -> StreamHandle:
         prepared = self.prepare_chat(request)
-        return await self.open_stream(prepared, ChatFramer(self.model_id, request))
+        response_id = new_completion_id("chatcmpl")
+        framers: list[Framer] = [
+            ChatFramer(
+                self.model_id,
+                request,
+                response_id,
+                self._backend.token_bytes,
+                index,
+                prepared.tools,
+            )
+            for index in range(prepared.n)
+        ]
+        return await self.open_stream(prepared, framers)
 
     # --- completions ------------------------------------------------------------------------
 
     async def complete(self, request: CompletionRequest) -> Completion:
         prepared = self.prepare_completion(request)
-        started = time.perf_counter()
-        text, result = await self._generate(prepared)
-        self._metrics.observe_generation(started, None, result)
-        if request.echo:
-            text = request.prompt_text() + text
+        generated = await self._generate_choices(prepared)
+        echo = request.prompt_text() if request.echo else ""
+        choices = []
+        for index, one in enumerate(generated):
+            logprobs = None
+            if prepared.scored:
+                logprobs = legacy_logprobs(one.scores, len(echo), self._backend.token_bytes)
+            choices.append(
+                CompletionChoice(
+                    index=index,
+                    text=echo + one.text,
+                    finish_reason=one.result.finish_reason,
+                    logprobs=logprobs,
+                )
+            )
         return Completion(
             id=new_completion_id("cmpl"),
             created=unix_now(),
             model=self.model_id,
-            choices=[CompletionChoice(text=text, finish_reason=result.finish_reason)],
-            usage=_usage(result),
+            choices=choices,
+            usage=_usage([one.result for one in generated]),
         )
 
     async def complete_stream(self, request: CompletionRequest) -> StreamHandle:
         prepared = self.prepare_completion(request)
-        return await self.open_stream(prepared, CompletionFramer(self.model_id, request))
+        response_id = new_completion_id("cmpl")
+        framers: list[Framer] = [
+            CompletionFramer(self.model_id, request, response_id, self._backend.token_bytes, index)
+            for index in range(prepared.n)
+        ]
+        return await self.open_stream(prepared, framers)
+
+
+ChoiceFinish = FinishReason | Literal["tool_calls"]
+
+
+@dataclass
+class Generated:
+    """One choice's whole text, how it ended, and its tokens' scores (if asked for)."""
+
+    text: str
+    result: Finished
+    scores: list[TokenScore]
+
+
+def _choices(prepared: Prepared) -> list[Prepared]:
+    """The request once per choice; with a seed, choice i samples with seed + i."""
+    if prepared.n == 1:
+        return [prepared]
+    seed = prepared.params.seed
+    return [
+        replace(
+            prepared,
+            n=1,
+            params=replace(prepared.params, seed=None if seed is None else seed + index),
+        )
+        for index in range(prepared.n)
+    ]
+
+
+async def _interleaved(
+    streams: list[GenerationStream],
+) -> AsyncIterator[tuple[int, str | None, list[TokenScore]]]:
+    """(choice, piece, new scores) as each stream produces them; piece None: it ended.
+
+    Raises the first stream's EngineError."""
+    if len(streams) == 1:
+        stream = streams[0]
+        seen = 0
+        async for piece in stream.pieces():
+            yield 0, piece, stream.scores[seen:]
+            seen = len(stream.scores)
+        yield 0, None, []
+        return
+    merged: asyncio.Queue[tuple[int, str | None, list[TokenScore]] | EngineError] = asyncio.Queue()
+
+    async def pump(index: int, stream: GenerationStream) -> None:
+        seen = 0
+        try:
+            async for piece in stream.pieces():
+                merged.put_nowait((index, piece, stream.scores[seen:]))
+                seen = len(stream.scores)
+            merged.put_nowait((index, None, []))
+        except EngineError as exc:
+            merged.put_nowait(exc)
+
+    pumps = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            item = await merged.get()
+            if isinstance(item, EngineError):
+                raise item
+            if item[1] is None:
+                remaining -= 1
+            yield item
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+def _result(stream: GenerationStream) -> Finished:
+    assert stream.result is not None
+    return stream.result
 
 
 @dataclass
@@ -301,33 +512,69 @@ class StreamHandle:
 
 
 class Framer:
-    """Shapes one streamed response's SSE frames (chat and completions differ)."""
+    """Shapes one choice's SSE frames (chat and completions differ)."""
 
-    def __init__(self, model_id: str, include_usage: bool) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        include_usage: bool,
+        response_id: str,
+        token_bytes: TokenBytes,
+        index: int,
+    ) -> None:
         self.model_id = model_id
         self.include_usage = include_usage
+        self.id = response_id  # shared by every choice of one response
+        self.index = index
         self.created = unix_now()
+        self._token_bytes = token_bytes
 
     def opening(self) -> list[bytes]:
         return []
 
-    def piece(self, text: str) -> bytes:
+    def piece(self, text: str, scores: list[TokenScore]) -> bytes:
         raise NotImplementedError
 
-    def closing(self, result: Finished) -> list[bytes]:
+    def finish(self, result: Finished) -> bytes:
+        raise NotImplementedError
+
+    def usage(self, usage: Usage) -> bytes:
         raise NotImplementedError
 
 
 class ChatFramer(Framer):
-    def __init__(self, model_id: str, request: ChatCompletionRequest) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        request: ChatCompletionRequest,
+        response_id: str,
+        token_bytes: TokenBytes,
+        index: int = 0,
+        tools: ToolPlan | None = None,
+    ) -> None:
         options = request.stream_options
-        super().__init__(model_id, bool(options and options.include_usage))
-        self.id = new_completion_id("chatcmpl")
+        include_usage = bool(options and options.include_usage)
+        super().__init__(model_id, include_usage, response_id, token_bytes, index)
+        self._logprobs = request.logprobs
+        # With tools, the reply is JSON to read: its text and calls become deltas.
+        self._parser = ToolReplyParser() if tools is not None else None
 
     def _chunk(
-        self, delta: ChunkDelta, finish: FinishReason | None = None, usage: Usage | None = None
+        self,
+        delta: ChunkDelta,
+        finish: ChoiceFinish | None = None,
+        usage: Usage | None = None,
+        logprobs: ChoiceLogprobs | None = None,
     ) -> bytes:
-        choices = [] if usage else [ChatChunkChoice(delta=delta, finish_reason=finish)]
+        choices = (
+            []
+            if usage
+            else [
+                ChatChunkChoice(
+                    index=self.index, delta=delta, finish_reason=finish, logprobs=logprobs
+                )
+            ]
+        )
         body = ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model_id, choices=choices, usage=usage
         )
@@ -336,28 +583,85 @@ class ChatFramer(Framer):
     def opening(self) -> list[bytes]:
         return [self._chunk(ChunkDelta(role="assistant", content=""))]
 
-    def piece(self, text: str) -> bytes:
-        return self._chunk(ChunkDelta(content=text))
+    def piece(self, text: str, scores: list[TokenScore]) -> bytes:
+        logprobs = None
+        if self._logprobs and scores:
+            logprobs = chat_logprobs(scores, self._token_bytes)
+        if self._parser is None:
+            return self._chunk(ChunkDelta(content=text), logprobs=logprobs)
+        delta = self._tool_delta(self._parser.feed(text))
+        if delta is None:
+            return self._chunk(ChunkDelta(), logprobs=logprobs) if logprobs else b""
+        return self._chunk(delta, logprobs=logprobs)
 
-    def closing(self, result: Finished) -> list[bytes]:
-        frames = [self._chunk(ChunkDelta(), result.finish_reason)]
-        if self.include_usage:
-            usage = _usage(result)
-            frames.append(self._chunk(ChunkDelta(), usage=usage))
-        return frames
+    @staticmethod
+    def _tool_delta(events: list[Event]) -> ChunkDelta | None:
+        """What a piece of a tool reply said, as one delta: text and call fragments."""
+        content = "".join(e for e in events if isinstance(e, str)) or None
+        deltas: list[ToolCallDelta] = []
+        for event in events:
+            if isinstance(event, CallStart):
+                deltas.append(
+                    ToolCallDelta(
+                        index=event.index,
+                        id=event.id,
+                        type="function",
+                        function=FunctionCallDelta(name=event.name, arguments=""),
+                    )
+                )
+            elif isinstance(event, ArgumentsDelta):
+                last = deltas[-1] if deltas else None
+                if last is not None and last.index == event.index:
+                    last.function.arguments = (last.function.arguments or "") + event.text
+                else:
+                    function = FunctionCallDelta(arguments=event.text)
+                    deltas.append(ToolCallDelta(index=event.index, function=function))
+        if content is None and not deltas:
+            return None
+        return ChunkDelta(content=content, tool_calls=deltas or None)
+
+    def finish(self, result: Finished) -> bytes:
+        finish: ChoiceFinish = result.finish_reason
+        if self._parser is not None and self._parser.finished_calls() and finish == "stop":
+            finish = "tool_calls"
+        return self._chunk(ChunkDelta(), finish)
+
+    def usage(self, usage: Usage) -> bytes:
+        return self._chunk(ChunkDelta(), usage=usage)
 
 
 class CompletionFramer(Framer):
-    def __init__(self, model_id: str, request: CompletionRequest) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        request: CompletionRequest,
+        response_id: str,
+        token_bytes: TokenBytes,
+        index: int = 0,
+    ) -> None:
         options = request.stream_options
-        super().__init__(model_id, bool(options and options.include_usage))
-        self.id = new_completion_id("cmpl")
+        include_usage = bool(options and options.include_usage)
+        super().__init__(model_id, include_usage, response_id, token_bytes, index)
         self._echo = request.prompt_text() if request.echo else None
+        self._logprobs = request.logprobs is not None
+        self._offset = len(self._echo or "")
 
     def _chunk(
-        self, text: str, finish: FinishReason | None = None, usage: Usage | None = None
+        self,
+        text: str,
+        finish: FinishReason | None = None,
+        usage: Usage | None = None,
+        logprobs: CompletionLogprobs | None = None,
     ) -> bytes:
-        choices = [] if usage else [CompletionChoice(text=text, finish_reason=finish)]
+        choices = (
+            []
+            if usage
+            else [
+                CompletionChoice(
+                    index=self.index, text=text, finish_reason=finish, logprobs=logprobs
+                )
+            ]
+        )
         body = Completion(
             id=self.id, created=self.created, model=self.model_id, choices=choices, usage=usage
         )
@@ -366,22 +670,73 @@ class CompletionFramer(Framer):
     def opening(self) -> list[bytes]:
         return [self._chunk(self._echo)] if self._echo else []
 
-    def piece(self, text: str) -> bytes:
-        return self._chunk(text)
+    def piece(self, text: str, scores: list[TokenScore]) -> bytes:
+        logprobs = None
+        if self._logprobs and scores:
+            logprobs = legacy_logprobs(scores, self._offset, self._token_bytes)
+            self._offset += sum(len(token) for token in logprobs.tokens)
+        if not text and logprobs is None:
+            return b""
+        return self._chunk(text, logprobs=logprobs)
 
-    def closing(self, result: Finished) -> list[bytes]:
-        frames = [self._chunk("", result.finish_reason)]
-        if self.include_usage:
-            frames.append(self._chunk("", usage=_usage(result)))
-        return frames
+    def finish(self, result: Finished) -> bytes:
+        return self._chunk("", result.finish_reason)
+
+    def usage(self, usage: Usage) -> bytes:
+        return self._chunk("", usage=usage)
 
 
-def _usage(result: Finished) -> Usage:
+TokenBytes = Callable[[int], bytes]
+
+
+def _token_text(token_bytes: TokenBytes, token: int) -> tuple[str, list[int]]:
+    raw = token_bytes(token)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def chat_logprobs(scores: list[TokenScore], token_bytes: TokenBytes) -> ChoiceLogprobs:
+    """Chat's logprobs: each token, its log-probability, and the likeliest others."""
+    entries = []
+    for score in scores:
+        text, raw = _token_text(token_bytes, score.token)
+        top = []
+        for token, logprob in score.top:
+            alt_text, alt_raw = _token_text(token_bytes, token)
+            top.append(TopLogprob(token=alt_text, logprob=logprob, bytes=alt_raw))
+        entries.append(TokenLogprob(token=text, logprob=score.logprob, bytes=raw, top_logprobs=top))
+    return ChoiceLogprobs(content=entries)
+
+
+def legacy_logprobs(
+    scores: list[TokenScore], offset: int, token_bytes: TokenBytes
+) -> CompletionLogprobs:
+    """Completions' logprobs: parallel lists, as the legacy API has them."""
+    tokens, offsets = [], []
+    for score in scores:
+        text, _ = _token_text(token_bytes, score.token)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[score.logprob for score in scores],
+        top_logprobs=[
+            {_token_text(token_bytes, token)[0]: logprob for token, logprob in score.top}
+            for score in scores
+        ],
+        text_offset=offsets,
+    )
+
+
+def _usage(results: list[Finished]) -> Usage:
+    """One response's usage: the prompt once, every choice's completion."""
+    first = results[0]
+    completion = sum(result.completion_tokens for result in results)
     return Usage(
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        total_tokens=result.prompt_tokens + result.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens),
+        prompt_tokens=first.prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=first.prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=first.cached_tokens),
     )
 
 

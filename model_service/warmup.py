@@ -25,7 +25,7 @@ from model_service.app import create_worker_app
 from model_service.engine import Finished
 from model_service.inference import ChatFramer, StreamHandle
 from model_service.metrics import WorkerMetrics
-from model_service.protocol import SSE_DONE, ChatCompletionRequest
+from model_service.protocol import SSE_DONE, ChatCompletionRequest, new_completion_id
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,13 @@ class _CannedService:
     engine = SimpleNamespace(generating=False, tokens_generated=0)
 
     async def chat_stream(self, request: ChatCompletionRequest) -> StreamHandle:
-        framer = ChatFramer(self.model_id, request)
+        framer = ChatFramer(self.model_id, request, new_completion_id("chatcmpl"), bytes)
 
         async def frames() -> AsyncIterator[bytes]:
             for frame in framer.opening():
                 yield frame
-            yield framer.piece("ok")
-            for frame in framer.closing(Finished("stop", 1, 1)):
-                yield frame
+            yield framer.piece("ok", [])
+            yield framer.finish(Finished("stop", 1, 1))
             yield SSE_DONE
 
         return StreamHandle(frames(), lambda: None)

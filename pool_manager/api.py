@@ -153,6 +153,15 @@ def _pool_error_response(exc: PoolError) -> JSONResponse:
 SNAPSHOT_SECONDS = 2.0
 
 
+def _model_card(record: ModelRecord) -> dict[str, Any]:
+    return {
+        "id": record.model_id,
+        "object": "model",
+        "created": int(record.loaded_at or 0),
+        "owned_by": "model-pool",
+    }
+
+
 def _sse_event(name: str, data: dict[str, Any]) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data, default=str)}\n\n".encode()
 
@@ -235,15 +244,7 @@ def create_app(
         records = pool.records()
         return {
             "object": "list",
-            "data": [
-                {
-                    "id": r.model_id,
-                    "object": "model",
-                    "created": int(r.loaded_at or 0),
-                    "owned_by": "model-pool",
-                }
-                for r in records
-            ],
+            "data": [_model_card(r) for r in records],
             "models": [
                 {
                     "id": r.model_id,
@@ -256,6 +257,11 @@ def create_app(
                 for r in records
             ],
         }
+
+    @app.get("/v1/models/{model_id:path}")
+    async def openai_model(model_id: str) -> dict[str, Any]:
+        """One model as OpenAI shows it, by id or alias (404 in OpenAI's shape)."""
+        return _model_card(pool.resolve(model_id))
 
     install_ollama_routes(app, pool, gateway)  # /api/*: the Ollama-compatible subset
     install_ui(app)  # GET /ui: the dashboard

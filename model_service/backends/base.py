@@ -27,6 +27,17 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # Constrained decoding: a JSON schema, or {} for "any JSON object".
     json_schema: dict[str, Any] | None = None
+    # Report each token's log-probability, with this many likeliest alternatives.
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """A sampled token's log-probability and its likeliest alternatives (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,10 @@ class Backend(ABC):
 
         A slot still reading its prompt may get no token. Raises BackendError.
         """
+
+    def token_score(self, slot: int) -> TokenScore | None:
+        """The last token sampled in `slot`, scored (when its params asked for that)."""
+        return None
 
     @abstractmethod
     def close_sequence(self, slot: int) -> None:

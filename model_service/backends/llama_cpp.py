@@ -21,11 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-from model_service.backends.base import Backend, BackendError, RenderedPrompt, SamplingParams
+from model_service.backends.base import (
+    Backend,
+    BackendError,
+    RenderedPrompt,
+    SamplingParams,
+    TokenScore,
+)
 from model_service.cpus import usable_cores
 from model_service.gguf import check_header, read_metadata
 from model_service.weights import (
@@ -225,6 +232,43 @@ class _TokenPieces:
         return piece
 
 
+# llama.cpp's llama_token_data, as numpy lays it out: one row per vocabulary entry.
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+
+
+class _Candidates:
+    """The whole vocabulary as llama.cpp's token-data array, filled from one step's
+    logits, for sampling that llama_sampler_sample cannot do alone (see `_sample_bound`)."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self._rows = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._pointer = self._rows.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
+
+    def fill(self, logits: np.ndarray) -> llama_cpp.llama_token_data_array:
+        rows = self._rows
+        rows["id"] = self._ids  # samplers sort the rows in place: reset every time
+        rows["logit"] = logits
+        rows["p"] = 0.0
+        return llama_cpp.llama_token_data_array(
+            data=self._pointer, size=len(rows), selected=-1, sorted=False
+        )
+
+
+def _selected(array: llama_cpp.llama_token_data_array) -> int:
+    return int(array.data[array.selected].id)
+
+
+def _grammar_allows(grammar: Any, token: int) -> bool:
+    """Whether the grammar, in its present state, accepts `token` next."""
+    single = llama_cpp.llama_token_data(id=token, logit=1.0, p=0.0)
+    array = llama_cpp.llama_token_data_array(
+        data=ctypes.pointer(single), size=1, selected=-1, sorted=False
+    )
+    llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
+    return bool(np.isfinite(single.logit))
+
+
 class _Sequence:
     """One slot's state: what its KV cache holds and what it must decode next."""
 
@@ -232,12 +276,16 @@ class _Sequence:
         self.cached: list[int] = []  # tokens whose KV entries are in the cache, in order
         self.pending: list[int] = []  # tokens to decode next (a prompt's rest, or 1 token)
         self.sampler: Any = None
+        self.grammar: Any = None  # constrained decoding: checked apart from `sampler`
+        self.top_logprobs: int | None = None  # report logprobs (with this many alternatives)
+        self.score: TokenScore | None = None  # the last sampled token's, when reported
         self.last_used = 0  # when a request last took this slot (a counter)
 
     def close(self) -> None:
-        if self.sampler is not None:
-            llama_cpp.llama_sampler_free(self.sampler)
-            self.sampler = None
+        for sampler in (self.sampler, self.grammar):
+            if sampler is not None:
+                llama_cpp.llama_sampler_free(sampler)
+        self.sampler = self.grammar = self.score = None
         self.pending = []
 
 
@@ -264,6 +312,7 @@ class LlamaCppBackend(Backend):
         self._formatter: Jinja2ChatFormatter | None = None
         self._opening: list[int] | None = None  # to compute and save in warm_up
         self._pieces: _TokenPieces | None = None
+        self._candidates: _Candidates | None = None  # made on first use
 
     @property
     def context_length(self) -> int:
@@ -448,7 +497,7 @@ class LlamaCppBackend(Backend):
         if params.json_schema is None:
             return
         try:
-            _grammar_text(json.dumps(params.json_schema, sort_keys=True))
+            _grammar_text(json.dumps(params.json_schema))
         except Exception as exc:
             raise BackendError(f"response_format schema is not supported: {exc}") from exc
 
@@ -492,6 +541,8 @@ class LlamaCppBackend(Backend):
         sequence.cached = tokens[:reused]
         sequence.pending = tokens[reused:]
         sequence.sampler = self._sampler(params)
+        sequence.grammar = self._grammar(params)
+        sequence.top_logprobs = params.top_logprobs
         return reused
 
     def close_sequence(self, slot: int) -> None:
@@ -507,10 +558,57 @@ class LlamaCppBackend(Backend):
         sampled: dict[int, int] = {}
         for slot, index in self._decode(slots).items():
             sequence = self._sequences[slot]
-            token = int(llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index))
+            if sequence.grammar is None:
+                token = int(llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index))
+            else:
+                token = self._sample_bound(sequence, index)
+            if sequence.top_logprobs is not None:
+                sequence.score = self._score(index, token, sequence.top_logprobs)
             sequence.pending = [token]
             sampled[slot] = token
         return sampled
+
+    def _logits(self, index: int) -> np.ndarray:
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab(),))
+
+    def _sample_bound(self, sequence: _Sequence, index: int) -> int:
+        """Sample under a grammar, checking the grammar only where it matters.
+
+        Applying a grammar to the whole vocabulary costs more than decoding a token of a
+        small model. As llama.cpp's own sampler does, sample without it first and keep
+        the token if the grammar accepts it (nearly always, once a model follows the
+        format); only otherwise apply the grammar to every candidate and sample again.
+        """
+        if self._candidates is None:
+            self._candidates = _Candidates(self.model.n_vocab())
+        logits = self._logits(index)
+        array = self._candidates.fill(logits)
+        llama_cpp.llama_sampler_apply(sequence.sampler, ctypes.byref(array))
+        token = _selected(array)
+        if not _grammar_allows(sequence.grammar, token):
+            array = self._candidates.fill(logits)
+            llama_cpp.llama_sampler_apply(sequence.grammar, ctypes.byref(array))
+            llama_cpp.llama_sampler_apply(sequence.sampler, ctypes.byref(array))
+            token = _selected(array)
+        llama_cpp.llama_sampler_accept(sequence.grammar, token)
+        llama_cpp.llama_sampler_accept(sequence.sampler, token)
+        return token
+
+    def _score(self, index: int, token: int, alternatives: int) -> TokenScore:
+        """The model's log-probability of `token` and of its likeliest alternatives."""
+        logits = self._logits(index).astype(np.float64)
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        top: list[tuple[int, float]] = []
+        if alternatives:
+            best = np.argpartition(-logprobs, alternatives)[:alternatives]
+            best = best[np.argsort(-logprobs[best])]
+            top = [(int(t), float(logprobs[t])) for t in best]
+        return TokenScore(token, float(logprobs[token]), top)
+
+    def token_score(self, slot: int) -> TokenScore | None:
+        return self._sequences[slot].score
 
     def _decode(self, slots: list[int]) -> dict[int, int]:
         """Decode what `slots` have pending (as much as one batch holds); returns, for
@@ -552,15 +650,20 @@ class LlamaCppBackend(Backend):
             raise BackendError(f"llama_decode failed with status {status}")
         return sample_at
 
+    def _grammar(self, params: SamplingParams) -> Any:
+        """The grammar sampler for constrained decoding (None when unconstrained)."""
+        if params.json_schema is None:
+            return None
+        # sort_keys would reorder properties, and with them the order the model writes.
+        grammar = _grammar_text(json.dumps(params.json_schema))
+        return llama_cpp.llama_sampler_init_grammar(self.model.vocab, grammar.encode(), b"root")
+
     def _sampler(self, params: SamplingParams) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
         def add(sampler: Any) -> None:
             llama_cpp.llama_sampler_chain_add(chain, sampler)
 
-        if params.json_schema is not None:
-            grammar = _grammar_text(json.dumps(params.json_schema, sort_keys=True))
-            add(llama_cpp.llama_sampler_init_grammar(self.model.vocab, grammar.encode(), b"root"))
         if params.presence_penalty or params.frequency_penalty:
             add(
                 llama_cpp.llama_sampler_init_penalties(
