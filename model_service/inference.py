@@ -80,6 +80,7 @@ class Prepared:
     max_tokens: int
     stop: list[str] = field(default_factory=list)
     tools: ToolPlan | None = None  # set when the reply is read as tool calls
+    reply_opening: str = ""  # the reply's start, put in the prompt (see ToolPlan)
     n: int = 1  # choices: sequences generated side by side
 
     @property
@@ -148,6 +149,7 @@ class InferenceService:
         schema: dict[str, Any] | None,
         top_logprobs: int | None,
         tools: ToolPlan | None = None,
+        primed: tuple[int, ...] = (),
     ) -> Prepared:
         context = self._backend.context_length
         prompt_tokens = len(prompt.tokens)
@@ -182,6 +184,7 @@ class InferenceService:
             frequency_penalty=request.frequency_penalty or 0.0,
             json_schema=schema,
             top_logprobs=top_logprobs,
+            grammar_primed=primed,
         )
         try:
             self._backend.check_sampling(params)
@@ -219,8 +222,13 @@ class InferenceService:
     def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         prompt, plan = self.render_chat(request)
         schema = _schema_of(request.response_format)
+        opening = ""
+        primed: list[int] = []
         if plan is not None and plan.constrained:
             schema = plan.schema()
+            opening = plan.reply_opening()
+            primed = self._backend.tokenize(opening, bos=False)
+            prompt = RenderedPrompt(tokens=prompt.tokens + primed, stop=prompt.stop)
         else:
             plan = None
         if request.top_logprobs is not None and not request.logprobs:
@@ -231,7 +239,11 @@ class InferenceService:
                 code="invalid_value",
             )
         top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        return self._prepare(request, prompt, request.token_limit(), schema, top_logprobs, plan)
+        prepared = self._prepare(
+            request, prompt, request.token_limit(), schema, top_logprobs, plan, tuple(primed)
+        )
+        prepared.reply_opening = opening
+        return prepared
 
     def count_chat_tokens(self, request: ChatCompletionRequest) -> int:
         """How many tokens the request's prompt takes (messages, tools and template)."""
@@ -352,19 +364,16 @@ class InferenceService:
             created=unix_now(),
             model=self.model_id,
             choices=[
-                self._chat_choice(index, one, prepared.tools, prepared.scored)
-                for index, one in enumerate(generated)
+                self._chat_choice(index, one, prepared) for index, one in enumerate(generated)
             ],
             usage=_usage([one.result for one in generated]),
         )
 
-    def _chat_choice(
-        self, index: int, one: Generated, tools: ToolPlan | None, scored: bool
-    ) -> ChatChoice:
+    def _chat_choice(self, index: int, one: Generated, prepared: Prepared) -> ChatChoice:
         message = AssistantMessage(content=one.text)
         finish: ChoiceFinish = one.result.finish_reason
-        if tools is not None:
-            reply = read_reply(one.text)
+        if prepared.tools is not None:
+            reply = read_reply(prepared.reply_opening + one.text)
             calls = [
                 ToolCall(id=c.id, function=FunctionCall(name=c.name or "", arguments=c.arguments))
                 for c in reply.calls
@@ -373,7 +382,7 @@ class InferenceService:
             if calls and finish == "stop":
                 finish = "tool_calls"
         logprobs = None
-        if scored:
+        if prepared.scored:
             logprobs = chat_logprobs(one.scores, self._backend.token_bytes)
         return ChatChoice(index=index, message=message, finish_reason=finish, logprobs=logprobs)
 
@@ -388,6 +397,7 @@ class InferenceService:
                 self._backend.token_bytes,
                 index,
                 prepared.tools,
+                prepared.reply_opening,
             )
             for index in range(prepared.n)
         ]
@@ -551,6 +561,7 @@ class ChatFramer(Framer):
         token_bytes: TokenBytes,
         index: int = 0,
         tools: ToolPlan | None = None,
+        reply_opening: str = "",
     ) -> None:
         options = request.stream_options
         include_usage = bool(options and options.include_usage)
@@ -558,6 +569,7 @@ class ChatFramer(Framer):
         self._logprobs = request.logprobs
         # With tools, the reply is JSON to read: its text and calls become deltas.
         self._parser = ToolReplyParser() if tools is not None else None
+        self._reply_opening = reply_opening
 
     def _chunk(
         self,
@@ -581,7 +593,12 @@ class ChatFramer(Framer):
         return _sse(body.model_dump_json(exclude_none=usage is None))
 
     def opening(self) -> list[bytes]:
-        return [self._chunk(ChunkDelta(role="assistant", content=""))]
+        frames = [self._chunk(ChunkDelta(role="assistant", content=""))]
+        if self._parser is not None:  # the reply's fixed start (say, a named call's name)
+            delta = self._tool_delta(self._parser.feed(self._reply_opening))
+            if delta is not None:
+                frames.append(self._chunk(delta))
+        return frames
 
     def piece(self, text: str, scores: list[TokenScore]) -> bytes:
         logprobs = None

@@ -157,6 +157,16 @@ class ToolPlan:
             schema["$defs"] = definitions
         return schema
 
+    def reply_opening(self) -> str:
+        """The reply's first characters, fixed by the grammar: they are put in the prompt
+        (and the grammar primed with them) rather than sampled, since a model's own first
+        choice rarely matches them and every mismatch costs a pass over the vocabulary."""
+        if self.named is not None:
+            return f'{{"tool_calls": [{{"name": {json.dumps(self.named)}, "arguments": '
+        if self.choice == "required":
+            return '{"tool_calls": [{"name": "'
+        return '{"'
+
     # --- the prompt ------------------------------------------------------------------------
 
     def instructions(self) -> str:

@@ -29,6 +29,9 @@ class SamplingParams:
     json_schema: dict[str, Any] | None = None
     # Report each token's log-probability, with this many likeliest alternatives.
     top_logprobs: int | None = None
+    # The prompt's last tokens, already part of the constrained reply (a tool call's
+    # fixed opening): the grammar starts after them.
+    grammar_primed: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,9 @@ class Backend(ABC):
         """Apply the model's chat template and tokenize. Raises BackendError."""
 
     @abstractmethod
-    def tokenize(self, text: str) -> list[int]:
-        """Tokenize a raw completion prompt (with BOS where the model wants one)."""
+    def tokenize(self, text: str, bos: bool = True) -> list[int]:
+        """Tokenize a raw completion prompt (with BOS where the model wants one, unless
+        `bos` is False: text that continues a prompt)."""
 
     @abstractmethod
     def check_sampling(self, params: SamplingParams) -> None:

@@ -490,8 +490,8 @@ class LlamaCppBackend(Backend):
         stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop or ""]
         return RenderedPrompt(tokens=tokens, stop=[s for s in stops if s])
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.model.tokenize(text.encode(), add_bos=True, special=False)
+    def tokenize(self, text: str, bos: bool = True) -> list[int]:
+        return self.model.tokenize(text.encode(), add_bos=bos, special=False)
 
     def check_sampling(self, params: SamplingParams) -> None:
         if params.json_schema is None:
@@ -500,6 +500,8 @@ class LlamaCppBackend(Backend):
             _grammar_text(json.dumps(params.json_schema))
         except Exception as exc:
             raise BackendError(f"response_format schema is not supported: {exc}") from exc
+        if params.grammar_primed:
+            self._free_grammar(self._grammar(params))  # the primed tokens fit the grammar
 
     # --- batched generation -----------------------------------------------------------------
 
@@ -651,12 +653,25 @@ class LlamaCppBackend(Backend):
         return sample_at
 
     def _grammar(self, params: SamplingParams) -> Any:
-        """The grammar sampler for constrained decoding (None when unconstrained)."""
+        """The grammar sampler for constrained decoding (None when unconstrained), past
+        the primed tokens. Raises BackendError if they do not fit it."""
         if params.json_schema is None:
             return None
         # sort_keys would reorder properties, and with them the order the model writes.
-        grammar = _grammar_text(json.dumps(params.json_schema))
-        return llama_cpp.llama_sampler_init_grammar(self.model.vocab, grammar.encode(), b"root")
+        text = _grammar_text(json.dumps(params.json_schema))
+        grammar = llama_cpp.llama_sampler_init_grammar(self.model.vocab, text.encode(), b"root")
+        for token in params.grammar_primed:
+            # llama.cpp aborts the process on a token its grammar cannot take: ask first.
+            if not _grammar_allows(grammar, token):
+                self._free_grammar(grammar)
+                raise BackendError("the reply's fixed opening does not fit its grammar")
+            llama_cpp.llama_sampler_accept(grammar, token)
+        return grammar
+
+    @staticmethod
+    def _free_grammar(grammar: Any) -> None:
+        if grammar is not None:
+            llama_cpp.llama_sampler_free(grammar)
 
     def _sampler(self, params: SamplingParams) -> Any:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
