@@ -10,7 +10,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from model_service.backends.base import BackendError, RenderedPrompt, SamplingParams, TokenScore
+from model_service.backends.base import (
+    BackendError,
+    GrammarFrame,
+    RenderedPrompt,
+    SamplingParams,
+    TokenScore,
+)
 from model_service.engine import Engine, EngineError, Finished, FinishReason, GenerationStream
 from model_service.errors import ApiError
 from model_service.limits import Admission
@@ -150,6 +156,7 @@ class InferenceService:
         top_logprobs: int | None,
         tools: ToolPlan | None = None,
         primed: tuple[int, ...] = (),
+        frame: GrammarFrame | None = None,
     ) -> Prepared:
         context = self._backend.context_length
         prompt_tokens = len(prompt.tokens)
@@ -183,6 +190,7 @@ class InferenceService:
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
             json_schema=schema,
+            json_frame=frame,
             top_logprobs=top_logprobs,
             grammar_primed=primed,
         )
@@ -203,18 +211,24 @@ class InferenceService:
         """The prompt for a chat request, and its tool plan (None without tools)."""
         self._check_model(request.model)
         answer_schema = _schema_of(request.response_format)
-        plan = ToolPlan.from_request(request, answer_schema)
+        native = self._backend.tool_format
+        if answer_schema is not None and request.tool_choice in (None, "auto"):
+            native = "generic"  # a free native reply could not be held to the schema
+        plan = ToolPlan.from_request(
+            request, answer_schema, "hermes" if native == "hermes" else "generic"
+        )
         messages = prompt_messages(request, plan)
+        tools = plan.template_tools() if plan and plan.format == "hermes" and plan.active else None
         if prompts_may_be_logged():
             log.debug("chat prompt", extra={"messages": messages})
         try:
-            prompt = self._backend.render_chat(messages)
+            prompt = self._backend.render_chat(messages, tools)
         except BackendError as exc:
             # Some templates know no `tool` role: tell them the results as the user.
             if not any(m["role"] == "tool" for m in messages):
                 raise ApiError(400, str(exc), param="messages", code="invalid_value") from exc
             try:
-                prompt = self._backend.render_chat(tool_results_as_user(messages))
+                prompt = self._backend.render_chat(tool_results_as_user(messages), tools)
             except BackendError as again:
                 raise ApiError(400, str(again), param="messages", code="invalid_value") from exc
         return prompt, plan
@@ -224,12 +238,13 @@ class InferenceService:
         schema = _schema_of(request.response_format)
         opening = ""
         primed: list[int] = []
+        frame = None
         if plan is not None and plan.constrained:
-            schema = plan.schema()
+            schema, frame = plan.schema(), plan.frame()
             opening = plan.reply_opening()
-            primed = self._backend.tokenize(opening, bos=False)
+            primed = self._backend.tokenize(opening, bos=False) if opening else []
             prompt = RenderedPrompt(tokens=prompt.tokens + primed, stop=prompt.stop)
-        else:
+        elif plan is None or not plan.active:
             plan = None
         if request.top_logprobs is not None and not request.logprobs:
             raise ApiError(
@@ -240,7 +255,7 @@ class InferenceService:
             )
         top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         prepared = self._prepare(
-            request, prompt, request.token_limit(), schema, top_logprobs, plan, tuple(primed)
+            request, prompt, request.token_limit(), schema, top_logprobs, plan, tuple(primed), frame
         )
         prepared.reply_opening = opening
         return prepared
@@ -373,7 +388,7 @@ class InferenceService:
         message = AssistantMessage(content=one.text)
         finish: ChoiceFinish = one.result.finish_reason
         if prepared.tools is not None:
-            reply = read_reply(prepared.reply_opening + one.text)
+            reply = read_reply(prepared.reply_opening + one.text, prepared.tools.format)
             calls = [
                 ToolCall(id=c.id, function=FunctionCall(name=c.name or "", arguments=c.arguments))
                 for c in reply.calls
@@ -568,7 +583,7 @@ class ChatFramer(Framer):
         super().__init__(model_id, include_usage, response_id, token_bytes, index)
         self._logprobs = request.logprobs
         # With tools, the reply is JSON to read: its text and calls become deltas.
-        self._parser = ToolReplyParser() if tools is not None else None
+        self._parser = ToolReplyParser(tools.format) if tools is not None else None
         self._reply_opening = reply_opening
 
     def _chunk(
@@ -639,9 +654,13 @@ class ChatFramer(Framer):
 
     def finish(self, result: Finished) -> bytes:
         finish: ChoiceFinish = result.finish_reason
-        if self._parser is not None and self._parser.finished_calls() and finish == "stop":
-            finish = "tool_calls"
-        return self._chunk(ChunkDelta(), finish)
+        held = b""
+        if self._parser is not None:
+            delta = self._tool_delta(self._parser.finish())  # text held back at the end
+            held = self._chunk(delta) if delta is not None else b""
+            if self._parser.finished_calls() and finish == "stop":
+                finish = "tool_calls"
+        return held + self._chunk(ChunkDelta(), finish)
 
     def usage(self, usage: Usage) -> bytes:
         return self._chunk(ChunkDelta(), usage=usage)

@@ -88,7 +88,8 @@ class ResponseFormat(_Tolerant):
 
 
 class FunctionDefinition(_Tolerant):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    # Anthropic allows 128 characters (Claude Code's MCP tools run long); OpenAI 64.
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None

@@ -10,6 +10,13 @@ model returns a call whose arguments parse and validate. With `none`, or with no
 nothing is constrained. History round-trips: an assistant message's `tool_calls` are
 rendered in the same JSON, and `tool` messages carry the call's name and result.
 
+The native format: a chat template that knows tools and writes calls as
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes, Qwen 2.5 and 3,
+SmolLM3, many fine-tunes) is rendered with the request's `tools` and the history's
+`tool_calls`, as llama.cpp's `--jinja` does; `required` and named calls are constrained
+to such blocks, and `auto` is free text whose blocks are read as calls. Templates that
+know tools in another syntax use the generic format.
+
 `ToolReplyParser` reads the reply as it streams and yields content text, the start of
 each call (id, name) and its arguments in fragments, the way OpenAI streams them.
 """
@@ -21,10 +28,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from model_service.backends.base import GrammarFrame, ToolFormat
 from model_service.errors import ApiError
 from model_service.protocol import ChatCompletionRequest, ChatMessage, Tool
 
-Message = dict[str, str]
+Message = dict[str, Any]
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def template_tool_format(template: str | None) -> ToolFormat:
+    """Which format a chat template's tool calls take (generic when it knows none)."""
+    if template and "tools" in template and HERMES_OPEN in template:
+        return "hermes"
+    return "generic"
 
 
 def new_call_id() -> str:
@@ -78,10 +94,14 @@ class ToolPlan:
     parallel: bool = True
     # The answer's own schema (response_format json_schema): the `response` value then.
     response_schema: dict[str, Any] | None = None
+    format: ToolFormat = "generic"
 
     @classmethod
     def from_request(
-        cls, request: ChatCompletionRequest, response_schema: dict[str, Any] | None
+        cls,
+        request: ChatCompletionRequest,
+        response_schema: dict[str, Any] | None,
+        format: ToolFormat = "generic",
     ) -> ToolPlan | None:
         """None when the request offers no tools. Raises ApiError for a bad choice."""
         tools = tuple(request.tools or ())
@@ -95,18 +115,25 @@ class ToolPlan:
             raise _bad_tools("each tool needs a name of its own: two tools share one")
         if choice is None or isinstance(choice, str):
             parallel = bool(request.parallel_tool_calls)
-            return cls(tools, choice or "auto", None, parallel, response_schema)
+            return cls(tools, choice or "auto", None, parallel, response_schema, format)
         if choice.function.name not in names:
             raise _bad_tools(
                 f"tool_choice names the function '{choice.function.name}', which is not "
                 "among the tools",
                 param="tool_choice",
             )
-        return cls(tools, "function", choice.function.name, bool(request.parallel_tool_calls))
+        parallel = bool(request.parallel_tool_calls)
+        return cls(tools, "function", choice.function.name, parallel, None, format)
+
+    @property
+    def active(self) -> bool:
+        """Whether the reply may hold calls (and is read for them)."""
+        return self.choice != "none"
 
     @property
     def constrained(self) -> bool:
-        return self.choice != "none"
+        """Whether a grammar binds the reply. Native `auto` is the model's free text."""
+        return self.active and not (self.format == "hermes" and self.choice == "auto")
 
     def _offered(self) -> list[Tool]:
         if self.named is None:
@@ -116,7 +143,7 @@ class ToolPlan:
     # --- the grammar ---------------------------------------------------------------------
 
     def schema(self) -> dict[str, Any]:
-        """The JSON schema the reply is constrained to (compiled to a grammar)."""
+        """The JSON schema the reply (or, natively, each framed call) is held to."""
         definitions: dict[str, Any] = {}
         branches = []
         for number, tool in enumerate(self._offered()):
@@ -128,11 +155,10 @@ class ToolPlan:
                     "required": ["name", "arguments"],
                 }
             )
-        calls: dict[str, Any] = {
-            "type": "array",
-            "items": branches[0] if len(branches) == 1 else {"anyOf": branches},
-            "minItems": 1,
-        }
+        call: dict[str, Any] = branches[0] if len(branches) == 1 else {"anyOf": branches}
+        if self.format == "hermes":
+            return {**call, "$defs": definitions} if definitions else call
+        calls: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
         if not self.parallel:
             calls["maxItems"] = 1
         call_reply = {
@@ -157,10 +183,20 @@ class ToolPlan:
             schema["$defs"] = definitions
         return schema
 
+    def frame(self) -> GrammarFrame | None:
+        if self.format != "hermes":
+            return None
+        return GrammarFrame(f"{HERMES_OPEN}\n", f"\n{HERMES_CLOSE}", self.parallel)
+
     def reply_opening(self) -> str:
         """The reply's first characters, fixed by the grammar: they are put in the prompt
         (and the grammar primed with them) rather than sampled, since a model's own first
         choice rarely matches them and every mismatch costs a pass over the vocabulary."""
+        if self.format == "hermes":
+            start = f"{HERMES_OPEN}\n"
+            if self.named is not None:
+                return f'{start}{{"name": {json.dumps(self.named)}, "arguments": '
+            return f'{start}{{"name": "' if self.choice == "required" else ""
         if self.named is not None:
             return f'{{"tool_calls": [{{"name": {json.dumps(self.named)}, "arguments": '
         if self.choice == "required":
@@ -168,6 +204,10 @@ class ToolPlan:
         return '{"'
 
     # --- the prompt ------------------------------------------------------------------------
+
+    def template_tools(self) -> list[dict[str, Any]]:
+        """The offered tools as a native template takes them (OpenAI's shape)."""
+        return [tool.model_dump(exclude_none=True) for tool in self._offered()]
 
     def instructions(self) -> str:
         described = [
@@ -195,9 +235,12 @@ class ToolPlan:
 
 
 def prompt_messages(request: ChatCompletionRequest, plan: ToolPlan | None) -> list[Message]:
-    """The request's messages as the chat template takes them (role and text)."""
+    """The request's messages as the chat template takes them (role and text; natively,
+    with the history's calls as the template expects them)."""
+    if plan is not None and plan.format == "hermes":
+        return [_native(message) for message in request.messages]
     names = _call_names(request.messages)
-    tools_on = plan is not None and plan.constrained
+    tools_on = plan is not None and plan.active
     messages = [_render(message, names, tools_on) for message in request.messages]
     if tools_on:
         assert plan is not None
@@ -239,6 +282,28 @@ def _render(message: ChatMessage, names: dict[str, str], tools_on: bool) -> Mess
         name = names.get(message.tool_call_id or "", message.name or "the tool")
         return {"role": "tool", "content": f"{name} returned: {text}"}
     return {"role": message.role, "content": text}
+
+
+def _native(message: ChatMessage) -> Message:
+    """A message as Hugging Face chat templates take it: calls with arguments as objects."""
+    out: Message = {"role": message.role, "content": message.text()}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {
+                    "name": call.function.name,
+                    "arguments": _arguments_value(call.function.arguments),
+                },
+            }
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out
 
 
 def _arguments_value(arguments: str) -> Any:
@@ -288,14 +353,16 @@ _WS = " \t\r\n"
 
 
 class ToolReplyParser:
-    """Reads a generic-format reply piece by piece. `feed` returns what is new: content
-    text (str), `CallStart`s and `ArgumentsDelta`s. Text that is not the expected JSON
-    (which the grammar rules out) is passed on as content."""
+    """Reads a reply piece by piece. `feed` returns what is new: content text (str),
+    `CallStart`s and `ArgumentsDelta`s. Generic: text that is not the expected JSON
+    (which the grammar rules out) is passed on as content. Native: text outside
+    `<tool_call>` blocks is content; each block holds one call's JSON."""
 
-    def __init__(self) -> None:
+    def __init__(self, format: ToolFormat = "generic") -> None:
+        self._native = format == "hermes"
         self._buffer = ""
         self._at = 0
-        self._state = "start"
+        self._state = "text" if self._native else "start"
         self._value = _Value()
         self._value_is_arguments = False
         self._key: str | None = None
@@ -323,6 +390,8 @@ class ToolReplyParser:
             return self._scan_string_response(events)
         if state == "value":
             return self._scan_value(events)
+        if state == "text":
+            return self._scan_text(events)
         at = self._skip_ws(self._at)
         if at >= len(self._buffer):
             return False
@@ -346,7 +415,42 @@ class ToolReplyParser:
             return True
         if state == "call":
             return self._read_call_key(at, char, events)
+        if state == "block":  # inside <tool_call>: one call object
+            if char != "{":
+                self._state = "raw"
+                return True
+            self.calls.append(ParsedCall(id=new_call_id()))
+            self._at, self._state = at + 1, "call"
+            return True
+        if state == "block_end":
+            end = at + len(HERMES_CLOSE)
+            if self._buffer[at:end] == HERMES_CLOSE[: len(self._buffer) - at]:
+                if end > len(self._buffer):
+                    return False  # the closing tag is still arriving
+                self._at, self._state = end, "text"
+            else:
+                self._state = "raw"
+            return True
         raise AssertionError(state)
+
+    def _scan_text(self, events: list[Event]) -> bool:
+        """Content up to a `<tool_call>`; a possible start of one is held back."""
+        text = self._buffer
+        found = text.find(HERMES_OPEN, self._at)
+        if found >= 0:
+            if found > self._at:
+                self._emit_content(text[self._at : found], events)
+            self._at, self._state = found + len(HERMES_OPEN), "block"
+            return True
+        keep = 0
+        for size in range(min(len(HERMES_OPEN) - 1, len(text) - self._at), 0, -1):
+            if text.endswith(HERMES_OPEN[:size]):
+                keep = size
+                break
+        if len(text) - keep > self._at:
+            self._emit_content(text[self._at : len(text) - keep], events)
+            self._at = len(text) - keep
+        return False
 
     def _skip_ws(self, at: int) -> int:
         while at < len(self._buffer) and self._buffer[at] in _WS:
@@ -393,7 +497,7 @@ class ToolReplyParser:
             return True
         if char == "}":
             call.complete = call.name is not None
-            self._at, self._state = at + 1, "calls"
+            self._at, self._state = at + 1, "block_end" if self._native else "calls"
             return True
         if char != '"':
             self._state = "raw"
@@ -464,6 +568,14 @@ class ToolReplyParser:
         if ended:
             self._state = "call" if self.calls else "done"
         return ended
+
+    def finish(self) -> list[Event]:
+        """What is left once the reply is over: held-back text that began no call."""
+        events: list[Event] = []
+        if self._state == "text" and self._at < len(self._buffer):
+            self._emit_content(self._buffer[self._at :], events)
+            self._at = len(self._buffer)
+        return events
 
     def _scan_string_response(self, events: list[Event]) -> bool:
         text, at = self._buffer, self._at
@@ -536,8 +648,10 @@ class ToolReply:
     calls: list[ParsedCall] = field(default_factory=list)
 
 
-def read_reply(text: str) -> ToolReply:
-    parser = ToolReplyParser()
+def read_reply(text: str, format: ToolFormat = "generic") -> ToolReply:
+    parser = ToolReplyParser(format)
     parser.feed(text)
+    parser.finish()
     calls = parser.finished_calls()
-    return ToolReply(parser.content or (None if calls else ""), calls)
+    content = parser.content.strip() if parser._native else parser.content
+    return ToolReply(content or (None if calls else ""), calls)

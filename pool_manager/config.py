@@ -116,6 +116,9 @@ class ModelSpec(BaseModel):
     # additions to a long cached prompt (docs/OPERATIONS.md has the figures).
     flash_attn: Literal["auto", "on", "off"] = "auto"
     chat_format: str | None = None
+    # A Jinja chat template in place of the GGUF's own (as llama.cpp's --chat-template):
+    # one that knows tools in the <tool_call> format makes tool calls native.
+    chat_template: str | None = Field(default=None, min_length=1, max_length=65_536)
     max_concurrent: int = Field(default=4, ge=1)
     max_queue: int = Field(default=32, ge=0)
     timeout_seconds: float = Field(default=30, gt=0)

@@ -75,7 +75,11 @@ class Gateway:
         (OpenAI-shaped) or the pool's errors when the whole chain fails.
         """
         started = time.perf_counter()
-        record = self._pool.resolve(_read_model_field(body))
+        name = _read_model_field(body)
+        record = self._pool.resolve(name)
+        if name != record.model_id:
+            # An alias (an fnmatch pattern, perhaps): the worker is sure to know the id.
+            body = _with_model(body, record.model_id)
         try:
             response = await self._relay_chain(record, path, body, headers)
         except (PoolError, ApiError) as exc:

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from model_service.tools import ArgumentsDelta, CallStart, ToolReplyParser, read_reply
-from tests.conftest import DEFAULT_MODEL, Manager
+from tests.conftest import DEFAULT_MODEL, REPO, Manager, ManagerFactory, model_entry
 
 WEATHER = {
     "type": "function",
@@ -382,3 +382,75 @@ def test_parser_cut_short_and_unexpected_text() -> None:
     structured = read_reply('{"response": {"answer": [1, 2]}}')
     assert structured.content is not None and json.loads(structured.content) == {"answer": [1, 2]}
     assert read_reply("plain words").content == "plain words"
+
+
+# --- a chat template that knows tools: calls in <tool_call> tags -----------------------
+
+NATIVE_TEMPLATE = REPO / "configs/chat_templates/chatml-tools.jinja"
+
+
+def test_native_template_tools(start_manager: ManagerFactory) -> None:
+    """With a template that writes <tool_call> blocks, tools go through the template and
+    calls come back out of the blocks, constrained or read from free text."""
+    manager = start_manager(
+        models=[
+            model_entry(
+                "native", warmup=True, n_ctx=2048, chat_template=NATIVE_TEMPLATE.read_text()
+            )
+        ]
+    )
+    worker = manager.wait_state("native", "HOT")["endpoint"]
+    client = openai.OpenAI(base_url=f"{manager.url}/v1", api_key="unused", max_retries=0)
+    ask: dict[str, Any] = {"model": "native", "messages": ASK, "tools": TOOLS, "temperature": 0}
+    reply = client.chat.completions.create(**ask, tool_choice="required")
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert not reply.choices[0].message.content
+    _valid_call(reply.choices[0].message.tool_calls[0])  # type: ignore[index]
+
+    stream = client.chat.completions.create(
+        **ask, tool_choice={"type": "function", "function": {"name": "add"}}, stream=True
+    )
+    deltas = [d for chunk in stream for c in chunk.choices for d in c.delta.tool_calls or []]
+    assert deltas[0].function and deltas[0].function.name == "add" and deltas[0].id
+    arguments = "".join((d.function.arguments if d.function else "") or "" for d in deltas)
+    jsonschema.validate(json.loads(arguments), SCHEMAS["add"])
+
+    free = client.chat.completions.create(**ask, max_tokens=40)
+    assert "<tool_call>" not in (free.choices[0].message.content or "")
+
+    def count(messages: list[Any]) -> int:
+        body = {"model": "native", "messages": messages, "tools": TOOLS}
+        value: int = httpx.post(f"{worker}/v1/count_tokens", json=body).json()["prompt_tokens"]
+        return value
+
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    with_result = [*history, {"role": "tool", "tool_call_id": "c1", "content": "2"}]
+    # The template renders the call (its <tool_call> block) and the tool's response.
+    assert count(ASK) < count(history) < count(with_result)
+
+
+NATIVE_REPLY = (
+    "Let me check.\n<tool_call>\n"
+    '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+    "<tool_call>\n"
+    '{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call> done <tool_'
+)
+
+
+@pytest.mark.parametrize("size", [1, 3, 11, len(NATIVE_REPLY)])
+def test_parser_reads_native_blocks(size: int) -> None:
+    parser = ToolReplyParser("hermes")
+    events = []
+    for at in range(0, len(NATIVE_REPLY), size):
+        events += parser.feed(NATIVE_REPLY[at : at + size])
+    events += parser.finish()
+    text = "".join(e for e in events if isinstance(e, str))
+    assert text == "Let me check.\n\n done <tool_"  # a tag cut short is text after all
+    starts = [(e.index, e.name) for e in events if isinstance(e, CallStart)]
+    assert starts == [(0, "get_weather"), (1, "add")]
+    assert [json.loads(c.arguments) for c in parser.finished_calls()] == [
+        {"city": "Paris"},
+        {"a": 1, "b": 2},
+    ]
+    assert read_reply(NATIVE_REPLY, "hermes").content == "Let me check.\n\n done <tool_"

@@ -11,11 +11,25 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 
 class BackendError(Exception):
     """The backend cannot do what was asked (bad file, bad grammar, ...)."""
+
+
+# How a chat template writes tool calls (model_service/tools.py has both formats).
+ToolFormat = Literal["generic", "hermes"]
+
+
+@dataclass(frozen=True)
+class GrammarFrame:
+    """A constrained reply that is not bare JSON: each JSON value between `before` and
+    `after`, repeated (joined by newlines) when `repeat` (a template's tool-call tags)."""
+
+    before: str
+    after: str
+    repeat: bool
 
 
 @dataclass(frozen=True)
@@ -25,8 +39,9 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    # Constrained decoding: a JSON schema, or {} for "any JSON object".
+    # Constrained decoding: a JSON schema, or {} for "any JSON object", maybe framed.
     json_schema: dict[str, Any] | None = None
+    json_frame: GrammarFrame | None = None
     # Report each token's log-probability, with this many likeliest alternatives.
     top_logprobs: int | None = None
     # The prompt's last tokens, already part of the constrained reply (a tool call's
@@ -74,9 +89,18 @@ class Backend(ABC):
     def unload(self) -> None:
         """Free the weights. Blocks."""
 
+    @property
+    def tool_format(self) -> ToolFormat:
+        """How the model's chat template writes tool calls: "generic" (it does not; the
+        prompt offers tools in the generic format) or "hermes" (see model_service/tools)."""
+        return "generic"
+
     @abstractmethod
-    def render_chat(self, messages: list[dict[str, str]]) -> RenderedPrompt:
-        """Apply the model's chat template and tokenize. Raises BackendError."""
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> RenderedPrompt:
+        """Apply the model's chat template (with `tools`, natively) and tokenize.
+        Raises BackendError."""
 
     @abstractmethod
     def tokenize(self, text: str, bos: bool = True) -> list[int]:

@@ -13,6 +13,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -29,12 +30,15 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 from model_service.backends.base import (
     Backend,
     BackendError,
+    GrammarFrame,
     RenderedPrompt,
     SamplingParams,
     TokenScore,
+    ToolFormat,
 )
 from model_service.cpus import usable_cores
 from model_service.gguf import check_header, read_metadata
+from model_service.tools import template_tool_format
 from model_service.weights import (
     WeightsMode,
     cache_dir,
@@ -204,11 +208,20 @@ def can_preload() -> bool:
 
 
 @lru_cache(maxsize=64)
-def _grammar_text(schema_json: str) -> str:
-    """GBNF for a JSON schema ("{}" means any JSON object); cached, agents repeat schemas."""
+def _grammar_text(schema_json: str, frame: GrammarFrame | None = None) -> str:
+    """GBNF for a JSON schema ("{}" means any JSON object), maybe framed by text (each
+    value between `frame.before` and `frame.after`); cached, agents repeat schemas."""
     if schema_json == "{}":
-        return JSON_GBNF
-    return LlamaGrammar.from_json_schema(schema_json, verbose=False)._grammar
+        grammar = JSON_GBNF
+    else:
+        grammar = LlamaGrammar.from_json_schema(schema_json, verbose=False)._grammar
+    if frame is None:
+        return grammar
+    # The schema's root becomes one framed item of a new root.
+    item = re.sub(r"^root ::=", "framed-value ::=", grammar, count=1, flags=re.MULTILINE)
+    block = f"{json.dumps(frame.before)} framed-value {json.dumps(frame.after)}"
+    root = f'root ::= {block} ("\\n" {block})*' if frame.repeat else f"root ::= {block}"
+    return f"{root}\n{item}"
 
 
 class _TokenPieces:
@@ -310,6 +323,9 @@ class LlamaCppBackend(Backend):
         self._sequences = [_Sequence() for _ in range(self._shape.slots)]
         self._uses = 0
         self._formatter: Jinja2ChatFormatter | None = None
+        # The registry's chat_template, in place of the file's own (None: the file's).
+        self._template_override: str | None = settings.get("chat_template")
+        self._template: str | None = None
         self._opening: list[int] | None = None  # to compute and save in warm_up
         self._pieces: _TokenPieces | None = None
         self._candidates: _Candidates | None = None  # made on first use
@@ -456,9 +472,20 @@ class LlamaCppBackend(Backend):
         digest = version_key(served, opening)
         return cache_dir(self._weights_cache) / f"{served.stem}.opening.{digest}.kv"
 
-    @staticmethod
-    def _chat_formatter(model: LlamaModel, metadata: dict[str, Any]) -> Jinja2ChatFormatter | None:
-        return chat_formatter(model, metadata)
+    def _chat_formatter(
+        self, model: LlamaModel, metadata: dict[str, Any]
+    ) -> Jinja2ChatFormatter | None:
+        if self._template_override:
+            metadata = {**metadata, "tokenizer.chat_template": self._template_override}
+        self._template = metadata.get("tokenizer.chat_template")
+        try:
+            return chat_formatter(model, metadata)
+        except Exception as exc:  # jinja's syntax errors and the like
+            raise BackendError(f"the chat template does not compile: {exc}") from exc
+
+    @property
+    def tool_format(self) -> ToolFormat:
+        return template_tool_format(self._template)
 
     def unload(self) -> None:
         for sequence in self._sequences:
@@ -475,13 +502,15 @@ class LlamaCppBackend(Backend):
 
     # --- prompts ----------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict[str, str]]) -> RenderedPrompt:
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> RenderedPrompt:
         if self._formatter is None:
             # No template in the file: a plain transcript is the least surprising prompt.
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
             return RenderedPrompt(tokens=self.tokenize(text), stop=["\nuser:"])
         try:
-            rendered = self._formatter(messages=messages)  # type: ignore[arg-type]
+            rendered = self._formatter(messages=messages, tools=tools)  # type: ignore[arg-type]
         except Exception as exc:  # jinja raises many kinds; all mean "bad messages"
             raise BackendError(f"the chat template rejected the messages: {exc}") from exc
         tokens = self.model.tokenize(
@@ -497,7 +526,7 @@ class LlamaCppBackend(Backend):
         if params.json_schema is None:
             return
         try:
-            _grammar_text(json.dumps(params.json_schema))
+            _grammar_text(json.dumps(params.json_schema), params.json_frame)
         except Exception as exc:
             raise BackendError(f"response_format schema is not supported: {exc}") from exc
         if params.grammar_primed:
@@ -658,7 +687,7 @@ class LlamaCppBackend(Backend):
         if params.json_schema is None:
             return None
         # sort_keys would reorder properties, and with them the order the model writes.
-        text = _grammar_text(json.dumps(params.json_schema))
+        text = _grammar_text(json.dumps(params.json_schema), params.json_frame)
         grammar = llama_cpp.llama_sampler_init_grammar(self.model.vocab, text.encode(), b"root")
         for token in params.grammar_primed:
             # llama.cpp aborts the process on a token its grammar cannot take: ask first.
