@@ -83,6 +83,8 @@ class UpstreamResponse:
             self.close()
             raise UpstreamError(f"the reply broke off: {exc or type(exc).__name__}") from exc
         connection, self._connection = self._connection, None
+        if connection is None:
+            return  # closed (the client left) while the body's end was arriving
         if self._reusable:
             self._pool.give_back(self._port, connection)
         else:

@@ -65,6 +65,25 @@ async def test_streams_chunks_and_reads_fixed_length_bodies(server: int) -> None
     pool.close()
 
 
+async def test_a_reader_that_leaves_at_the_last_chunk_breaks_nothing(server: int) -> None:
+    """The relay's client leaves right after the last data ([DONE]), before the chunk
+    terminator is read: the closed connection must not be pooled (it was, as None, and
+    the next request on that port failed)."""
+    pool = UpstreamPool()
+    for _ in range(3):
+        reply = await pool.request(server, "/stream", b"{}", [])
+        chunks = []
+        async for chunk in reply.body():
+            chunks.append(chunk)
+            if chunk == b"three":
+                await asyncio.sleep(0.05)  # the terminator is in the reader's buffer now
+                reply.close()  # what the relay does when its client goes away
+        assert chunks == [b"one ", b"two ", b"three"]
+        assert all(c is not None for c in pool._idle.get(server, []))
+        assert await (await pool.request(server, "/fixed", b"next", [])).read() == b"next"
+    pool.close()
+
+
 async def test_a_connection_the_worker_closed_while_idle_is_replaced(server: int) -> None:
     pool = UpstreamPool()
     assert await (await pool.request(server, "/fixed", b"1", [])).read() == b"1"
