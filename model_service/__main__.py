@@ -28,11 +28,19 @@ import uvicorn
 
 from model_service import heap
 from model_service.activity import StatusChannel, WorkerStats
-from model_service.app import create_remote_worker_app, create_worker_app
+from model_service.app import (
+    create_embedding_worker_app,
+    create_remote_worker_app,
+    create_worker_app,
+)
 from model_service.auth import ApiKeys
 from model_service.backends import BackendError, create_backend
-from model_service.backends.llama_cpp import ContextShape, Preloaded, can_preload
-from model_service.backends.remote import REMOTE_BACKENDS, RemoteModel
+from model_service.backends.kinds import kind_of
+from model_service.backends.llama_cpp import ContextShape, LlamaCppBackend, Preloaded, can_preload
+from model_service.backends.llama_embed import EmbeddingModel, LlamaEmbedder, pooling_of
+from model_service.backends.remote import RemoteModel
+from model_service.cpus import usable_cores
+from model_service.embeddings import EmbeddingService
 from model_service.engine import Engine
 from model_service.inference import InferenceService, ModelDefaults
 from model_service.limits import DEFAULT_MAX_REQUEST_BYTES, Admission
@@ -82,6 +90,7 @@ class ManagerLink:
         self.events = StatusChannel(fd)
         self.stats = stats
         self.engine: Engine | None = None  # set once the model is loaded
+        self.embedder: LlamaEmbedder | None = None  # its embeddings context, if local
         self.threads: int | None = None  # the manager's latest share of the cores
         self._assignment: queue.SimpleQueue[tuple[dict[str, Any], int] | None] = queue.SimpleQueue()
         self.preloader = Preloader(
@@ -137,6 +146,8 @@ class ManagerLink:
             self.threads = int(command.get("n") or 0) or None
             if self.engine is not None and self.threads:
                 self.engine.set_threads(self.threads)
+            if self.embedder is not None and self.threads:
+                self.embedder.set_threads(self.threads)
         elif name == "abort":
             # A forced unload: fail what is running with a clear error, then exit.
             self.stats.draining = True
@@ -238,9 +249,85 @@ def _serve_remote(
         keys=ApiKeys.from_env(),
         max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
         aliases=frozenset(settings.get("aliases") or ()),
+        chat=not is_embedding_model(settings),
     )
     _serve(app, sock, args, model_id, load, channel)
     remote.unload()
+    log.info("worker stopped", extra={"model": model_id})
+    return 0
+
+
+# --- embeddings --------------------------------------------------------------------------------
+
+
+def is_embedding_model(settings: dict[str, Any]) -> bool:
+    return settings.get("model_type") == "embedding"
+
+
+def _side_embedder(settings: dict[str, Any], backend: Any) -> LlamaEmbedder | None:
+    """A generative llama.cpp model's pooled embeddings: a second, small context on the
+    same weights, made on the first /v1/embeddings request (llama_embed.py)."""
+    if not isinstance(backend, LlamaCppBackend):
+        return None
+    return LlamaEmbedder(
+        backend.model,
+        limit=backend.context_length,
+        threads=int(settings.get("n_threads") or usable_cores()),
+        pooling=pooling_of(backend.model, settings.get("pooling")),
+        pool_in_llama=False,
+    )
+
+
+def _embedding_service(
+    settings: dict[str, Any], embedder: LlamaEmbedder, admission: Admission
+) -> EmbeddingService:
+    return EmbeddingService(
+        str(settings["model_id"]),
+        embedder,
+        admission,
+        timeout_seconds=float(settings.get("timeout_seconds") or 30),
+        aliases=frozenset(settings.get("aliases") or ()),
+    )
+
+
+def _serve_embedding_model(
+    settings: dict[str, Any],
+    args: argparse.Namespace,
+    sock: socket.socket,
+    stats: WorkerStats,
+    channel: StatusChannel,
+    preloaded: Any,
+    link: ManagerLink | None,
+) -> int:
+    """Run a worker for a llama.cpp embedding model (`model_type: "embedding"`)."""
+    model_id = str(settings["model_id"])
+    loaded = _load_reporting_failure(
+        model_id, channel, lambda: EmbeddingModel(settings, preloaded=preloaded)
+    )
+    if loaded is None:
+        return EXIT_LOAD_FAILED
+    model, load = loaded
+    assert model.embedder is not None
+    heap.release_unused()
+    metrics = WorkerMetrics(model_id, stats)
+    admission = _admission(settings)
+    embedder = model.embedder
+    if link is not None:
+        link.embedder = embedder
+        if link.threads:
+            embedder.set_threads(link.threads)
+    metrics.watch(queued=lambda: admission.queued, generating=lambda: int(embedder.busy))
+    app = create_embedding_worker_app(
+        _embedding_service(settings, embedder, admission),
+        stats,
+        metrics,
+        channel,
+        port=sock.getsockname()[1],
+        keys=ApiKeys.from_env(),
+        max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
+    )
+    _serve(app, sock, args, model_id, load, channel)
+    model.unload()
     log.info("worker stopped", extra={"model": model_id})
     return 0
 
@@ -318,8 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     # With POOL_LOG_FILE, each model's worker logs to its own file next to the manager's.
     setup_logging("worker", args.log_level, file_suffix="-" + re.sub(r"[^\w.-]", "_", model_id))
 
-    if settings.get("backend") in REMOTE_BACKENDS:
+    if not kind_of(str(settings.get("backend") or "llama_cpp")).local:
         return _serve_remote(settings, args, sock, stats, channel)
+    if is_embedding_model(settings):
+        return _serve_embedding_model(settings, args, sock, stats, channel, preloaded, link)
     local = _load_reporting_failure(
         model_id, channel, lambda: create_backend(settings, preloaded=preloaded)
     )
@@ -347,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         aliases=frozenset(settings.get("aliases") or ()),
     )
     port = sock.getsockname()[1]
+    embedder = _side_embedder(settings, backend)
+    embeddings = _embedding_service(settings, embedder, admission) if embedder else None
+    if link is not None and embedder is not None:
+        link.embedder = embedder
+        if link.threads:
+            embedder.set_threads(link.threads)
     app = create_worker_app(
         service,
         stats,
@@ -355,9 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         port=port,
         keys=ApiKeys.from_env(),
         max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
+        embeddings=embeddings,
     )
     _serve(app, sock, args, model_id, load, channel)
     engine.stop()
+    if embedder is not None:
+        embedder.close()  # before the weights it shares go
     backend.unload()
     log.info("worker stopped", extra={"model": model_id})
     return 0

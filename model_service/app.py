@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from model_service.activity import (
@@ -20,6 +20,12 @@ from model_service.activity import (
 )
 from model_service.auth import ApiKeys, AuthMiddleware, Role
 from model_service.backends.remote import RemoteModel
+from model_service.embeddings import (
+    CreateEmbeddingResponse,
+    EmbeddingRequest,
+    EmbeddingService,
+    check_inputs,
+)
 from model_service.errors import ApiError, install_error_handlers
 from model_service.inference import InferenceService, StreamHandle
 from model_service.limits import DEFAULT_MAX_REQUEST_BYTES, Admission, BodySizeLimit
@@ -35,7 +41,7 @@ from model_service.protocol import (
     TokenCount,
 )
 
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -47,10 +53,14 @@ def create_worker_app(
     port: int | None = None,
     keys: ApiKeys | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    embeddings: EmbeddingService | None = None,
 ) -> FastAPI:
+    """`embeddings`: the model's pooled embeddings (POST /v1/embeddings), if it has them."""
     app = FastAPI(title=f"model worker: {service.model_id}", version="0.1.0")
     engine = service.engine
     install_error_handlers(app)
+    if embeddings is not None:
+        _add_embeddings_route(app, _answer_with(embeddings))
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: ChatCompletionRequest) -> ChatCompletion | Response:
@@ -81,6 +91,7 @@ def create_worker_app(
         health_extra=lambda: {
             "generating": engine.generating,
             "tokens_generated": engine.tokens_generated,
+            **_embeddings_health(embeddings),
         },
     )
     return app
@@ -96,21 +107,28 @@ def create_remote_worker_app(
     keys: ApiKeys | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     aliases: frozenset[str] = frozenset(),
+    chat: bool = True,
 ) -> FastAPI:
-    """A worker for a model another server runs (the `openai` and `ollama` backends)."""
+    """A worker for a model another server runs (the `openai` and `ollama` backends).
+
+    `chat`: False for an embedding model (registry `model_type: "embedding"`), which
+    refuses chat and completions with a 400.
+    """
     app = FastAPI(title=f"model worker: {remote.model_id} ({remote.kind})", version="0.1.0")
     install_error_handlers(app)
     names = {remote.model_id, *aliases}
 
-    async def run(route: str, request: ChatCompletionRequest | CompletionRequest) -> Response:
-        if request.model not in names:
+    def check_model(name: str) -> None:
+        if name not in names:
             raise ApiError(
                 404,
-                f"The model '{request.model}' is not served here; this "
-                f"worker serves '{remote.model_id}'",
+                f"The model '{name}' is not served here; this worker serves '{remote.model_id}'",
                 param="model",
                 code="model_not_found",
             )
+
+    async def run(route: str, request: ChatCompletionRequest | CompletionRequest) -> Response:
+        check_model(request.model)
         body = request.model_dump(exclude_none=True, by_alias=True)
         await admission.acquire()
         if request.stream:
@@ -123,13 +141,28 @@ def create_remote_worker_app(
             admission.release()
         return JSONResponse(data, status_code=status)
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: ChatCompletionRequest) -> Response:
-        return await run("chat/completions", request)
+    async def embed(request: EmbeddingRequest) -> Response:
+        check_model(request.model)
+        check_inputs(request)
+        async with admission.slot():
+            status, data = await remote.embed(request.model_dump(exclude_none=True))
+        return JSONResponse(data, status_code=status)
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(request: CompletionRequest) -> Response:
-        return await run("completions", request)
+    _add_embeddings_route(app, embed)
+
+    @app.post("/v1/count_tokens")
+    async def count_tokens(request: ChatCompletionRequest) -> TokenCount:
+        raise ApiError(
+            400,
+            f"The model '{remote.model_id}' runs on a {remote.kind} server; its tokens "
+            "cannot be counted here.",
+            code="unsupported_by_backend",
+        )
+
+    if chat:
+        _add_generation_routes(app, run)
+    else:
+        _refuse_generation(app, remote.model_id)
 
     _add_common_parts(
         app,
@@ -148,6 +181,98 @@ def create_remote_worker_app(
         },
     )
     return app
+
+
+def _add_generation_routes(
+    app: FastAPI,
+    run: Callable[[str, ChatCompletionRequest | CompletionRequest], Awaitable[Response]],
+) -> None:
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: ChatCompletionRequest) -> Response:
+        return await run("chat/completions", request)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: CompletionRequest) -> Response:
+        return await run("completions", request)
+
+
+# --- embeddings ------------------------------------------------------------------------------
+
+
+def create_embedding_worker_app(
+    service: EmbeddingService,
+    stats: WorkerStats,
+    metrics: WorkerMetrics,
+    channel: StatusChannel,
+    port: int | None = None,
+    keys: ApiKeys | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FastAPI:
+    """A worker for an embedding model (registry `model_type: "embedding"`): it serves
+    /v1/embeddings and refuses chat and completions with a 400."""
+    app = FastAPI(title=f"model worker: {service.model_id} (embeddings)", version="0.1.0")
+    install_error_handlers(app)
+    _add_embeddings_route(app, _answer_with(service))
+    _refuse_generation(app, service.model_id)
+    _add_common_parts(
+        app,
+        service.model_id,
+        stats,
+        metrics,
+        channel,
+        port,
+        keys,
+        max_request_bytes,
+        health_extra=lambda: {
+            "generating": stats.in_flight > 0,
+            "tokens_generated": None,
+            **_embeddings_health(service),
+        },
+    )
+    return app
+
+
+def _add_embeddings_route(
+    app: FastAPI, create: Callable[[EmbeddingRequest], Awaitable[Response]]
+) -> None:
+    @app.post(
+        "/v1/embeddings",
+        response_model=None,
+        responses={200: {"model": CreateEmbeddingResponse, "description": "The embeddings"}},
+    )
+    async def embeddings(request: EmbeddingRequest) -> Response:
+        return await create(request)
+
+
+def _answer_with(service: EmbeddingService) -> Callable[[EmbeddingRequest], Awaitable[Response]]:
+    async def answer(request: EmbeddingRequest) -> Response:
+        # Serialized by pydantic-core in one go: thousands of floats per reply.
+        reply = await service.create(request)
+        return Response(reply.model_dump_json(), media_type="application/json")
+
+    return answer
+
+
+def _refuse_generation(app: FastAPI, model_id: str) -> None:
+    """Chat and completions on an embedding model: a clear 400, whatever the body."""
+
+    async def refuse(request: Request) -> Response:
+        raise ApiError(
+            400,
+            f"The model '{model_id}' is an embedding model: it serves /v1/embeddings, "
+            "not chat or completions.",
+            param="model",
+            code="model_not_chat",
+        )
+
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        app.add_api_route(path, refuse, methods=["POST"], response_model=None)
+
+
+def _embeddings_health(service: EmbeddingService | None) -> dict[str, Any]:
+    if service is None:
+        return {}
+    return {"embeddings": service.embedder.describe()}
 
 
 def _add_common_parts(

@@ -57,20 +57,22 @@ class StopMatcher:
         self._stops = [s for s in stops if s]
         self._held = ""
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Return (text safe to emit, whether a stop sequence was hit)."""
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Return (text safe to emit, the stop sequence hit or None); nothing after it."""
         if not self._stops:
-            return text, False
+            return text, None
         buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for s in self._stops if (i := buffer.find(s)) >= 0]
         if hits:
+            position, stop = min(hits, key=lambda hit: hit[0])
             self._held = ""
-            return buffer[: min(hits)], True
-        keep = max((self._partial_suffix(buffer, s) for s in self._stops), default=0)
+            return buffer[:position], stop
+        keep = max(self._partial_suffix(buffer, s) for s in self._stops)
         self._held = buffer[len(buffer) - keep :] if keep else ""
-        return buffer[: len(buffer) - keep], False
+        return buffer[: len(buffer) - keep], None
 
     def flush(self) -> str:
+        """The held-back text, once no more text is coming."""
         held, self._held = self._held, ""
         return held
 

@@ -11,14 +11,21 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from model_service.backends.kinds import KINDS, kind_of
+
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 # Suffixes the manager's routes use after a model id; an id ending in one would be ambiguous.
 _RESERVED_SUFFIXES = ("/load", "/unload", "/extend-ttl", "/health")
+# An alias with one of these is an fnmatch pattern (`claude-*`, `*haiku*`).
+_PATTERN_CHARS = frozenset("*?[")
+_BRACKET_CLASS = re.compile(r"\[!?\]?[^\]]*\]")
 
 
 class PortRange(BaseModel):
@@ -71,6 +78,10 @@ class PoolConfig(BaseModel):
     # Where widened copies of slow-on-CPU weights go (see model_service/weights.py);
     # default $POOL_WEIGHTS_CACHE, else ~/.cache/model-pool/weights.
     weights_cache_dir: str | None = None
+    # Responses kept for `previous_response_id` and GET /v1/responses/{id} (in memory,
+    # least recently used dropped first): at most this many, and this much JSON.
+    responses_max_stored: int = Field(default=1000, ge=0, le=1_000_000)
+    responses_max_stored_mb: int = Field(default=256, ge=0, le=65_536)
 
     @model_validator(mode="after")
     def _ttl_bounds(self) -> PoolConfig:
@@ -94,7 +105,8 @@ class ModelSpec(BaseModel):
     aliases: list[str] = Field(default_factory=list)
     # Models that serve a request when this one cannot (fails to load, FAILED, full, 5xx).
     fallbacks: list[str] = Field(default_factory=list)
-    backend: Literal["llama_cpp", "openai", "ollama"] = "llama_cpp"
+    # A kind from model_service/backends/kinds.py: llama_cpp, openai or ollama.
+    backend: str = "llama_cpp"
     # Remote backends: the server's base URL (ollama defaults to the config's
     # ollama_base_url), the model's name there (default: model_id), and the name of the
     # environment variable that holds the API key (never the key itself).
@@ -119,6 +131,10 @@ class ModelSpec(BaseModel):
     # A Jinja chat template in place of the GGUF's own (as llama.cpp's --chat-template):
     # one that knows tools in the <tool_call> format makes tool calls native.
     chat_template: str | None = Field(default=None, min_length=1, max_length=65_536)
+    # Embeddings: how token states become one vector. Default: the GGUF's own
+    # `pooling_type`, else mean. `model_type: "embedding"` makes a model embeddings-only
+    # (chat and completions answer 400); any other type also serves pooled embeddings.
+    pooling: Literal["mean", "cls", "last"] | None = None
     max_concurrent: int = Field(default=4, ge=1)
     max_queue: int = Field(default=32, ge=0)
     timeout_seconds: float = Field(default=30, gt=0)
@@ -134,17 +150,62 @@ class ModelSpec(BaseModel):
             )
         return value
 
+    @field_validator("aliases")
+    @classmethod
+    def _valid_aliases(cls, value: list[str]) -> list[str]:
+        for alias in value:
+            if not alias or alias != alias.strip() or len(alias) > 256:
+                raise ValueError(f"alias {alias!r}: 1-256 characters, no surrounding spaces")
+            if "[" in _BRACKET_CLASS.sub("", alias):
+                raise ValueError(f"alias {alias!r}: a '[' without its closing ']'")
+        return value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        kind_of(value)  # raises ValueError naming the kinds there are
+        return value
+
     @model_validator(mode="after")
-    def _has_weights(self) -> ModelSpec:
-        if self.backend == "llama_cpp" and not (self.model_path or self.package_file):
-            raise ValueError("a llama_cpp model needs model_path or package_file")
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError("an openai model needs base_url")
+    def _has_what_its_backend_needs(self) -> ModelSpec:
+        KINDS[self.backend].check(self.__dict__)
         return self
 
     @property
     def is_local(self) -> bool:
-        return self.backend == "llama_cpp"
+        """Runs in its worker's own process (weights in memory), not on another server."""
+        return KINDS[self.backend].local
+
+
+def is_alias_pattern(alias: str) -> bool:
+    return not _PATTERN_CHARS.isdisjoint(alias)
+
+
+def alias_specificity(pattern: str) -> int:
+    """How specific a pattern is: its characters other than `*`."""
+    return len(pattern) - pattern.count("*")
+
+
+def match_alias(name: str, specs: Iterable[ModelSpec]) -> ModelSpec | None:
+    """The model `name` is an alias of, or None.
+
+    An exact alias first (registry order); else the model with the most specific pattern
+    that matches (fnmatch, case-sensitive; see `alias_specificity`), the first in registry
+    order on a tie. So `claude-*haiku*` beats `claude-*` for `claude-3-5-haiku-latest`.
+    """
+    specs = list(specs)
+    for spec in specs:
+        if name in spec.aliases:
+            return spec
+    best: ModelSpec | None = None
+    best_specificity = -1
+    for spec in specs:
+        for alias in spec.aliases:
+            if is_alias_pattern(alias) and fnmatchcase(name, alias):
+                specificity = alias_specificity(alias)
+                if specificity > best_specificity:
+                    best, best_specificity = spec, specificity
+    return best
 
 
 class Registry(BaseModel):

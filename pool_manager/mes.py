@@ -20,6 +20,7 @@ import jsonschema
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
+from model_service.backends.kinds import KINDS
 from model_service.errors import ApiError
 from pool_manager.gateway import Gateway
 from pool_manager.pool import ModelPool
@@ -148,7 +149,8 @@ class MesService:
 
     async def status(self) -> dict[str, Any]:
         records = self._pool.records()
-        backends = {"llama_cpp": True, **await self._remote_backends_answer()}
+        local = {name: True for name, kind in KINDS.items() if kind.local}
+        backends = {**local, **await self._remote_backends_answer()}
         return {
             "models_loaded": [r.model_id for r in records if r.state in SERVING],
             "models_failed": [r.model_id for r in records if r.state is ModelState.FAILED],
@@ -167,13 +169,12 @@ class MesService:
         once.
         """
         probes: dict[str, set[str]] = {}
+        config = self._pool.config.model_dump()
         for record in self._pool.records():
             spec = record.spec
-            if spec.backend == "ollama":
-                base = spec.base_url or self._pool.config.ollama_base_url
-                probes.setdefault("ollama", set()).add(base.rstrip("/") + "/api/version")
-            elif spec.backend == "openai" and spec.base_url:
-                probes.setdefault("openai", set()).add(spec.base_url.rstrip("/") + "/models")
+            url = KINDS[spec.backend].probe_url(spec.model_dump(), config)
+            if url is not None:
+                probes.setdefault(spec.backend, set()).add(url)
         if not probes:
             return {}
         async with httpx.AsyncClient(timeout=REACHABLE_TIMEOUT_S, trust_env=False) as client:

@@ -1,20 +1,28 @@
 """An Ollama-compatible subset of the API on the manager's port, so Ollama tools can use the pool.
 
 Routes: `GET /api/version`, `GET /api/tags`, `GET /api/ps`, `POST /api/show`,
-`POST /api/chat` and `POST /api/generate`. Chat and generate are translated to the
-worker's OpenAI `/v1/chat/completions` (or `/v1/completions` for `raw` generate) and sent
-through the gateway, so COLD models load on demand and a model's fallback chain applies
-(`keep_alive` then applies to the model that answered); the reply is translated back, a stream
-as Ollama's NDJSON (`"stream"` defaults to true, as in Ollama). Errors use Ollama's shape,
-`{"error": "message"}`, with the HTTP status; an error in the middle of a stream is one
-last `{"error": ...}` line. A client that goes away closes the relayed stream, which stops
-the generation.
+`POST /api/chat`, `POST /api/generate`, `POST /api/embed` and the older
+`POST /api/embeddings`. Chat and generate are translated to the worker's OpenAI
+`/v1/chat/completions` (or `/v1/completions` for `raw` generate), the embed routes to
+`/v1/embeddings`, and sent through the gateway, so COLD models load on demand and a
+model's fallback chain applies (`keep_alive` then applies to the model that answered);
+the reply is translated back, a stream as Ollama's NDJSON (`"stream"` defaults to true,
+as in Ollama). Errors use Ollama's shape, `{"error": "message"}`, with the HTTP status;
+an error in the middle of a stream is one last `{"error": ...}` line. A client that goes
+away closes the relayed stream, which stops the generation.
 
 `keep_alive` (a Go duration such as "5m" or "1h30m", or seconds) maps onto the pool's TTL
 once the request is over: a positive value extends the remaining TTL to at least that much
 (capped at max_ttl_minutes; the pool can lengthen a TTL, not shorten it), 0 unloads the
 model (with drain), a negative value keeps it as long as the pool allows (max_ttl_minutes).
 Warmup (pinned) models ignore keep_alive: they stay loaded.
+
+Tools in `/api/chat` go both ways: the request's `tools` (Ollama's are OpenAI's function
+tools) pass through, as does `tool_choice`, an extension (Ollama has none); history
+`tool_calls` get their arguments as a JSON string and stable ids (`call_<turn>_<n>`), and
+each `tool` message the id of the call it answers (its `tool_name`'s, else the next
+unanswered one). Replies carry `message.tool_calls` with arguments as an object; a
+stream gathers OpenAI's fragments and sends each call whole, once, as Ollama does.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from model_service.errors import ApiError
 from model_service.gguf import read_metadata
 from pool_manager.gateway import Gateway
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
+from pool_manager.sse import sse_payloads
 from pool_manager.states import SERVING, ModelState
 
 log = logging.getLogger(__name__)
@@ -535,7 +544,10 @@ class OllamaApi:
             "template": template,
             "details": info.details(),
             "model_info": model_info,
-            "capabilities": ["completion"],
+            # Every chat model takes tools here (a grammar holds even a small model to them).
+            "capabilities": (
+                ["embedding"] if spec.model_type == "embedding" else ["completion", "tools"]
+            ),
             "modified_at": _iso(info.modified),
         }
 
@@ -574,17 +586,26 @@ class OllamaApi:
         return openai_body
 
     async def chat(self, request: Request) -> Response:
-        call = await self._begin(request, {"tools": "tools", "think": "thinking"})
+        call = await self._begin(request, {"think": "thinking"})
         messages = call.body.get("messages") or []
         if not isinstance(messages, list):
             raise OllamaError(400, "messages must be a list")
+        tools = call.body.get("tools")
+        if tools is not None and not (
+            isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
+        ):
+            raise OllamaError(400, "tools must be a list of JSON objects")
         if not messages:
             reply = await self._load_or_unload(
                 call.name, call.record, call.keep_alive, call.started, chat=True
             )
             return JSONResponse(reply)
         openai_body = self._openai_body(call)
-        openai_body["messages"] = [_openai_message(m) for m in messages]
+        openai_body["messages"] = _openai_messages(messages)
+        if tools:
+            openai_body["tools"] = tools
+        if call.body.get("tool_choice") is not None:  # an extension: Ollama has none
+            openai_body["tool_choice"] = call.body["tool_choice"]
         return await self._generate(request, "/v1/chat/completions", openai_body, call, chat=True)
 
     async def generate(self, request: Request) -> Response:
@@ -654,19 +675,117 @@ class OllamaApi:
             )
         payload = json.loads(bytes(reply.body))
         choice = payload["choices"][0]
-        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        message = choice.get("message") or {}
+        text = (message.get("content") if "message" in choice else choice["text"]) or ""
         reported = payload.get("usage") or {}
         usage.prompt_tokens = int(reported.get("prompt_tokens", 0))
         usage.completion_tokens = int(reported.get("completion_tokens", 0))
-        usage.finish_reason = choice.get("finish_reason") or "stop"
+        usage.finish_reason = _done_reason(choice.get("finish_reason"))
         usage.first_piece_at = usage.sent_at  # one answer: no split between prompt and tokens
         self.apply_keep_alive(record, keep_alive)
         head: dict[str, Any] = {"model": name, "created_at": _now_iso()}
         if chat:
             head["message"] = {"role": "assistant", "content": text}
+            calls = message.get("tool_calls") or []
+            if calls:
+                try:
+                    head["message"]["tool_calls"] = [_ollama_call(call) for call in calls]
+                except ValueError as exc:
+                    raise OllamaError(500, str(exc)) from None
         else:
             head["response"] = text
         return JSONResponse({**head, **usage.final()})
+
+    # --- embeddings -------------------------------------------------------------------------
+
+    async def embed(self, request: Request) -> dict[str, Any]:
+        """POST /api/embed: `input` a string or a list of strings; `truncate` (default
+        true) cuts inputs to the context, as Ollama does."""
+        started = time.perf_counter()
+        body = await self._json_body(request)
+        name = body.get("model")
+        record = self.resolve(name)
+        assert isinstance(name, str)
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        texts = _embed_inputs(body.get("input"))
+        truncate = body.get("truncate")
+        if truncate is not None and not isinstance(truncate, bool):
+            raise OllamaError(400, "truncate must be true or false")
+        dimensions = body.get("dimensions")
+        if dimensions is not None and (
+            isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 0
+        ):
+            raise OllamaError(400, "dimensions must be a positive integer")
+        _sampling(body.get("options"), record)  # checked; embeddings use none of them
+        if not texts:  # Ollama's way to load (or, with keep_alive 0, unload) a model
+            loaded = await self._load_or_unload(name, record, keep_alive, started, chat=False)
+            return {
+                "model": name,
+                "embeddings": [],
+                "total_duration": loaded.get("total_duration", 0),
+                "load_duration": loaded.get("load_duration", 0),
+                "prompt_eval_count": 0,
+            }
+        openai_body: dict[str, Any] = {
+            "model": record.model_id,
+            "input": texts,
+            "truncate": truncate is not False,
+        }
+        if dimensions:  # 0: the model's own size, as in Ollama
+            openai_body["dimensions"] = dimensions
+        vectors, tokens, load_seconds = await self._embeddings(
+            request, record, keep_alive, openai_body
+        )
+        return {
+            "model": name,
+            "embeddings": vectors,
+            "total_duration": round((time.perf_counter() - started) * NANOS),
+            "load_duration": round(load_seconds * NANOS),
+            "prompt_eval_count": tokens,
+        }
+
+    async def embeddings(self, request: Request) -> dict[str, Any]:
+        """POST /api/embeddings (Ollama's older route): one `prompt`, one `embedding`."""
+        started = time.perf_counter()
+        body = await self._json_body(request)
+        name = body.get("model")
+        record = self.resolve(name)
+        assert isinstance(name, str)
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+        prompt = body.get("prompt") or ""
+        if not isinstance(prompt, str):
+            raise OllamaError(400, "prompt must be a string")
+        _sampling(body.get("options"), record)
+        if not prompt:
+            await self._load_or_unload(name, record, keep_alive, started, chat=False)
+            return {"embedding": []}
+        openai_body = {"model": record.model_id, "input": [prompt]}
+        vectors, _, _ = await self._embeddings(request, record, keep_alive, openai_body)
+        return {"embedding": vectors[0]}
+
+    async def _embeddings(
+        self,
+        request: Request,
+        record: ModelRecord,
+        keep_alive: float | None,
+        openai_body: dict[str, Any],
+    ) -> tuple[list[list[float]], int, float]:
+        """Relay an OpenAI embeddings request: (vectors, prompt tokens, load seconds)."""
+        serving = {r.model_id for r in self._pool.records() if r.state in SERVING}
+        reply = await self._gateway.relay(
+            "/v1/embeddings", json.dumps(openai_body).encode(), self._headers(request)
+        )
+        if reply.status_code != 200:
+            if isinstance(reply, StreamingResponse):
+                await _close(reply.body_iterator)
+            raise _openai_error(reply)
+        record = self._served_by(reply, record)
+        load_seconds = 0.0 if record.model_id in serving else (record.load_seconds or 0.0)
+        self.apply_keep_alive(record, keep_alive)
+        payload = json.loads(bytes(reply.body))
+        items = sorted(payload.get("data") or [], key=lambda item: int(item.get("index", 0)))
+        tokens = int((payload.get("usage") or {}).get("prompt_tokens", 0))
+        return [item["embedding"] for item in items], tokens, load_seconds
 
     def _served_by(self, reply: Response, record: ModelRecord) -> ModelRecord:
         """The model that answered: `record`, or a fallback of its chain."""
@@ -687,6 +806,133 @@ class OllamaApi:
         finally:
             await _close(lines)
             self.apply_keep_alive(record, keep_alive)
+
+
+def _embed_inputs(value: Any) -> list[str]:
+    """/api/embed's `input` as a list of texts ("" and [] mean none: load the model)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    raise OllamaError(400, "invalid input type: a string or a list of strings")
+
+
+def _done_reason(finish_reason: Any) -> str:
+    """OpenAI's finish_reason as Ollama's done_reason (Ollama says "stop" after tool calls)."""
+    if not finish_reason or finish_reason == "tool_calls":
+        return "stop"
+    return str(finish_reason)
+
+
+def _openai_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """Ollama chat messages as OpenAI's, tool calls and tool results included.
+
+    Assistant `tool_calls` get ids (their own, else `call_<turn>_<n>`: the same history
+    gets the same ids) and arguments as a JSON string; a `tool` message gets the id of
+    the call it answers: its own `tool_call_id`, else the first unanswered call of the
+    last assistant turn with its `tool_name`, else the first unanswered one.
+    """
+    out = []
+    unanswered: list[tuple[str, str]] = []  # (id, function name) of the last turn's calls
+    turn = 0
+    for message in messages:
+        item = _openai_message(message)
+        calls = message.get("tool_calls")
+        if item["role"] == "assistant" and calls:
+            if not isinstance(calls, list):
+                raise OllamaError(400, "tool_calls must be a list")
+            item["tool_calls"] = [_openai_call(call, turn, n) for n, call in enumerate(calls)]
+            unanswered = [(c["id"], c["function"]["name"]) for c in item["tool_calls"]]
+            turn += 1
+        elif item["role"] == "tool":
+            name = message.get("tool_name") or message.get("name")
+            answered = next((c for c in unanswered if c[1] == name), None)
+            if answered is None and unanswered:
+                answered = unanswered[0]
+            if answered is not None:
+                unanswered.remove(answered)
+            own = message.get("tool_call_id")
+            item["tool_call_id"] = own or (answered[0] if answered else f"call_{turn}_none")
+            if name or answered:
+                item["name"] = name or answered[1]  # type: ignore[index]
+        out.append(item)
+    return out
+
+
+def _openai_call(call: Any, turn: int, n: int) -> dict[str, Any]:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise OllamaError(400, "each tool call needs a function")
+    function = call["function"]
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise OllamaError(400, "each tool call needs a function name")
+    arguments = function.get("arguments")
+    if arguments is None:
+        arguments = {}
+    return {
+        "id": call.get("id") or f"call_{turn}_{n}",
+        "type": "function",
+        "function": {
+            "name": name,
+            "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
+        },
+    }
+
+
+def _ollama_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI tool call as Ollama's: `{"function": {"name", "arguments": {...}}}`.
+
+    Raises ValueError when the arguments are not a JSON object.
+    """
+    function = call.get("function") or {}
+    text = function.get("arguments") or "{}"
+    try:
+        arguments = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise ValueError(
+            f"the model's call of {function.get('name')!r} has arguments that are not a JSON object"
+        )
+    return {"function": {"name": function.get("name", ""), "arguments": arguments}}
+
+
+class _StreamedCalls:
+    """OpenAI's streamed `delta.tool_calls` fragments, gathered into whole calls.
+
+    A call is whole once a fragment of a later call arrives, or the choice finishes.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, Any]] = {}
+        self._sent: set[int] = set()
+
+    def add(self, fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Take a chunk's fragments; return the calls they show to be whole."""
+        whole = []
+        for fragment in fragments:
+            index = int(fragment.get("index", 0))
+            whole += self._take(below=index)
+            call = self._calls.setdefault(index, {"function": {"name": "", "arguments": ""}})
+            function = fragment.get("function") or {}
+            if function.get("name"):
+                call["function"]["name"] = function["name"]
+            call["function"]["arguments"] += function.get("arguments") or ""
+        return whole
+
+    def rest(self) -> list[dict[str, Any]]:
+        """The calls not sent yet (the choice has finished)."""
+        return self._take(below=None)
+
+    def _take(self, below: int | None) -> list[dict[str, Any]]:
+        """The unsent calls with an index under `below` (None: all), marked sent."""
+        ready = [
+            i for i in sorted(self._calls) if (below is None or i < below) and i not in self._sent
+        ]
+        self._sent.update(ready)
+        return [_ollama_call(self._calls[i]) for i in ready]
 
 
 def _openai_message(message: Any) -> dict[str, Any]:
@@ -729,41 +975,56 @@ async def _translate_stream(
         head["done"] = False
         return head
 
-    buffer = b""
+    def with_calls(calls: list[dict[str, Any]]) -> bytes:
+        if usage.first_piece_at is None:
+            usage.first_piece_at = time.perf_counter()
+        head = piece("")
+        head["message"]["tool_calls"] = calls
+        return line(head)
+
+    streamed_calls = _StreamedCalls()
     try:
-        async for chunk in events:
-            buffer += chunk.encode() if isinstance(chunk, str) else bytes(chunk)
-            while b"\n\n" in buffer:
-                event, buffer = buffer.split(b"\n\n", 1)
-                data = b"\n".join(
-                    row[5:].strip() for row in event.split(b"\n") if row.startswith(b"data:")
-                )
-                if not data:
-                    continue
-                if data == b"[DONE]":
-                    yield line({**piece(""), **usage.final()})
-                    return
+        async for data in sse_payloads(events):
+            if data == b"[DONE]":
                 try:
-                    payload = json.loads(data)
-                except ValueError:
-                    continue
-                error = payload.get("error")
-                if error is not None:
-                    message = error.get("message") if isinstance(error, dict) else str(error)
-                    yield line({"error": message or "generation failed"})
+                    calls = streamed_calls.rest()
+                except ValueError as exc:
+                    yield line({"error": str(exc)})
                     return
-                if payload.get("usage"):
-                    usage.prompt_tokens = int(payload["usage"].get("prompt_tokens", 0))
-                    usage.completion_tokens = int(payload["usage"].get("completion_tokens", 0))
-                for choice in payload.get("choices") or []:
-                    # Chat chunks carry `delta.content`, completion chunks `text`.
-                    text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                if calls:
+                    yield with_calls(calls)
+                yield line({**piece(""), **usage.final()})
+                return
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                continue
+            error = payload.get("error")
+            if error is not None:
+                message = error.get("message") if isinstance(error, dict) else str(error)
+                yield line({"error": message or "generation failed"})
+                return
+            if payload.get("usage"):
+                usage.prompt_tokens = int(payload["usage"].get("prompt_tokens", 0))
+                usage.completion_tokens = int(payload["usage"].get("completion_tokens", 0))
+            for choice in payload.get("choices") or []:
+                # Chat chunks carry `delta.content`, completion chunks `text`.
+                delta = choice.get("delta") or {}
+                text = delta.get("content") or choice.get("text") or ""
+                if text:
+                    if usage.first_piece_at is None:
+                        usage.first_piece_at = time.perf_counter()
+                    yield line(piece(text))
+                try:
+                    calls = streamed_calls.add(delta.get("tool_calls") or [])
                     if choice.get("finish_reason"):
-                        usage.finish_reason = choice["finish_reason"]
-                    if text:
-                        if usage.first_piece_at is None:
-                            usage.first_piece_at = time.perf_counter()
-                        yield line(piece(text))
+                        usage.finish_reason = _done_reason(choice["finish_reason"])
+                        calls += streamed_calls.rest()
+                except ValueError as exc:
+                    yield line({"error": str(exc)})
+                    return
+                if calls:
+                    yield with_calls(calls)
         yield line({"error": "the model's stream ended early"})
     finally:
         await _close(events)
@@ -816,3 +1077,11 @@ def install_ollama_routes(app: FastAPI, pool: ModelPool, gateway: Gateway) -> No
     @app.post("/api/generate", response_model=None, include_in_schema=False)
     async def ollama_generate(request: Request) -> Any:
         return await guarded(lambda: api.generate(request))
+
+    @app.post("/api/embed", response_model=None, include_in_schema=False)
+    async def ollama_embed(request: Request) -> Any:
+        return await guarded(lambda: api.embed(request))
+
+    @app.post("/api/embeddings", response_model=None, include_in_schema=False)
+    async def ollama_embeddings(request: Request) -> Any:
+        return await guarded(lambda: api.embeddings(request))

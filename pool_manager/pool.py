@@ -40,6 +40,7 @@ from pool_manager.config import (
     ModelSpec,
     PoolConfig,
     effective_ttl_seconds,
+    match_alias,
 )
 from pool_manager.gpu import GpuMonitor
 from pool_manager.metrics import PoolMetrics
@@ -294,13 +295,14 @@ class ModelPool:
             raise ModelNotFound(f"model '{model_id}' is not registered") from None
 
     def resolve(self, name: str) -> ModelRecord:
-        """The model a client named, by id or by one of its aliases. Raises ModelNotFound."""
+        """The model a client named: by id, by an alias, or by an alias pattern such as
+        `claude-*` (the most specific wins; see `match_alias`). Raises ModelNotFound."""
         record = self._records.get(name)
         if record is not None:
             return record
-        for candidate in self._records.values():
-            if name in candidate.spec.aliases:
-                return candidate
+        spec = match_alias(name, (r.spec for r in self._records.values()))
+        if spec is not None:
+            return self._records[spec.model_id]
         raise ModelNotFound(f"The model '{name}' does not exist", param="model")
 
     def records(self) -> list[ModelRecord]:

@@ -34,7 +34,7 @@ def test_metrics_cover_the_pool_and_the_requests(start_manager: ManagerFactory) 
     assert httpx.post(f"{manager.url}/v1/chat/completions", json=body, timeout=60).is_success
     assert (
         httpx.post(
-            f"{manager.url}/v1/chat/completions", json={**body, "n": 2}, timeout=60
+            f"{manager.url}/v1/chat/completions", json={**body, "n": 9}, timeout=60
         ).status_code
         == 400
     )

@@ -74,7 +74,7 @@ def test_version_list_ps_and_show(start_manager: ManagerFactory) -> None:
     assert shown.details and shown.details.quantization_level == "Q4_1"
     assert shown.template and "<|im_start|>" in shown.template
     assert shown.modelinfo and shown.modelinfo["general.architecture"] == "llama"
-    assert shown.capabilities == ["completion"]
+    assert shown.capabilities == ["completion", "tools"]
     assert shown.parameters and "num_ctx 1024" in shown.parameters
     assert client.show(f"{UNTAGGED}:latest").details, "':latest' names an untagged model"
 

@@ -7,15 +7,28 @@
   `/api/generate` and the NDJSON replies back to OpenAI JSON / SSE. Loading warms the
   model with `keep_alive: -1`; unloading sends `keep_alive: 0`.
 
+Embeddings (`/v1/embeddings`): the `openai` kind forwards them as they are (model
+renamed); the `ollama` kind translates them to `/api/embed` and back (text inputs only:
+Ollama takes no token ids). A server that has no embeddings route answers a clear 400.
+Tools: the `openai` kind forwards them untouched; the `ollama` kind translates `tools`,
+assistant `tool_calls` (arguments: OpenAI's JSON string, Ollama's object) and `tool`
+messages (`tool_call_id` becomes the called function's `tool_name`), and Ollama's calls
+back, each with an id of ours. Ollama has no `tool_choice`: "none" leaves the tools out;
+"required" or a named function travel as an extra field, which Ollama ignores (its model
+decides) and this pool's own Ollama API honours.
+
 The worker process, its port, TTL, drain and metrics stay as for local models, so the
 pool treats every model alike.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
+import struct
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,8 +37,6 @@ import httpx
 from model_service.backends.base import BackendError
 from model_service.errors import ApiError
 from model_service.protocol import SSE_DONE, new_completion_id, unix_now
-
-REMOTE_BACKENDS = frozenset({"openai", "ollama"})
 
 
 class RemoteModel:
@@ -101,6 +112,56 @@ class RemoteModel:
             return reply.status_code, _ollama_error(reply.status_code, data)
         return 200, _from_ollama(route, self.model_id, data)
 
+    async def embed(self, body: dict[str, Any]) -> tuple[int, Any]:
+        """POST /v1/embeddings, `body` already validated: (status, JSON in OpenAI's shape).
+
+        Raises ApiError 400 for what the remote cannot embed (token ids for Ollama, a
+        server without an embeddings route), 502 when it cannot be reached.
+        """
+        truncate = bool(body.pop("truncate", False))  # our extension: OpenAI has none
+        if self.kind == "openai":
+            reply = await self._post("/embeddings", {**body, "model": self.remote_name})
+            data = _json_or_error(reply)
+            if reply.status_code in (404, 405):
+                raise ApiError(
+                    400,
+                    f"the openai server at {self.base_url} does not serve embeddings "
+                    f"(HTTP {reply.status_code} on /embeddings)",
+                    param="model",
+                    code="embeddings_unsupported",
+                )
+            if reply.status_code == 200 and isinstance(data, dict):
+                data["model"] = self.model_id
+            return reply.status_code, data
+        inputs = body["input"]
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if not all(isinstance(text, str) for text in texts):
+            raise ApiError(
+                400,
+                "this model runs on an Ollama server, which embeds text only: send the "
+                "input as a string or a list of strings, not token ids",
+                param="input",
+                code="invalid_value",
+            )
+        payload: dict[str, Any] = {"model": self.remote_name, "input": texts, "truncate": truncate}
+        if body.get("dimensions"):
+            payload["dimensions"] = body["dimensions"]
+        reply = await self._post("/api/embed", payload)
+        data = _json_or_error(reply)
+        if reply.status_code != 200:
+            return reply.status_code, _ollama_error(reply.status_code, data)
+        tokens = int(data.get("prompt_eval_count") or 0)
+        encoding = body.get("encoding_format", "float")
+        return 200, {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _encoded(vector, encoding)}
+                for i, vector in enumerate(data.get("embeddings") or [])
+            ],
+            "model": self.model_id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
     async def stream(self, route: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         """A streamed request, as OpenAI SSE frames ending in `data: [DONE]`.
 
@@ -135,6 +196,7 @@ class RemoteModel:
     async def _stream_ollama(self, route: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         path, payload = _to_ollama(route, body, self.remote_name, stream=True)
         completion_id, created = new_completion_id("chatcmpl"), unix_now()
+        calls = 0  # tool calls sent so far: each one's index in the stream
         async with self._client.stream("POST", f"{self.base_url}{path}", json=payload) as reply:
             if reply.status_code != 200:
                 content = await reply.aread()
@@ -145,7 +207,10 @@ class RemoteModel:
                 if not line.strip():
                     continue
                 part = json.loads(line)
-                yield _sse(_ollama_chunk(route, self.model_id, completion_id, created, part))
+                chunk = _ollama_chunk(route, self.model_id, completion_id, created, part)
+                if route == "chat/completions":
+                    calls = _add_stream_calls(chunk, part, calls)
+                yield _sse(chunk)
         yield SSE_DONE
 
     async def _post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
@@ -160,6 +225,12 @@ class RemoteModel:
                 type="server_error",
                 code="upstream_failed",
             ) from exc
+
+
+def _encoded(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
 
 
 def _sse(data: Any) -> bytes:
@@ -221,14 +292,92 @@ def _to_ollama(
     if fmt is not None:
         payload["format"] = fmt
     if route == "chat/completions":
-        payload["messages"] = [
-            {"role": m.get("role"), "content": _text(m.get("content"))}
-            for m in body.get("messages", [])
-        ]
+        payload["messages"] = _ollama_messages(body.get("messages", []))
+        choice = body.get("tool_choice")
+        if body.get("tools") and choice != "none":
+            payload["tools"] = body["tools"]  # Ollama's tools are OpenAI's function tools
+            if choice not in (None, "auto"):
+                payload["tool_choice"] = choice
         return "/api/chat", payload
     prompt = body.get("prompt")
     payload["prompt"] = prompt[0] if isinstance(prompt, list) else prompt
     return "/api/generate", payload
+
+
+def _ollama_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI chat messages as Ollama's: tool calls with object arguments, and tool
+    results named by the function called (Ollama's `tool_name`) instead of a call id."""
+    names: dict[str, str] = {}  # call id -> function name, from the assistant turns
+    out = []
+    for message in messages:
+        role = message.get("role")
+        item: dict[str, Any] = {"role": role, "content": _text(message.get("content"))}
+        calls = message.get("tool_calls") or []
+        if role == "assistant" and calls:
+            item["tool_calls"] = []
+            for call in calls:
+                function = call.get("function") or {}
+                names[str(call.get("id"))] = str(function.get("name", ""))
+                item["tool_calls"].append(
+                    {
+                        "function": {
+                            "name": function.get("name", ""),
+                            "arguments": _arguments_object(function.get("arguments")),
+                        }
+                    }
+                )
+        if role == "tool":
+            name = names.get(str(message.get("tool_call_id"))) or message.get("name")
+            if name:
+                item["tool_name"] = name
+        out.append(item)
+    return out
+
+
+def _arguments_object(arguments: Any) -> Any:
+    """OpenAI's arguments (a JSON string) as the object Ollama wants."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return arguments  # not JSON: Ollama gets what the client sent
+    return arguments if arguments is not None else {}
+
+
+def _openai_calls(calls: list[dict[str, Any]], first_index: int = 0) -> list[dict[str, Any]]:
+    """Ollama's tool calls as OpenAI's: an id of ours, arguments as a JSON string."""
+    out = []
+    for n, call in enumerate(calls):
+        function = call.get("function") or {}
+        arguments = function.get("arguments")
+        out.append(
+            {
+                "index": first_index + n,
+                "id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {
+                    "name": function.get("name", ""),
+                    "arguments": arguments
+                    if isinstance(arguments, str)
+                    else json.dumps(arguments if arguments is not None else {}),
+                },
+            }
+        )
+    return out
+
+
+def _add_stream_calls(chunk: dict[str, Any], part: dict[str, Any], sent: int) -> int:
+    """Put the tool calls of an Ollama stream line into its OpenAI chunk (Ollama sends a
+    call whole, in one line: one delta each); the last chunk finishes with "tool_calls"
+    once any were sent. Returns how many calls the stream has sent so far."""
+    calls = (part.get("message") or {}).get("tool_calls") or []
+    choice = chunk["choices"][0]
+    if calls:
+        choice["delta"]["tool_calls"] = _openai_calls(calls, sent)
+        sent += len(calls)
+    if part.get("done") and sent:
+        choice["finish_reason"] = "tool_calls"
+    return sent
 
 
 def _text(content: Any) -> str:
@@ -253,7 +402,15 @@ def _usage(part: dict[str, Any]) -> dict[str, int]:
 def _from_ollama(route: str, model_id: str, data: dict[str, Any]) -> dict[str, Any]:
     created = unix_now()
     if route == "chat/completions":
-        content = (data.get("message") or {}).get("content", "")
+        message = data.get("message") or {}
+        content = message.get("content", "")
+        reply: dict[str, Any] = {"role": "assistant", "content": content}
+        calls = message.get("tool_calls") or []
+        if calls:
+            reply["content"] = content or None
+            reply["tool_calls"] = [
+                {k: v for k, v in call.items() if k != "index"} for call in _openai_calls(calls)
+            ]
         return {
             "id": new_completion_id("chatcmpl"),
             "object": "chat.completion",
@@ -262,8 +419,8 @@ def _from_ollama(route: str, model_id: str, data: dict[str, Any]) -> dict[str, A
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": _finish(data),
+                    "message": reply,
+                    "finish_reason": "tool_calls" if calls else _finish(data),
                     "logprobs": None,
                 }
             ],
