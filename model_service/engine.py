@@ -299,6 +299,8 @@ class Engine:
                 outbox.put(active.job, text)
             if hit_stop:
                 self._finish(slot, outbox, "stop", flush=False)
+            elif backend.reply_complete(slot):
+                self._finish(slot, outbox, "stop")
             elif active.produced >= active.budget:
                 self._finish(slot, outbox, "length")
         for slot in [s for s, a in self._active.items() if a.job.cancelled]:

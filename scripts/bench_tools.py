@@ -10,10 +10,11 @@ interleaved rounds of two streamed chat requests of up to `--tokens` tokens each
 Both prompts are cached after the first round, so the time is decode and sampling. The
 tool call may close its JSON before `--tokens`, so the comparison is per generated
 token: the median and p90 of the time per token after the first, and (for reference)
-of the whole request, and their ratios. The issue's target: a tool call costs at most
-1.1x a plain reply of the same length. `--json PATH` writes the run with its commit; a
-failed check (a request that errors, a reply that is not the asked length, a call whose
-arguments do not parse) fails the run.
+of the whole request, and their ratios. "First token" is the first generated text (a
+named call's id and name are fixed, sent before anything is computed). The issue's
+target: a tool call costs at most 1.1x a plain reply of the same length. `--json PATH`
+writes the run with its commit; a failed check (a request that errors, a reply under 16
+tokens, a call whose arguments do not parse) fails the run.
 """
 
 from __future__ import annotations
@@ -116,7 +117,13 @@ def one_request(client: httpx.Client, url: str, body: dict[str, Any]) -> dict[st
             usage = chunk.get("usage") or usage
             for choice in chunk["choices"]:
                 delta = choice["delta"]
-                if delta.get("content") or delta.get("tool_calls"):
+                calls = delta.get("tool_calls") or []
+                generated = delta.get("content") or "".join(
+                    call["function"].get("arguments") or "" for call in calls
+                )
+                # The first generated text: a named call's id and name come before any
+                # token is computed (they are fixed), so they do not count.
+                if generated:
                     first = first or time.perf_counter()
                 text += delta.get("content") or ""
                 for call in delta.get("tool_calls") or []:

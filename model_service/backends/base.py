@@ -133,6 +133,11 @@ class Backend(ABC):
         A slot still reading its prompt may get no token. Raises BackendError.
         """
 
+    def reply_complete(self, slot: int) -> bool:
+        """Whether the reply in `slot` is over though no end token was sampled: its
+        grammar allows nothing more (decoding the end token would be a wasted step)."""
+        return False
+
     def token_score(self, slot: int) -> TokenScore | None:
         """The last token sampled in `slot`, scored (when its params asked for that)."""
         return None
