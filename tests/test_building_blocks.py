@@ -188,6 +188,20 @@ def test_slot_choice_prefers_the_cached_prefix() -> None:
     assert backend.pick_slot([4, 5, 6, 7], [1, 2, 3, 4, 9]) == 6
 
 
+def test_slot_choice_keeps_another_conversation_for_a_short_shared_prefix() -> None:
+    """Two conversations that share only the template's first tokens take turns: each
+    keeps its own slot (and cache) instead of overwriting the other's."""
+    opening = [1, 2, 3]
+    first, second = [*opening, 10, 11, 12, 13, 14], [*opening, 20, 21, 22, 23, 24]
+    backend = _backend_with_caches({0: first})
+    backend._sequences[0].last_used = 1
+    slot = backend.pick_slot(list(range(8)), second)
+    assert slot != 0
+    backend._sequences[slot].cached = list(second)
+    assert backend.pick_slot(list(range(8)), first) == 0
+    assert backend.pick_slot(list(range(8)), second) == slot
+
+
 def test_slot_choice_keeps_busy_slots_together_on_a_tie() -> None:
     backend = _backend_with_caches({})
     # Nothing cached anywhere: the slot next to the busy run 0-3, not the one used least.

@@ -555,23 +555,29 @@ class LlamaCppBackend(Backend):
         return bool(llama_cpp.llama_vocab_is_eog(self.model.vocab, token))
 
     def pick_slot(self, free: list[int], tokens: list[int]) -> int:
-        """The free slot whose cache shares the longest prefix with `tokens`.
+        """The free slot where the prompt saves the most and destroys the least: its
+        cached prefix of `tokens` is not computed again, and the rest of its cache
+        (another conversation's) is lost.
 
-        On a tie, a slot next to a busy one (busy slots in one run of ids decode in one
-        pass, see `step`), then the one whose cache was used least recently (an empty one
-        first), so a useful cache is not overwritten while an idle one could be.
+        So two agents taking turns keep a slot each: sharing only the chat template's
+        first tokens is not worth the other's cache (which longest-prefix-wins gave
+        away, and each turn then computed its whole prompt). Among slots of equal
+        worth: one next to a busy one (busy slots in one run of ids decode in one pass,
+        see `step`), then the one used least recently (an empty one first).
         """
         self._uses += 1
         busy = set(range(self._shape.slots)).difference(free)
 
-        def value(slot: int) -> tuple[int, bool, int]:
-            sequence = self._sequences[slot]
+        def worth(slot: int) -> tuple[int, bool, int]:
+            cached = self._sequences[slot].cached
+            shared = _common_prefix(cached, tokens)
+            lost = len(cached) - shared
             next_to_busy = not busy or slot - 1 in busy or slot + 1 in busy
-            return _common_prefix(sequence.cached, tokens), next_to_busy, -sequence.last_used
+            return shared - lost, next_to_busy, -self._sequences[slot].last_used
 
-        slot = max(free, key=value)
-        self._sequences[slot].last_used = self._uses
-        return slot
+        best = max(free, key=worth)
+        self._sequences[best].last_used = self._uses
+        return best
 
     def open_sequence(self, slot: int, tokens: list[int], params: SamplingParams) -> int:
         """Start generating for `tokens` in `slot`; returns how many were already cached."""
