@@ -303,6 +303,8 @@ class _Sequence:
         # Whether the reply is over once the grammar may end (nothing but whitespace
         # could follow); not so for framed replies that may repeat (parallel calls).
         self.grammar_ends = False
+        # No penalties in the chain: accepting a token leaves it as it was.
+        self.stateless_chain = True
         self.top_logprobs: int | None = None  # report logprobs (with this many alternatives)
         self.score: TokenScore | None = None  # the last sampled token's, when reported
         self.last_used = 0  # when a request last took this slot (a counter)
@@ -593,6 +595,7 @@ class LlamaCppBackend(Backend):
         sequence.sampler = self._sampler(params)
         sequence.grammar = self._grammar(params)
         sequence.grammar_ends = params.json_frame is None or not params.json_frame.repeat
+        sequence.stateless_chain = not (params.presence_penalty or params.frequency_penalty)
         sequence.top_logprobs = params.top_logprobs
         return reused
 
@@ -636,17 +639,24 @@ class LlamaCppBackend(Backend):
         if self._candidates is None:
             self._candidates = _Candidates(self.model.n_vocab())
         logits = self._logits(index)
-        array = self._candidates.fill(logits)
-        llama_cpp.llama_sampler_apply(sequence.sampler, ctypes.byref(array))
-        token = _selected(array)
+        if sequence.stateless_chain:
+            # llama.cpp samples (and accepts, which changes nothing here) in one call.
+            token = int(llama_cpp.llama_sampler_sample(sequence.sampler, self._ctx, index))
+        else:  # penalties remember accepted tokens: accept only the token kept
+            array = self._candidates.fill(logits)
+            llama_cpp.llama_sampler_apply(sequence.sampler, ctypes.byref(array))
+            token = _selected(array)
         if not _grammar_allows(sequence.grammar, token):
             allowed = self._sample_allowed(sequence, logits, GRAMMAR_SHORTLIST)
             if allowed is None:
                 allowed = self._sample_allowed(sequence, logits, None)
             assert allowed is not None, "a grammar that allows no token"
             token = allowed
+            if sequence.stateless_chain:
+                llama_cpp.llama_sampler_accept(sequence.sampler, token)
         llama_cpp.llama_sampler_accept(sequence.grammar, token)
-        llama_cpp.llama_sampler_accept(sequence.sampler, token)
+        if not sequence.stateless_chain:
+            llama_cpp.llama_sampler_accept(sequence.sampler, token)
         return token
 
     def _sample_allowed(
