@@ -76,6 +76,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import doc_sections
 import httpx
 import llama_router
 import psutil
@@ -2188,7 +2189,9 @@ def write_plot(results: dict[str, Any], path: Path) -> bool:
 
 def write_docs(results: dict[str, Any]) -> None:
     plot = write_plot(results, DOCS_PNG)
-    DOCS_MD.write_text(docs_markdown(results, plot))
+    # Sections other benchmarks write (tool calls, embeddings) stay as they are.
+    kept = doc_sections.kept_sections(DOCS_MD.read_text()) if DOCS_MD.exists() else ""
+    DOCS_MD.write_text(docs_markdown(results, plot) + ("\n" + kept if kept else ""))
     log(
         f"wrote {DOCS_MD.relative_to(REPO)}"
         + (f" and {DOCS_PNG.relative_to(REPO)}" if plot else "")
