@@ -19,6 +19,7 @@ from model_service.activity import (
     WorkerStats,
 )
 from model_service.auth import ApiKeys, AuthMiddleware, Role
+from model_service.backends.kinds import kind_of
 from model_service.backends.remote import RemoteModel
 from model_service.embeddings import (
     CreateEmbeddingResponse,
@@ -117,6 +118,16 @@ def create_remote_worker_app(
     app = FastAPI(title=f"model worker: {remote.model_id} ({remote.kind})", version="0.1.0")
     install_error_handlers(app)
     names = {remote.model_id, *aliases}
+    kind = kind_of(remote.kind)
+
+    def unsupported(what: str, param: str | None = None) -> ApiError:
+        return ApiError(
+            400,
+            f"The model '{remote.model_id}' runs on a {remote.kind} server, which cannot "
+            f"{what} here.",
+            param=param,
+            code="unsupported_by_backend",
+        )
 
     def check_model(name: str) -> None:
         if name not in names:
@@ -129,6 +140,8 @@ def create_remote_worker_app(
 
     async def run(route: str, request: ChatCompletionRequest | CompletionRequest) -> Response:
         check_model(request.model)
+        if isinstance(request, ChatCompletionRequest) and request.tools and not kind.tools:
+            raise unsupported("call tools", param="tools")  # never dropped silently
         body = request.model_dump(exclude_none=True, by_alias=True)
         await admission.acquire()
         if request.stream:
@@ -143,6 +156,8 @@ def create_remote_worker_app(
 
     async def embed(request: EmbeddingRequest) -> Response:
         check_model(request.model)
+        if not kind.embeds:
+            raise unsupported("make embeddings")
         check_inputs(request)
         async with admission.slot():
             status, data = await remote.embed(request.model_dump(exclude_none=True))
@@ -152,12 +167,7 @@ def create_remote_worker_app(
 
     @app.post("/v1/count_tokens")
     async def count_tokens(request: ChatCompletionRequest) -> TokenCount:
-        raise ApiError(
-            400,
-            f"The model '{remote.model_id}' runs on a {remote.kind} server; its tokens "
-            "cannot be counted here.",
-            code="unsupported_by_backend",
-        )
+        raise unsupported("count a prompt's tokens")  # no tokenizer in this process
 
     if chat:
         _add_generation_routes(app, run)

@@ -22,7 +22,6 @@ class BackendKind:
     generates: bool = True  # /v1/chat/completions, /v1/completions
     embeds: bool = True  # /v1/embeddings
     tools: bool = True  # `tools` on chat
-    counts_tokens: bool = False  # /v1/count_tokens (needs the model's tokenizer here)
     # Registry fields of which at least one must be set, with what to say otherwise.
     needs_one_of: tuple[str, ...] = ()
     # The path (after the server's base URL) that says the server is up (None: nothing
@@ -51,9 +50,8 @@ class BackendKind:
 KINDS: dict[str, BackendKind] = {
     kind.name: kind
     for kind in (
-        BackendKind(
-            "llama_cpp", local=True, counts_tokens=True, needs_one_of=("model_path", "package_file")
-        ),
+        # Local kinds also count a prompt's tokens (/v1/count_tokens): the tokenizer is here.
+        BackendKind("llama_cpp", local=True, needs_one_of=("model_path", "package_file")),
         # Any OpenAI-compatible server; requests go through as they are.
         BackendKind("openai", local=False, needs_one_of=("base_url",), probe_path="/models"),
         # An Ollama server; requests are translated to its /api/chat, /api/embed.
