@@ -1,0 +1,140 @@
+"""Every route, tried with every role: generated from the live route tables.
+
+The manager's routes come from its app as built in this process (the raw routes that
+the OpenAPI schema leaves out, such as /api/* and /v1/messages, included); the worker's
+from its own /openapi.json. Each route is called on a running manager with keys set,
+with no key, a wrong key, the client key and the admin key, in both header forms. A route
+that needs a role refuses the roles below it (401 without a valid key, 403 for the
+client key on an admin route) and lets its role through (any answer but 401/403).
+
+The expected role of a route is written here as the rule the docs state, apart from the
+code that enforces it: /health, /ready and /ui are open; /events and every change
+outside the inference APIs need the admin key; reads and the inference APIs (/v1/*,
+/api/*) need the client key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute
+from starlette.routing import Route
+
+from pool_manager.api import create_app
+from pool_manager.config import ConfigStore, ModelSpec, PoolConfig
+from pool_manager.metrics import PoolMetrics
+from pool_manager.pool import ModelPool
+from tests.conftest import DEFAULT_MODEL, Manager, ManagerFactory, model_entry
+
+CLIENT_KEY = "client-key-routes-41c2"
+ADMIN_KEY = "admin-key-routes-9e07"
+SPARE = "spare:1"
+# What a path parameter is replaced with (a registered model, mostly).
+PARAMETERS = {"model_id": SPARE, "name": SPARE, "response_id": "resp_none"}
+OPEN = {"/health", "/ready", "/ui"}
+
+
+def expected_role(method: str, path: str) -> str:
+    if path in OPEN or path.startswith("/ui/"):
+        return "open"
+    if path == "/events":
+        return "admin"
+    if method in ("GET", "HEAD") or path.startswith(("/v1/", "/api/")):
+        return "client"
+    return "admin"
+
+
+def manager_routes(tmp_path: Path) -> list[tuple[str, str]]:
+    """(method, path template) of every route the manager's app has."""
+    store = ConfigStore(tmp_path / "config.json", tmp_path / "registry.json")
+    spec = ModelSpec(model_id=SPARE, model_path="unused.gguf")
+    pool = ModelPool(store, PoolConfig(), [spec], PoolMetrics())
+    app = create_app(pool)
+    routes = []
+    for route in app.routes:
+        if isinstance(route, APIRoute | Route) and route.methods:
+            for method in sorted(route.methods - {"HEAD", "OPTIONS"}):
+                routes.append((method, route.path))
+    return sorted(set(routes))
+
+
+def concrete(path: str) -> str:
+    return re.sub(r"\{(\w+)(:path)?\}", lambda m: PARAMETERS.get(m.group(1), "x"), path)
+
+
+def attempt(base: str, method: str, path: str, headers: dict[str, str]) -> int:
+    """The status of one call; a body of `{}` keeps every route from doing real work."""
+    body: dict[str, Any] | None = {} if method in ("POST", "PUT", "PATCH") else None
+    if path == "/events":  # an endless stream: the status line is enough
+        with httpx.stream("GET", base + path, headers=headers, timeout=30) as reply:
+            return reply.status_code
+    return httpx.request(method, base + path, headers=headers, json=body, timeout=60).status_code
+
+
+def key_forms(key: str) -> list[tuple[str, dict[str, str]]]:
+    return [("X-API-Key", {"X-API-Key": key}), ("Bearer", {"Authorization": f"Bearer {key}"})]
+
+
+def check_route(base: str, method: str, path: str, role: str) -> list[str]:
+    """What is wrong with one route's answers to every role (nothing: [])."""
+    wrong = []
+
+    def expect(headers: dict[str, str], refused_with: int | None, who: str) -> None:
+        status = attempt(base, method, path, headers)
+        if refused_with is None and status in (401, 403):
+            wrong.append(f"{method} {path}: {who} refused with {status}")
+        if refused_with is not None and status != refused_with:
+            wrong.append(f"{method} {path}: {who} got {status}, not {refused_with}")
+
+    needs_key = None if role == "open" else 401
+    expect({}, needs_key, "no key")
+    expect({"X-API-Key": "wrong"}, needs_key, "a wrong key")
+    for form, headers in key_forms(CLIENT_KEY):
+        expect(headers, 403 if role == "admin" else None, f"the client key ({form})")
+    for form, headers in key_forms(ADMIN_KEY):
+        expect(headers, None, f"the admin key ({form})")
+    return wrong
+
+
+@pytest.fixture
+def guarded(start_manager: ManagerFactory) -> Manager:
+    manager = start_manager(
+        models=[model_entry(DEFAULT_MODEL, warmup=True), model_entry(SPARE)],
+        env={"POOL_API_KEY": CLIENT_KEY, "POOL_ADMIN_KEY": ADMIN_KEY},
+    )
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+    return manager
+
+
+def test_every_manager_route_against_every_role(guarded: Manager, tmp_path: Path) -> None:
+    routes = manager_routes(tmp_path)
+    paths = {path for _, path in routes}
+    # The table is the live one: the surfaces this project serves are all in it.
+    for needed in ("/v1/chat/completions", "/v1/messages", "/v1/responses", "/api/chat"):
+        assert needed in paths, needed
+    wrong = []
+    # Changes last, so that a DELETE or unload does not hide a later route's answer.
+    for method, path in sorted(routes, key=lambda r: (r[0] != "GET", r[0] == "DELETE")):
+        wrong += check_route(guarded.url, method, concrete(path), expected_role(method, path))
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_worker_route_against_every_role(guarded: Manager) -> None:
+    endpoint = guarded.model(DEFAULT_MODEL)["endpoint"]
+    schema = httpx.get(f"{endpoint}/openapi.json", headers={"X-API-Key": CLIENT_KEY}).json()
+    routes = [(m.upper(), p) for p, item in schema["paths"].items() for m in item]
+    assert ("POST", "/v1/chat/completions") in routes and ("POST", "/v1/embeddings") in routes
+    wrong = []
+    for method, path in [*routes, ("GET", "/openapi.json")]:
+        role = "open" if path == "/health" else "client"
+        # A worker knows one key, the client's; the admin key is not valid there.
+        wrong += [
+            line
+            for line in check_route(endpoint, method, concrete(path), role)
+            if "admin key" not in line
+        ]
+    assert not wrong, "\n".join(wrong)
