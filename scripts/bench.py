@@ -80,6 +80,7 @@ import doc_sections
 import httpx
 import llama_router
 import psutil
+from bench_common import cpu_model, git
 
 from model_service.preload import FREE_DELAY_SECONDS
 from model_service.weights import cache_dir, ensure_served, fast_q4_1, served_path, widened_path
@@ -263,30 +264,6 @@ def model_file() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"bench: package {package} is not installed (make install)")
     return Path(next(iter(spec.submodule_search_locations))) / name
-
-
-def git(*args: str) -> str | None:
-    """A read-only git query; None when git or the repository is not there."""
-    try:
-        done = subprocess.run(
-            ["git", "--no-optional-locks", *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def busy_cores(seconds: float) -> float:

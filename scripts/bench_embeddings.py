@@ -63,6 +63,7 @@ import httpx
 import llama_router
 import numpy as np
 import psutil
+from bench_common import cpu_model, git
 
 from model_service.model_files import package_file
 from model_service.weights import cache_dir, ensure_served, widened_path
@@ -136,29 +137,6 @@ WORKLOADS: dict[str, list[str]] = {
     "32 x ~30 tokens, 8 clients": [sentence(i) for i in range(9, 41)],
 }
 CLIENTS = {"32 x ~30 tokens, 8 clients": 8}
-
-
-def git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "--no-optional-locks", *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def wait_until(condition: Any, timeout: float, what: str) -> Any:

@@ -28,7 +28,10 @@ def settled(endpoint: str) -> dict[str, object] | None:
 
 
 def test_beyond_the_queue_callers_get_429_at_once(start_manager: ManagerFactory) -> None:
-    manager = start_manager(models=[model_entry(MODEL, max_concurrent=1, max_queue=1)])
+    # timeout_seconds: room for two 400-token replies in turn on a slow, shared machine.
+    manager = start_manager(
+        models=[model_entry(MODEL, max_concurrent=1, max_queue=1, timeout_seconds=180)]
+    )
     endpoint = manager.load(MODEL)["endpoint"]
 
     def post(_: int) -> httpx.Response:
