@@ -9,7 +9,9 @@ model's fallback chain applies (`keep_alive` then applies to the model that answ
 the reply is translated back, a stream as Ollama's NDJSON (`"stream"` defaults to true,
 as in Ollama). Errors use Ollama's shape, `{"error": "message"}`, with the HTTP status;
 an error in the middle of a stream is one last `{"error": ...}` line. A client that goes
-away closes the relayed stream, which stops the generation.
+away closes the relayed stream, which stops the generation. The request and reply shapes,
+and the 400s for malformed requests, are in `ollama_protocol.py`; this module decides what
+the pool can serve and translates to and from OpenAI.
 
 `keep_alive` (a Go duration such as "5m" or "1h30m", or seconds) maps onto the pool's TTL
 once the request is over: a positive value extends the remaining TTL to at least that much
@@ -32,10 +34,8 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import math
-import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,35 @@ from model_service.backends.base import BackendError
 from model_service.errors import ApiError
 from model_service.gguf import read_metadata
 from pool_manager.gateway import Gateway
+from pool_manager.ollama_protocol import (
+    ChatReply,
+    ChatRequest,
+    EmbeddingsReply,
+    EmbeddingsRequest,
+    EmbedReply,
+    EmbedRequest,
+    ErrorReply,
+    GenerateReply,
+    GenerateRequest,
+    Message,
+    ModelDetails,
+    OllamaError,
+    OllamaReply,
+    Options,
+    PsEntry,
+    PsReply,
+    ReplyFunction,
+    ReplyMessage,
+    ReplyToolCall,
+    ShowReply,
+    ShowRequest,
+    TagsEntry,
+    TagsReply,
+    ToolCall,
+    VersionReply,
+    parse_messages,
+    parse_request,
+)
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
 from pool_manager.sse import sse_payloads
 from pool_manager.states import SERVING, ModelState
@@ -100,42 +129,22 @@ _FILE_TYPES = {
     38: "MXFP4",
 }
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
 
 @dataclass
 class _Call:
-    """One /api/chat or /api/generate request, parsed."""
+    """One /api/chat or /api/generate request, parsed, and the model it names."""
 
     started: float
-    body: dict[str, Any]
-    name: str
+    request: ChatRequest | GenerateRequest
     record: ModelRecord
-    stream: bool
-    keep_alive: float | None
+
+    @property
+    def name(self) -> str:
+        return self.request.model
 
 
-class OllamaError(Exception):
-    """An error returned in Ollama's shape: `{"error": message}` with `status`."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.message}, self.status, headers=self.headers)
+def _error_response(error: OllamaError) -> JSONResponse:
+    return JSONResponse(ErrorReply(error=error.message).wire(), error.status, headers=error.headers)
 
 
 # --- small translations ---------------------------------------------------------------------
@@ -149,77 +158,29 @@ def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def parse_keep_alive(value: Any) -> float | None:
-    """`keep_alive` in seconds: a number of seconds or a Go duration ("5m", "1h30m", "-1").
-
-    None when absent. Raises OllamaError 400 for anything else.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise OllamaError(400, f"invalid keep_alive: {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            seconds = float(text)  # Ollama reads a bare number as seconds
-        except ValueError:
-            seconds = _go_duration(text)
-    else:
-        raise OllamaError(400, f"invalid keep_alive: {value!r}")
-    if not math.isfinite(seconds):
-        raise OllamaError(400, f"invalid keep_alive: {value!r}")
-    return seconds
-
-
-def _go_duration(text: str) -> float:
-    sign = -1.0 if text.startswith("-") else 1.0
-    body = text.lstrip("+-")
-    if not body:
-        raise OllamaError(400, f"invalid keep_alive duration {text!r}")
-    if body == "0":
-        return 0.0
-    position, total = 0, 0.0
-    while position < len(body):
-        part = _DURATION_PART.match(body, position)
-        if part is None:
-            raise OllamaError(400, f"invalid keep_alive duration {text!r}")
-        total += float(part.group(1)) * _DURATION_UNITS[part.group(2)]
-        position = part.end()
-    return sign * total
-
-
-def _response_format(value: Any) -> dict[str, Any] | None:
+def _response_format(value: str | dict[str, Any] | None) -> dict[str, Any] | None:
     """Ollama's `format` ("json" or a JSON schema) as OpenAI's `response_format`."""
-    if value is None or value == "":
+    if not value:
         return None
-    if value == "json":
-        return {"type": "json_object"}
     if isinstance(value, dict):
         return {"type": "json_schema", "json_schema": {"name": "response", "schema": value}}
-    raise OllamaError(400, 'invalid format: expected "json" or a JSON schema')
+    return {"type": "json_object"}  # "json": the only other value validation lets through
 
 
-def _sampling(options: Any, record: ModelRecord) -> dict[str, Any]:
+def _sampling(options: Options | None, record: ModelRecord) -> dict[str, Any]:
     """Ollama `options` as OpenAI sampling fields; options with no counterpart are ignored."""
     if options is None:
         return {}
-    if not isinstance(options, dict):
-        raise OllamaError(400, "options must be a JSON object")
     fields: dict[str, Any] = {}
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
-        if options.get(name) is not None:
-            fields[name] = options[name]
-    stop = options.get("stop")
-    if stop:
-        fields["stop"] = [stop] if isinstance(stop, str) else stop
-    num_predict = options.get("num_predict")
-    if num_predict is not None:
-        if isinstance(num_predict, bool) or not isinstance(num_predict, int | float):
-            raise OllamaError(400, "options.num_predict must be an integer")
-        if num_predict > 0:  # -1 (no limit) and -2 (fill the context) mean: up to the context
-            fields["max_tokens"] = min(int(num_predict), record.spec.n_ctx)
+        if getattr(options, name) is not None:
+            fields[name] = getattr(options, name)
+    if options.stop:
+        fields["stop"] = [options.stop] if isinstance(options.stop, str) else options.stop
+    num_predict = options.num_predict
+    if num_predict is not None and num_predict > 0:
+        # -1 (no limit) and -2 (fill the context) mean: up to the context
+        fields["max_tokens"] = min(int(num_predict), record.spec.n_ctx)
     return fields
 
 
@@ -261,17 +222,16 @@ class ModelFile:
         stamp = f"{self.path}:{self.size}:{self.modified.timestamp()}"
         return hashlib.sha256(stamp.encode()).hexdigest()
 
-    def details(self) -> dict[str, Any]:
+    def details(self) -> ModelDetails:
         arch = self.metadata.get("general.architecture")
         file_type = self.metadata.get("general.file_type")
-        return {
-            "parent_model": "",
-            "format": "gguf" if self.metadata else "",
-            "family": arch or "",
-            "families": [arch] if arch else None,
-            "parameter_size": self._parameter_size(),
-            "quantization_level": _FILE_TYPES.get(file_type, "") if file_type is not None else "",
-        }
+        return ModelDetails(
+            format="gguf" if self.metadata else "",
+            family=arch or "",
+            families=[arch] if arch else None,
+            parameter_size=self._parameter_size(),
+            quantization_level=_FILE_TYPES.get(file_type, "") if file_type is not None else "",
+        )
 
     def _parameter_size(self) -> str:
         label = self.metadata.get("general.size_label")
@@ -316,19 +276,22 @@ class _Usage:
     completion_tokens: int = 0
     finish_reason: str = "stop"
 
-    def final(self) -> dict[str, Any]:
+    def final(self, piece: ChatReply | GenerateReply) -> ChatReply | GenerateReply:
+        """`piece` made the last object: done, with the reason, counts and durations."""
         end = time.perf_counter()
         first = self.first_piece_at if self.first_piece_at is not None else end
-        return {
-            "done": True,
-            "done_reason": self.finish_reason,
-            "total_duration": round((end - self.started) * NANOS),
-            "load_duration": round(self.load_seconds * NANOS),
-            "prompt_eval_count": self.prompt_tokens,
-            "prompt_eval_duration": round(max(0.0, first - self.sent_at) * NANOS),
-            "eval_count": self.completion_tokens,
-            "eval_duration": round(max(0.0, end - first) * NANOS),
-        }
+        return piece.model_copy(
+            update={
+                "done": True,
+                "done_reason": self.finish_reason,
+                "total_duration": round((end - self.started) * NANOS),
+                "load_duration": round(self.load_seconds * NANOS),
+                "prompt_eval_count": self.prompt_tokens,
+                "prompt_eval_duration": round(max(0.0, first - self.sent_at) * NANOS),
+                "eval_count": self.completion_tokens,
+                "eval_duration": round(max(0.0, end - first) * NANOS),
+            }
+        )
 
 
 class OllamaApi:
@@ -341,9 +304,12 @@ class OllamaApi:
 
     # --- shared ---------------------------------------------------------------------------
 
-    def resolve(self, name: Any) -> ModelRecord:
-        """The model a client named: by id or alias, also with or without ":latest"."""
-        if not isinstance(name, str) or not name:
+    def resolve(self, name: str | None) -> ModelRecord:
+        """The model a client named: by id or alias, also with or without ":latest".
+
+        Raises OllamaError: 400 when there is no name, 404 when no model has it.
+        """
+        if not name:
             raise OllamaError(400, "model is required")
         candidates = [name]
         tail = name.rsplit("/", 1)[-1]
@@ -367,26 +333,6 @@ class OllamaApi:
         except PoolError:
             path = None
         return await asyncio.to_thread(_read_model_file, path)
-
-    @staticmethod
-    async def _json_body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = json.loads(raw) if raw.strip() else {}
-        except ValueError as exc:
-            raise OllamaError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise OllamaError(400, "request body must be a JSON object")
-        return body
-
-    @staticmethod
-    def _stream_flag(body: dict[str, Any]) -> bool:
-        stream = body.get("stream", True)
-        if stream is None:
-            return True
-        if not isinstance(stream, bool):
-            raise OllamaError(400, "stream must be true or false")
-        return stream
 
     def _headers(self, request: Request) -> dict[str, str]:
         headers = {"content-type": "application/json"}
@@ -434,46 +380,43 @@ class OllamaApi:
 
     async def _load_or_unload(
         self, name: str, record: ModelRecord, keep_alive: float | None, started: float, chat: bool
-    ) -> dict[str, Any]:
+    ) -> ChatReply | GenerateReply:
         """Ollama's empty request: load the model, or with keep_alive 0, unload it."""
-        base: dict[str, Any] = {"model": name, "created_at": _now_iso()}
-        if chat:
-            base["message"] = {"role": "assistant", "content": ""}
-        else:
-            base["response"] = ""
+        reply = _piece(name, "", chat=chat)
         if keep_alive == 0:
             if not self._pool.is_pinned(record):
                 await self._pool.unload(record.model_id)
-            return {**base, "done": True, "done_reason": "unload"}
+            return reply.model_copy(update={"done": True, "done_reason": "unload"})
         load_seconds = await self._load(record)
         self.apply_keep_alive(record, keep_alive)
-        return {
-            **base,
-            "done": True,
-            "done_reason": "load",
-            "total_duration": round((time.perf_counter() - started) * NANOS),
-            "load_duration": round(load_seconds * NANOS),
-        }
+        return reply.model_copy(
+            update={
+                "done": True,
+                "done_reason": "load",
+                "total_duration": round((time.perf_counter() - started) * NANOS),
+                "load_duration": round(load_seconds * NANOS),
+            }
+        )
 
     # --- read-only routes -------------------------------------------------------------------
 
-    async def tags(self) -> dict[str, Any]:
+    async def tags(self) -> TagsReply:
         models = []
         for record in self._pool.records():
             info = await self._model_file(record)
             models.append(
-                {
-                    "name": record.model_id,
-                    "model": record.model_id,
-                    "modified_at": _iso(info.modified),
-                    "size": info.size,
-                    "digest": info.digest,
-                    "details": info.details(),
-                }
+                TagsEntry(
+                    name=record.model_id,
+                    model=record.model_id,
+                    modified_at=_iso(info.modified),
+                    size=info.size,
+                    digest=info.digest,
+                    details=info.details(),
+                )
             )
-        return {"models": models}
+        return TagsReply(models=models)
 
-    async def ps(self) -> dict[str, Any]:
+    async def ps(self) -> PsReply:
         models = []
         now = dt.datetime.now(dt.UTC)
         for record in self._pool.records():
@@ -481,18 +424,18 @@ class OllamaApi:
                 continue
             info = await self._model_file(record)
             models.append(
-                {
-                    "name": record.model_id,
-                    "model": record.model_id,
-                    "size": self._pool.memory_rss_bytes(record) or record.memory_estimate,
-                    "digest": info.digest,
-                    "details": info.details(),
-                    "expires_at": _iso(now + self._expires_in(record)),
-                    "size_vram": self._pool.vram_bytes(record) or 0,
-                    "context_length": record.spec.n_ctx,
-                }
+                PsEntry(
+                    name=record.model_id,
+                    model=record.model_id,
+                    size=self._pool.memory_rss_bytes(record) or record.memory_estimate,
+                    digest=info.digest,
+                    details=info.details(),
+                    expires_at=_iso(now + self._expires_in(record)),
+                    size_vram=self._pool.vram_bytes(record) or 0,
+                    context_length=record.spec.n_ctx,
+                )
             )
-        return {"models": models}
+        return PsReply(models=models)
 
     def _expires_in(self, record: ModelRecord) -> dt.timedelta:
         """Until the pool will unload the model: TTL left plus the cooling grace period."""
@@ -508,9 +451,9 @@ class OllamaApi:
             seconds = (pool.ttl_remaining(record) or 0.0) + grace
         return dt.timedelta(seconds=seconds)
 
-    async def show(self, request: Request) -> dict[str, Any]:
-        body = await self._json_body(request)
-        record = self.resolve(body.get("model") or body.get("name"))
+    async def show(self, request: Request) -> ShowReply:
+        body = parse_request(ShowRequest, await request.body())
+        record = self.resolve(body.model_name)
         info = await self._model_file(record)
         spec = record.spec
         metadata = info.metadata
@@ -537,105 +480,89 @@ class OllamaApi:
             f"FROM {source}",
             *(f"PARAMETER {p}" for p in parameters),
         ]
-        return {
-            "license": str(metadata.get("general.license", "")),
-            "modelfile": "\n".join(modelfile) + "\n",
-            "parameters": "\n".join(parameters),
-            "template": template,
-            "details": info.details(),
-            "model_info": model_info,
+        return ShowReply(
+            license=str(metadata.get("general.license", "")),
+            modelfile="\n".join(modelfile) + "\n",
+            parameters="\n".join(parameters),
+            template=template,
+            details=info.details(),
+            model_info=model_info,
             # Every chat model takes tools here (a grammar holds even a small model to them).
-            "capabilities": (
+            capabilities=(
                 ["embedding"] if spec.model_type == "embedding" else ["completion", "tools"]
             ),
-            "modified_at": _iso(info.modified),
-        }
+            modified_at=_iso(info.modified),
+        )
 
     # --- generation ---------------------------------------------------------------------------
 
-    async def _begin(self, request: Request, unsupported: dict[str, str]) -> _Call:
-        """Parse what /api/chat and /api/generate share; refuse features we lack."""
-        started = time.perf_counter()
-        body = await self._json_body(request)
-        name = body.get("model")
-        record = self.resolve(name)
-        assert isinstance(name, str)
-        call = _Call(
-            started,
-            body,
-            name,
-            record,
-            self._stream_flag(body),
-            parse_keep_alive(body.get("keep_alive")),
-        )
-        for key, feature in unsupported.items():
-            if body.get(key):
-                raise OllamaError(400, f"model '{name}' does not support {feature}")
-        return call
+    def _begin(
+        self, started: float, body: ChatRequest | GenerateRequest, unsupported: dict[str, Any]
+    ) -> _Call:
+        """The model a request names; refuse the features we lack (feature: its value)."""
+        record = self.resolve(body.model)
+        for feature, value in unsupported.items():
+            if value:
+                raise OllamaError(400, f"model '{body.model}' does not support {feature}")
+        return _Call(started, body, record)
 
     @staticmethod
     def _openai_body(call: _Call) -> dict[str, Any]:
         """The OpenAI request fields both routes share: model, sampling, format."""
         openai_body: dict[str, Any] = {
             "model": call.record.model_id,
-            **_sampling(call.body.get("options"), call.record),
+            **_sampling(call.request.options, call.record),
         }
-        response_format = _response_format(call.body.get("format"))
+        response_format = _response_format(call.request.format)
         if response_format is not None:
             openai_body["response_format"] = response_format
         return openai_body
 
     async def chat(self, request: Request) -> Response:
-        call = await self._begin(request, {"think": "thinking"})
-        messages = call.body.get("messages") or []
-        if not isinstance(messages, list):
-            raise OllamaError(400, "messages must be a list")
-        tools = call.body.get("tools")
-        if tools is not None and not (
-            isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
-        ):
-            raise OllamaError(400, "tools must be a list of JSON objects")
-        if not messages:
+        started = time.perf_counter()
+        body = parse_request(ChatRequest, await request.body())
+        call = self._begin(started, body, {"thinking": body.think})
+        if not body.messages:
             reply = await self._load_or_unload(
-                call.name, call.record, call.keep_alive, call.started, chat=True
+                call.name, call.record, body.keep_alive, started, chat=True
             )
-            return JSONResponse(reply)
+            return JSONResponse(reply.wire())
         openai_body = self._openai_body(call)
-        openai_body["messages"] = _openai_messages(messages)
-        if tools:
-            openai_body["tools"] = tools
-        if call.body.get("tool_choice") is not None:  # an extension: Ollama has none
-            openai_body["tool_choice"] = call.body["tool_choice"]
+        openai_body["messages"] = _openai_messages(body.messages)
+        if body.tools:
+            openai_body["tools"] = [tool.model_dump(exclude_unset=True) for tool in body.tools]
+        if body.tool_choice is not None:  # an extension: Ollama has none
+            openai_body["tool_choice"] = body.tool_choice
         return await self._generate(request, "/v1/chat/completions", openai_body, call, chat=True)
 
     async def generate(self, request: Request) -> Response:
-        call = await self._begin(
-            request, {"images": "images", "suffix": "insert", "think": "thinking"}
+        started = time.perf_counter()
+        body = parse_request(GenerateRequest, await request.body())
+        call = self._begin(
+            started,
+            body,
+            {"images": body.images, "insert": body.suffix, "thinking": body.think},
         )
-        prompt = call.body.get("prompt") or ""
-        if not isinstance(prompt, str):
-            raise OllamaError(400, "prompt must be a string")
-        if not prompt:
+        if not body.prompt:
             reply = await self._load_or_unload(
-                call.name, call.record, call.keep_alive, call.started, chat=False
+                call.name, call.record, body.keep_alive, started, chat=False
             )
-            return JSONResponse(reply)
+            return JSONResponse(reply.wire())
         openai_body = self._openai_body(call)
         record = call.record
-        if call.body.get("raw"):
+        if body.raw:
             # No template: the prompt goes to the model as it is.
             path = "/v1/completions"
-            openai_body["prompt"] = prompt
+            openai_body["prompt"] = body.prompt
             if "max_tokens" not in openai_body:  # legacy completions default to 16 tokens
                 limit = record.spec.defaults.get("max_tokens") or record.spec.n_ctx
                 openai_body["max_tokens"] = min(int(limit), record.spec.n_ctx)
         else:
             path = "/v1/chat/completions"
-            system = call.body.get("system")
             messages = []
-            if isinstance(system, str) and system:
-                messages.append({"role": "system", "content": system})
-            messages.append({"role": "user", "content": prompt})
+            if body.system:
+                messages.append({"role": "system", "content": body.system})
+            messages.append({"role": "user", "content": body.prompt})
             openai_body["messages"] = messages
         return await self._generate(request, path, openai_body, call, chat=False)
 
@@ -648,8 +575,8 @@ class OllamaApi:
         *,
         chat: bool,
     ) -> Response:
-        name, record, stream = call.name, call.record, call.stream
-        keep_alive, started = call.keep_alive, call.started
+        name, record, stream = call.name, call.record, call.request.stream
+        keep_alive, started = call.request.keep_alive, call.started
         usage = _Usage(started)
         if stream:
             openai_body["stream"] = True
@@ -683,85 +610,62 @@ class OllamaApi:
         usage.finish_reason = _done_reason(choice.get("finish_reason"))
         usage.first_piece_at = usage.sent_at  # one answer: no split between prompt and tokens
         self.apply_keep_alive(record, keep_alive)
-        head: dict[str, Any] = {"model": name, "created_at": _now_iso()}
+        calls: list[dict[str, Any]] = []
         if chat:
-            head["message"] = {"role": "assistant", "content": text}
-            calls = message.get("tool_calls") or []
-            if calls:
-                try:
-                    head["message"]["tool_calls"] = [_ollama_call(call) for call in calls]
-                except ValueError as exc:
-                    raise OllamaError(500, str(exc)) from None
-        else:
-            head["response"] = text
-        return JSONResponse({**head, **usage.final()})
+            try:
+                calls = [_ollama_call(call) for call in message.get("tool_calls") or []]
+            except ValueError as exc:
+                raise OllamaError(500, str(exc)) from None
+        return JSONResponse(usage.final(_piece(name, text, chat=chat, calls=calls)).wire())
 
     # --- embeddings -------------------------------------------------------------------------
 
-    async def embed(self, request: Request) -> dict[str, Any]:
+    async def embed(self, request: Request) -> EmbedReply:
         """POST /api/embed: `input` a string or a list of strings; `truncate` (default
         true) cuts inputs to the context, as Ollama does."""
         started = time.perf_counter()
-        body = await self._json_body(request)
-        name = body.get("model")
-        record = self.resolve(name)
-        assert isinstance(name, str)
-        keep_alive = parse_keep_alive(body.get("keep_alive"))
-        texts = _embed_inputs(body.get("input"))
-        truncate = body.get("truncate")
-        if truncate is not None and not isinstance(truncate, bool):
-            raise OllamaError(400, "truncate must be true or false")
-        dimensions = body.get("dimensions")
-        if dimensions is not None and (
-            isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 0
-        ):
-            raise OllamaError(400, "dimensions must be a positive integer")
-        _sampling(body.get("options"), record)  # checked; embeddings use none of them
+        body = parse_request(EmbedRequest, await request.body())
+        record = self.resolve(body.model)
+        texts = body.texts
         if not texts:  # Ollama's way to load (or, with keep_alive 0, unload) a model
-            loaded = await self._load_or_unload(name, record, keep_alive, started, chat=False)
-            return {
-                "model": name,
-                "embeddings": [],
-                "total_duration": loaded.get("total_duration", 0),
-                "load_duration": loaded.get("load_duration", 0),
-                "prompt_eval_count": 0,
-            }
+            loaded = await self._load_or_unload(
+                body.model, record, body.keep_alive, started, chat=False
+            )
+            return EmbedReply(
+                model=body.model,
+                embeddings=[],
+                total_duration=loaded.total_duration or 0,
+                load_duration=loaded.load_duration or 0,
+            )
         openai_body: dict[str, Any] = {
             "model": record.model_id,
             "input": texts,
-            "truncate": truncate is not False,
+            "truncate": body.truncate is not False,
         }
-        if dimensions:  # 0: the model's own size, as in Ollama
-            openai_body["dimensions"] = dimensions
+        if body.dimensions:  # 0: the model's own size, as in Ollama
+            openai_body["dimensions"] = body.dimensions
         vectors, tokens, load_seconds = await self._embeddings(
-            request, record, keep_alive, openai_body
+            request, record, body.keep_alive, openai_body
         )
-        return {
-            "model": name,
-            "embeddings": vectors,
-            "total_duration": round((time.perf_counter() - started) * NANOS),
-            "load_duration": round(load_seconds * NANOS),
-            "prompt_eval_count": tokens,
-        }
+        return EmbedReply(
+            model=body.model,
+            embeddings=vectors,
+            total_duration=round((time.perf_counter() - started) * NANOS),
+            load_duration=round(load_seconds * NANOS),
+            prompt_eval_count=tokens,
+        )
 
-    async def embeddings(self, request: Request) -> dict[str, Any]:
+    async def embeddings(self, request: Request) -> EmbeddingsReply:
         """POST /api/embeddings (Ollama's older route): one `prompt`, one `embedding`."""
         started = time.perf_counter()
-        body = await self._json_body(request)
-        name = body.get("model")
-        record = self.resolve(name)
-        assert isinstance(name, str)
-        keep_alive = parse_keep_alive(body.get("keep_alive"))
-        prompt = body.get("prompt") or ""
-        if not isinstance(prompt, str):
-            raise OllamaError(400, "prompt must be a string")
-        _sampling(body.get("options"), record)
-        if not prompt:
-            await self._load_or_unload(name, record, keep_alive, started, chat=False)
-            return {"embedding": []}
-        openai_body = {"model": record.model_id, "input": [prompt]}
-        vectors, _, _ = await self._embeddings(request, record, keep_alive, openai_body)
-        return {"embedding": vectors[0]}
+        body = parse_request(EmbeddingsRequest, await request.body())
+        record = self.resolve(body.model)
+        if not body.prompt:
+            await self._load_or_unload(body.model, record, body.keep_alive, started, chat=False)
+            return EmbeddingsReply(embedding=[])
+        openai_body = {"model": record.model_id, "input": [body.prompt]}
+        vectors, _, _ = await self._embeddings(request, record, body.keep_alive, openai_body)
+        return EmbeddingsReply(embedding=vectors[0])
 
     async def _embeddings(
         self,
@@ -808,17 +712,6 @@ class OllamaApi:
             self.apply_keep_alive(record, keep_alive)
 
 
-def _embed_inputs(value: Any) -> list[str]:
-    """/api/embed's `input` as a list of texts ("" and [] mean none: load the model)."""
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return value
-    raise OllamaError(400, "invalid input type: a string or a list of strings")
-
-
 def _done_reason(finish_reason: Any) -> str:
     """OpenAI's finish_reason as Ollama's done_reason (Ollama says "stop" after tool calls)."""
     if not finish_reason or finish_reason == "tool_calls":
@@ -826,8 +719,23 @@ def _done_reason(finish_reason: Any) -> str:
     return str(finish_reason)
 
 
-def _openai_messages(messages: list[Any]) -> list[dict[str, Any]]:
+def _piece(
+    name: str, text: str, *, chat: bool, calls: Sequence[dict[str, Any]] = ()
+) -> ChatReply | GenerateReply:
+    """One chat or generate object, not done: `text` (and a chat's tool calls)."""
+    if not chat:
+        return GenerateReply(model=name, created_at=_now_iso(), response=text)
+    message = ReplyMessage(content=text)
+    if calls:
+        message.tool_calls = [ReplyToolCall.model_validate(call) for call in calls]
+    return ChatReply(model=name, created_at=_now_iso(), message=message)
+
+
+def _openai_messages(messages: Sequence[Message | dict[str, Any]]) -> list[dict[str, Any]]:
     """Ollama chat messages as OpenAI's, tool calls and tool results included.
+
+    Raw messages (JSON objects) are parsed first: raises OllamaError 400 when one is not
+    a message.
 
     Assistant `tool_calls` get ids (their own, else `call_<turn>_<n>`: the same history
     gets the same ids) and arguments as a JSON string; a `tool` message gets the id of
@@ -837,23 +745,22 @@ def _openai_messages(messages: list[Any]) -> list[dict[str, Any]]:
     out = []
     unanswered: list[tuple[str, str]] = []  # (id, function name) of the last turn's calls
     turn = 0
-    for message in messages:
+    for message in parse_messages(messages):
         item = _openai_message(message)
-        calls = message.get("tool_calls")
-        if item["role"] == "assistant" and calls:
-            if not isinstance(calls, list):
-                raise OllamaError(400, "tool_calls must be a list")
-            item["tool_calls"] = [_openai_call(call, turn, n) for n, call in enumerate(calls)]
+        if item["role"] == "assistant" and message.tool_calls:
+            item["tool_calls"] = [
+                _openai_call(call, turn, n) for n, call in enumerate(message.tool_calls)
+            ]
             unanswered = [(c["id"], c["function"]["name"]) for c in item["tool_calls"]]
             turn += 1
         elif item["role"] == "tool":
-            name = message.get("tool_name") or message.get("name")
+            name = message.tool_name or message.name
             answered = next((c for c in unanswered if c[1] == name), None)
             if answered is None and unanswered:
                 answered = unanswered[0]
             if answered is not None:
                 unanswered.remove(answered)
-            own = message.get("tool_call_id")
+            own = message.tool_call_id
             item["tool_call_id"] = own or (answered[0] if answered else f"call_{turn}_none")
             if name or answered:
                 item["name"] = name or answered[1]  # type: ignore[index]
@@ -861,21 +768,15 @@ def _openai_messages(messages: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _openai_call(call: Any, turn: int, n: int) -> dict[str, Any]:
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        raise OllamaError(400, "each tool call needs a function")
-    function = call["function"]
-    name = function.get("name")
-    if not isinstance(name, str) or not name:
-        raise OllamaError(400, "each tool call needs a function name")
-    arguments = function.get("arguments")
+def _openai_call(call: ToolCall, turn: int, n: int) -> dict[str, Any]:
+    arguments = call.function.arguments
     if arguments is None:
         arguments = {}
     return {
-        "id": call.get("id") or f"call_{turn}_{n}",
+        "id": call.id or f"call_{turn}_{n}",
         "type": "function",
         "function": {
-            "name": name,
+            "name": call.function.name,
             "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
         },
     }
@@ -896,7 +797,8 @@ def _ollama_call(call: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"the model's call of {function.get('name')!r} has arguments that are not a JSON object"
         )
-    return {"function": {"name": function.get("name", ""), "arguments": arguments}}
+    name = str(function.get("name") or "")
+    return ReplyToolCall(function=ReplyFunction(name=name, arguments=arguments)).wire()
 
 
 class _StreamedCalls:
@@ -935,18 +837,10 @@ class _StreamedCalls:
         return [_ollama_call(self._calls[i]) for i in ready]
 
 
-def _openai_message(message: Any) -> dict[str, Any]:
-    if not isinstance(message, dict):
-        raise OllamaError(400, "each message must be a JSON object")
-    if message.get("images"):
+def _openai_message(message: Message) -> dict[str, Any]:
+    if message.images:
         raise OllamaError(400, "images are not supported by this server")
-    role = message.get("role")
-    if not isinstance(role, str):
-        raise OllamaError(400, "each message needs a role")
-    content = message.get("content")
-    if content is not None and not isinstance(content, str):
-        raise OllamaError(400, "message content must be a string")
-    return {"role": role, "content": content or ""}
+    return {"role": message.role, "content": message.content or ""}
 
 
 async def _close(iterator: Any) -> None:
@@ -963,24 +857,13 @@ async def _translate_stream(
     Closing this generator closes the relayed stream, which stops the generation.
     """
 
-    def line(payload: dict[str, Any]) -> bytes:
-        return json.dumps(payload).encode() + b"\n"
-
-    def piece(text: str) -> dict[str, Any]:
-        head: dict[str, Any] = {"model": name, "created_at": _now_iso()}
-        if chat:
-            head["message"] = {"role": "assistant", "content": text}
-        else:
-            head["response"] = text
-        head["done"] = False
-        return head
+    def error_line(message: str) -> bytes:
+        return ErrorReply(error=message).line()
 
     def with_calls(calls: list[dict[str, Any]]) -> bytes:
         if usage.first_piece_at is None:
             usage.first_piece_at = time.perf_counter()
-        head = piece("")
-        head["message"]["tool_calls"] = calls
-        return line(head)
+        return _piece(name, "", chat=chat, calls=calls).line()
 
     streamed_calls = _StreamedCalls()
     try:
@@ -989,11 +872,11 @@ async def _translate_stream(
                 try:
                     calls = streamed_calls.rest()
                 except ValueError as exc:
-                    yield line({"error": str(exc)})
+                    yield error_line(str(exc))
                     return
                 if calls:
                     yield with_calls(calls)
-                yield line({**piece(""), **usage.final()})
+                yield usage.final(_piece(name, "", chat=chat)).line()
                 return
             try:
                 payload = json.loads(data)
@@ -1002,7 +885,7 @@ async def _translate_stream(
             error = payload.get("error")
             if error is not None:
                 message = error.get("message") if isinstance(error, dict) else str(error)
-                yield line({"error": message or "generation failed"})
+                yield error_line(message or "generation failed")
                 return
             if payload.get("usage"):
                 usage.prompt_tokens = int(payload["usage"].get("prompt_tokens", 0))
@@ -1014,18 +897,18 @@ async def _translate_stream(
                 if text:
                     if usage.first_piece_at is None:
                         usage.first_piece_at = time.perf_counter()
-                    yield line(piece(text))
+                    yield _piece(name, text, chat=chat).line()
                 try:
                     calls = streamed_calls.add(delta.get("tool_calls") or [])
                     if choice.get("finish_reason"):
                         usage.finish_reason = _done_reason(choice["finish_reason"])
                         calls += streamed_calls.rest()
                 except ValueError as exc:
-                    yield line({"error": str(exc)})
+                    yield error_line(str(exc))
                     return
                 if calls:
                     yield with_calls(calls)
-        yield line({"error": "the model's stream ended early"})
+        yield error_line("the model's stream ended early")
     finally:
         await _close(events)
 
@@ -1038,25 +921,26 @@ def install_ollama_routes(app: FastAPI, pool: ModelPool, gateway: Gateway) -> No
     """
     api = OllamaApi(pool, gateway)
 
-    async def guarded(call: Callable[[], Awaitable[Any]]) -> Any:
+    async def guarded(call: Callable[[], Awaitable[Response | OllamaReply]]) -> Response:
         try:
-            return await call()
+            reply = await call()
         except OllamaError as exc:
-            return exc.response()
+            return _error_response(exc)
         except ApiError as exc:
-            return OllamaError(exc.status, exc.message, exc.headers).response()
+            return _error_response(OllamaError(exc.status, exc.message, exc.headers))
         except PoolError as exc:
             headers = {}
             if exc.retry_after is not None:
                 headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-            return OllamaError(exc.status, exc.message, headers).response()
+            return _error_response(OllamaError(exc.status, exc.message, headers))
         except Exception:
             log.exception("unhandled error in an Ollama route")
-            return OllamaError(500, "internal server error").response()
+            return _error_response(OllamaError(500, "internal server error"))
+        return reply if isinstance(reply, Response) else JSONResponse(reply.wire())
 
     @app.get("/api/version", include_in_schema=False)
-    async def ollama_version() -> dict[str, str]:
-        return {"version": OLLAMA_VERSION}
+    async def ollama_version() -> dict[str, Any]:
+        return VersionReply(version=OLLAMA_VERSION).wire()
 
     @app.get("/api/tags", response_model=None, include_in_schema=False)
     async def ollama_tags() -> Any:
