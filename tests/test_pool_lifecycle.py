@@ -388,7 +388,9 @@ def test_unload_drains_a_stream_in_progress(start_manager: ManagerFactory) -> No
 def test_force_unload_ends_a_stream_with_an_error_not_a_hang(
     start_manager: ManagerFactory,
 ) -> None:
-    manager = start_manager(models=[model_entry(CODER)])
+    # One slot: the second request waits in the queue (with a slot of its own, its five
+    # tokens could finish before the unload, and the test would race).
+    manager = start_manager(models=[model_entry(CODER, max_concurrent=1)])
     loaded = manager.load(CODER)
     client = openai.OpenAI(
         base_url=f"{loaded['endpoint']}/v1", api_key="unused", max_retries=0, timeout=30
