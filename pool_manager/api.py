@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model_service.auth import ApiKeys, AuthMiddleware, Role
+from model_service.browsers import BrowserGuard
 from model_service.embeddings import CreateEmbeddingResponse
 from model_service.errors import ApiError, install_error_handlers
 from model_service.limits import BodySizeLimit
@@ -224,6 +225,12 @@ def create_app(
     app.add_middleware(InferenceFastPath, gateway=gateway)
     app.add_middleware(BodySizeLimit, max_bytes=pool.config.max_request_bytes)
     app.add_middleware(AuthMiddleware, keys=keys or ApiKeys(), role_for=manager_role)
+    # Before the keys: a web page's request is refused even when no keys are set.
+    app.add_middleware(
+        BrowserGuard,
+        allowed_hosts=pool.config.allowed_hosts,
+        allowed_origins=pool.config.allowed_origins,
+    )
     app.add_middleware(RequestIdMiddleware)  # outermost: every line of a request has its id
 
     # --- the unified OpenAI endpoint -----------------------------------------------------

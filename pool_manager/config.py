@@ -80,6 +80,10 @@ class PoolConfig(BaseModel):
     weights_cache_dir: str | None = None
     # Responses kept for `previous_response_id` and GET /v1/responses/{id} (in memory,
     # least recently used dropped first): at most this many, and this much JSON.
+    # Browsers: host names the manager answers to besides IP addresses and localhost, and
+    # web origins allowed to call it besides its own (/ui). Others get 403 (read at start).
+    allowed_hosts: list[str] = Field(default_factory=list, max_length=64)
+    allowed_origins: list[str] = Field(default_factory=list, max_length=64)
     responses_max_stored: int = Field(default=1000, ge=0, le=1_000_000)
     responses_max_stored_mb: int = Field(default=256, ge=0, le=65_536)
 
