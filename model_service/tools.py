@@ -359,10 +359,10 @@ class ToolReplyParser:
     `<tool_call>` blocks is content; each block holds one call's JSON."""
 
     def __init__(self, format: ToolFormat = "generic") -> None:
-        self._native = format == "hermes"
+        self.native = format == "hermes"
         self._buffer = ""
         self._at = 0
-        self._state = "text" if self._native else "start"
+        self._state = "text" if self.native else "start"
         self._value = _Value()
         self._value_is_arguments = False
         self._key: str | None = None
@@ -497,7 +497,7 @@ class ToolReplyParser:
             return True
         if char == "}":
             call.complete = call.name is not None
-            self._at, self._state = at + 1, "block_end" if self._native else "calls"
+            self._at, self._state = at + 1, "block_end" if self.native else "calls"
             return True
         if char != '"':
             self._state = "raw"
@@ -653,5 +653,5 @@ def read_reply(text: str, format: ToolFormat = "generic") -> ToolReply:
     parser.feed(text)
     parser.finish()
     calls = parser.finished_calls()
-    content = parser.content.strip() if parser._native else parser.content
+    content = parser.content.strip() if parser.native else parser.content
     return ToolReply(content or (None if calls else ""), calls)

@@ -94,7 +94,7 @@ from pool_manager.anthropic_protocol import (
 )
 from pool_manager.gateway import Gateway
 from pool_manager.pool import ModelPool, PoolError
-from pool_manager.sse import sse_payloads
+from pool_manager.sse import close_stream, sse_payloads
 
 log = logging.getLogger(__name__)
 
@@ -584,12 +584,6 @@ def sse_frame(event: StreamEvent) -> bytes:
 # --- driving a relayed stream ------------------------------------------------------------------
 
 
-async def _close(iterator: Any) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
 async def openai_chunks(body: AsyncIterable[Any]) -> AsyncIterator[dict[str, Any] | None]:
     """The JSON payloads of an OpenAI SSE stream; None for `[DONE]`, which ends it."""
     async for data in sse_payloads(body):
@@ -633,8 +627,8 @@ async def translate(body: AsyncIterable[Any], stream: MessageStream) -> AsyncIte
         for event in stream.finish():
             yield event
     finally:
-        await _close(chunks)
-        await _close(body)
+        await close_stream(chunks)
+        await close_stream(body)
 
 
 async def _sse_frames(events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
@@ -642,7 +636,7 @@ async def _sse_frames(events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes
         async for event in events:
             yield sse_frame(event)
     finally:
-        await _close(events)
+        await close_stream(events)
 
 
 class ClosingStream(StreamingResponse):
@@ -663,7 +657,7 @@ class ClosingStream(StreamingResponse):
             sending.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await sending
-            await _close(self.body_iterator)
+            await close_stream(self.body_iterator)
 
     @staticmethod
     async def _client_leaves(receive: Receive) -> None:
@@ -704,7 +698,7 @@ class AnthropicApi:
         if reply.status_code == 200:
             return reply
         if isinstance(reply, StreamingResponse):
-            await _close(reply.body_iterator)
+            await close_stream(reply.body_iterator)
             raise AnthropicError(reply.status_code, "the model's worker failed")
         try:
             payload = json.loads(bytes(reply.body))
@@ -734,7 +728,7 @@ class AnthropicApi:
                     status = _STATUS_OF_TYPES.get(event.error.type, 502)
                     raise AnthropicError(status, event.error.message, type=event.error.type)
         finally:
-            await _close(events)
+            await close_stream(events)
         return JSONResponse(stream.message().model_dump(), headers=headers)
 
     async def count_tokens(self, request: Request) -> Response:
@@ -743,7 +737,7 @@ class AnthropicApi:
         body = openai_count_request(call, record.model_id)
         reply = await self._relay(request, "/v1/count_tokens", body)
         if isinstance(reply, StreamingResponse):
-            await _close(reply.body_iterator)
+            await close_stream(reply.body_iterator)
             raise AnthropicError(502, "the model's worker streamed a token count")
         count = json.loads(bytes(reply.body))["prompt_tokens"]
         return JSONResponse(CountTokensResponse(input_tokens=int(count)).model_dump())

@@ -77,7 +77,7 @@ from pool_manager.ollama_protocol import (
     parse_request,
 )
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
-from pool_manager.sse import sse_payloads
+from pool_manager.sse import close_stream, sse_payloads
 from pool_manager.states import SERVING, ModelState
 
 log = logging.getLogger(__name__)
@@ -589,7 +589,7 @@ class OllamaApi:
         )
         if reply.status_code != 200:
             if isinstance(reply, StreamingResponse):
-                await _close(reply.body_iterator)
+                await close_stream(reply.body_iterator)
             raise _openai_error(reply)
         record = self._served_by(reply, record)
         if record.model_id not in serving and record.load_seconds:
@@ -681,7 +681,7 @@ class OllamaApi:
         )
         if reply.status_code != 200:
             if isinstance(reply, StreamingResponse):
-                await _close(reply.body_iterator)
+                await close_stream(reply.body_iterator)
             raise _openai_error(reply)
         record = self._served_by(reply, record)
         load_seconds = 0.0 if record.model_id in serving else (record.load_seconds or 0.0)
@@ -708,7 +708,7 @@ class OllamaApi:
             async for line in lines:
                 yield line
         finally:
-            await _close(lines)
+            await close_stream(lines)
             self.apply_keep_alive(record, keep_alive)
 
 
@@ -843,12 +843,6 @@ def _openai_message(message: Message) -> dict[str, Any]:
     return {"role": message.role, "content": message.content or ""}
 
 
-async def _close(iterator: Any) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
 async def _translate_stream(
     events: AsyncIterable[Any], name: str, usage: _Usage, *, chat: bool
 ) -> AsyncIterator[bytes]:
@@ -910,7 +904,7 @@ async def _translate_stream(
                     yield with_calls(calls)
         yield error_line("the model's stream ended early")
     finally:
-        await _close(events)
+        await close_stream(events)
 
 
 def install_ollama_routes(app: FastAPI, pool: ModelPool, gateway: Gateway) -> None:

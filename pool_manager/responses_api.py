@@ -86,7 +86,7 @@ from pool_manager.responses_protocol import (
     parse_tool,
     parse_tool_choice,
 )
-from pool_manager.sse import sse_payloads
+from pool_manager.sse import close_stream, sse_payloads
 
 log = logging.getLogger(__name__)
 
@@ -795,7 +795,7 @@ class ResponsesApi:
         headers = _reply_headers(reply, plan.tools)
         if reply.status_code != 200:
             if isinstance(reply, StreamingResponse):
-                await _close(reply.body_iterator)
+                await close_stream(reply.body_iterator)
                 raise ApiError(502, "the worker failed", type="server_error", code="worker_failed")
             return _relayed_error(reply)
         if body.stream:
@@ -810,7 +810,7 @@ class ResponsesApi:
                 headers={**headers, "Cache-Control": "no-cache"},
             )
         if isinstance(reply, StreamingResponse):
-            await _close(reply.body_iterator)
+            await close_stream(reply.body_iterator)
             raise ApiError(502, "the worker streamed unasked", type="server_error")
         final = _from_completion(bytes(reply.body), base, plan.tools.custom_names)
         self._keep(final, plan.context)
@@ -842,7 +842,7 @@ class ResponsesApi:
             if events.final.status != "failed":
                 self._keep(events.final, context)
         finally:
-            await _close(chunks)
+            await close_stream(chunks)
 
     def _keep(self, response: ResponseObject, context: list[dict[str, Any]]) -> None:
         if response.store:
@@ -968,12 +968,6 @@ def _relayed_error(reply: Response) -> Response:
             if isinstance(message, str) and message.startswith(param):
                 error["message"] = error["param"] + message[len(param) :]
     return JSONResponse({"error": error}, reply.status_code, headers=headers)
-
-
-async def _close(iterator: Any) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 def install_responses_routes(

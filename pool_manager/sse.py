@@ -1,5 +1,6 @@
 """Reading the server-sent events the workers send (OpenAI's streams), for the manager's
-routes that translate them into another protocol (Anthropic, Responses, Ollama)."""
+routes that translate them into another protocol (Anthropic, Responses, Ollama), and
+closing a relayed stream (which stops its generation)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,10 @@ async def sse_payloads(chunks: AsyncIterable[Any]) -> AsyncIterator[bytes]:
             )
             if data:
                 yield data
+
+
+async def close_stream(iterator: Any) -> None:
+    """Close a relayed stream (an async generator) if it can be: the worker then stops."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
