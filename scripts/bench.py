@@ -80,7 +80,7 @@ import doc_sections
 import httpx
 import llama_router
 import psutil
-from bench_common import cpu_model, git
+from bench_common import cpu_model, git, launch_manager
 
 from model_service.preload import FREE_DELAY_SECONDS
 from model_service.weights import cache_dir, ensure_served, fast_q4_1, served_path, widened_path
@@ -538,28 +538,7 @@ class Manager:
         ]
 
     async def start(self) -> None:
-        (self.folder / "config.json").write_text(json.dumps(self.config(), indent=2))
-        registry = {"models": self.registry()}
-        (self.folder / "registry.json").write_text(json.dumps(registry, indent=2))
-        # Keys or paths from the caller's environment would change what we measure.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POOL_")}
-        with (self.folder / "manager.log").open("ab") as out:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pool_manager",
-                    "--config",
-                    str(self.folder / "config.json"),
-                    "--registry",
-                    str(self.folder / "registry.json"),
-                ],
-                cwd=REPO,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
+        self.process = launch_manager(self.folder, self.config(), self.registry())
         deadline = time.monotonic() + MANAGER_START_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -63,7 +63,7 @@ import httpx
 import llama_router
 import numpy as np
 import psutil
-from bench_common import cpu_model, git
+from bench_common import cpu_model, git, launch_manager
 
 from model_service.model_files import package_file
 from model_service.weights import cache_dir, ensure_served, widened_path
@@ -188,23 +188,7 @@ class Pool:
             {"model_id": CHAT, **common},
             {"model_id": EMBED, "model_type": "embedding", **common},
         ]
-        (self.folder / "config.json").write_text(json.dumps(config))
-        (self.folder / "registry.json").write_text(json.dumps({"models": models}))
-        with (self.folder / "manager.log").open("ab") as out:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pool_manager",
-                    "--config",
-                    str(self.folder / "config.json"),
-                    "--registry",
-                    str(self.folder / "registry.json"),
-                ],
-                cwd=REPO,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        self.process = launch_manager(self.folder, config, models)
         endpoints: dict[str, str] = {}
 
         def both_hot() -> bool:

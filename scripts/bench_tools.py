@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_common import cpu_model, git
+from bench_common import cpu_model, git, launch_manager
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -73,18 +73,7 @@ def start_manager(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
         "max_concurrent": 4,
         "timeout_seconds": 300,
     }
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "registry.json").write_text(json.dumps({"models": [entry]}))
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "pool_manager"),
-            *("--config", str(folder / "config.json")),
-            *("--registry", str(folder / "registry.json")),
-        ],
-        cwd=REPO,
-        stdout=(folder / "manager.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    process = launch_manager(folder, config, [entry])
     url = f"http://127.0.0.1:{config['port']}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

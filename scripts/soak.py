@@ -58,6 +58,7 @@ from typing import Any
 
 import httpx
 import psutil
+from bench_common import launch_manager
 
 from pool_manager.ports import free_port, free_port_range
 
@@ -182,7 +183,8 @@ class Soak:
 
     # --- manager process ---------------------------------------------------------------
 
-    def write_setup(self) -> None:
+    def setup(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The manager's config and registry."""
         config = {
             "host": HOST,
             "port": self.port,
@@ -211,30 +213,12 @@ class Soak:
             }
             for model_id in MODELS
         ]
-        (self.folder / "config.json").write_text(json.dumps(config, indent=2))
-        (self.folder / "registry.json").write_text(json.dumps({"models": models}, indent=2))
+        return config, models
 
     def start_manager(self) -> None:
-        self.write_setup()
         python = REPO / ".venv" / "bin" / "python"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POOL_")}
-        with (self.folder / "manager.log").open("ab") as out:
-            self.process = subprocess.Popen(
-                [
-                    str(python if python.exists() else sys.executable),
-                    "-m",
-                    "pool_manager",
-                    "--config",
-                    str(self.folder / "config.json"),
-                    "--registry",
-                    str(self.folder / "registry.json"),
-                ],
-                cwd=REPO,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
+        chosen = str(python) if python.exists() else sys.executable
+        self.process = launch_manager(self.folder, *self.setup(), python=chosen)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
