@@ -1,6 +1,7 @@
 """Run one worker: `python -m model_service --model-path FILE.gguf --port 8060`.
 
-The pool manager starts workers with `--control-fd`, one end of a Unix socketpair. Such
+The pool manager starts workers with `--control-fd`, one end of a Unix socketpair, by way
+of `python -m model_service.sandbox` (which sandboxes the process first). Such
 a worker imports everything, reports `spare`, and waits for a `load` command carrying
 the model's settings and a listening socket the manager already bound. Later commands
 are `drain` and `abort`; EOF means the manager is gone, and the worker shuts down.
@@ -9,6 +10,7 @@ are `drain` and `abort`; EOF means the manager is gone, and the worker shuts dow
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -26,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 import uvicorn
 
-from model_service import heap
+from model_service import heap, sandbox
 from model_service.activity import StatusChannel, WorkerStats
 from model_service.app import (
     create_embedding_worker_app,
@@ -39,6 +41,7 @@ from model_service.backends.kinds import kind_of
 from model_service.backends.llama_cpp import ContextShape, LlamaCppBackend, Preloaded, can_preload
 from model_service.backends.llama_embed import EmbeddingModel, LlamaEmbedder, pooling_of
 from model_service.backends.remote import RemoteModel
+from model_service.browsers import BrowserGuard
 from model_service.cpus import usable_cores
 from model_service.embeddings import EmbeddingService
 from model_service.engine import Engine
@@ -53,6 +56,7 @@ from model_service.warmup import warm_up_serving
 log = logging.getLogger("model_service")
 
 EXIT_LOAD_FAILED = 3
+HEARTBEAT_SECONDS = 1.0
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -195,16 +199,24 @@ class LoadReport:
 
 
 def _load_reporting_failure(
-    model_id: str, channel: StatusChannel, make: Callable[[], LoadableT]
+    model_id: str,
+    channel: StatusChannel,
+    make: Callable[[], LoadableT],
+    ceiling: Mapping[str, Any] | None = None,
 ) -> tuple[LoadableT, LoadReport] | None:
-    """Build and load the model; on failure tell the manager why and return None."""
+    """Build and load the model; on failure tell the manager why and return None.
+
+    `ceiling`: the worker's memory ceiling (see model_service/sandbox.py), so that a load
+    it stopped is reported as out of memory.
+    """
     started = time.perf_counter()
     try:
         model = make()
         model.load()
-    except BackendError as exc:
-        log.error("model failed to load", extra={"model": model_id, "reason": str(exc)})
-        channel.send("failed", reason=str(exc))
+    except (BackendError, MemoryError) as exc:
+        reason = sandbox.out_of_memory_reason(exc, ceiling) or str(exc)
+        log.error("model failed to load", extra={"model": model_id, "reason": reason})
+        channel.send("failed", reason=reason)
         return None
     finished = time.perf_counter()
     phases = getattr(model, "load_phases", None) or {"load_model": finished - started}
@@ -230,7 +242,9 @@ def _serve_remote(
 ) -> int:
     """Run a worker for a model another server runs (openai / ollama backends)."""
     model_id = str(settings["model_id"])
-    loaded = _load_reporting_failure(model_id, channel, lambda: RemoteModel(settings))
+    loaded = _load_reporting_failure(
+        model_id, channel, lambda: RemoteModel(settings), settings.get("memory_ceiling")
+    )
     if loaded is None:
         return EXIT_LOAD_FAILED
     remote, load = loaded
@@ -251,7 +265,7 @@ def _serve_remote(
         aliases=frozenset(settings.get("aliases") or ()),
         chat=not is_embedding_model(settings),
     )
-    _serve(app, sock, args, model_id, load, channel)
+    _serve(app, sock, args, settings, load, channel)
     remote.unload()
     log.info("worker stopped", extra={"model": model_id})
     return 0
@@ -302,7 +316,10 @@ def _serve_embedding_model(
     """Run a worker for a llama.cpp embedding model (`model_type: "embedding"`)."""
     model_id = str(settings["model_id"])
     loaded = _load_reporting_failure(
-        model_id, channel, lambda: EmbeddingModel(settings, preloaded=preloaded)
+        model_id,
+        channel,
+        lambda: EmbeddingModel(settings, preloaded=preloaded),
+        settings.get("memory_ceiling"),
     )
     if loaded is None:
         return EXIT_LOAD_FAILED
@@ -326,7 +343,7 @@ def _serve_embedding_model(
         keys=ApiKeys.from_env(),
         max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
     )
-    _serve(app, sock, args, model_id, load, channel)
+    _serve(app, sock, args, settings, load, channel)
     model.unload()
     log.info("worker stopped", extra={"model": model_id})
     return 0
@@ -336,11 +353,20 @@ def _serve(
     app: Any,
     sock: socket.socket,
     args: argparse.Namespace,
-    model_id: str,
+    settings: dict[str, Any],
     load: LoadReport,
     channel: StatusChannel,
+    step_seconds: Callable[[], float] = lambda: 0.0,
 ) -> None:
-    """Serve `app` on `sock` until told to stop; report `ready` once accepting."""
+    """Serve `app` on `sock` until told to stop; report `ready` once accepting, then a
+    heartbeat each second (with `step_seconds`, how long the engine's step has run)."""
+    model_id = str(settings["model_id"])
+    # A web page may not reach a worker's port either (see model_service/browsers.py).
+    app.add_middleware(
+        BrowserGuard,
+        allowed_hosts=settings.get("allowed_hosts") or (),
+        allowed_origins=settings.get("allowed_origins") or (),
+    )
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
@@ -375,7 +401,34 @@ def _serve(
             context_preloaded=load.context_preloaded,
         )
 
-    GracefulServer(config, on_started).run(sockets=[sock])
+    beats: list[asyncio.Task[None]] = []  # held, so the task is not collected
+
+    def on_serving() -> None:
+        on_started()
+        beats.append(asyncio.get_running_loop().create_task(_heartbeat(channel, step_seconds)))
+
+    GracefulServer(config, on_serving).run(sockets=[sock])
+
+
+async def _heartbeat(channel: StatusChannel, step_seconds: Callable[[], float]) -> None:
+    """Sent from the event loop: a loop that is blocked (or a process stopped) goes
+    silent, and the manager kills the worker (pool_manager.pool._kill_hung_workers)."""
+    while True:
+        channel.send("beat", step_seconds=round(step_seconds(), 1))
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+
+
+def _apply_memory_ceiling(ceiling: Mapping[str, Any] | None) -> None:
+    """The manager's memory ceiling for this model, where the worker enforces it itself
+    (RLIMIT_AS; a cgroup's the manager set up already). See model_service/sandbox.py."""
+    if not ceiling or ceiling.get("by") != "address_space":
+        return
+    try:
+        limit = sandbox.limit_address_space(int(ceiling["bytes"]))
+    except (OSError, ValueError) as exc:
+        log.warning("no memory ceiling", extra={"reason": str(exc)})
+        return
+    log.debug("memory ceiling set", extra={"address_space_mb": limit >> 20})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # the manager went away before giving us a model
         settings, listen_fd = assignment
         sock = socket.socket(fileno=listen_fd)
+        _apply_memory_ceiling(settings.get("memory_ceiling"))
         preloaded = link.preloader.take(settings.get("served_model_path"))
     else:
         settings = _standalone_settings(args)
@@ -410,7 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     if is_embedding_model(settings):
         return _serve_embedding_model(settings, args, sock, stats, channel, preloaded, link)
     local = _load_reporting_failure(
-        model_id, channel, lambda: create_backend(settings, preloaded=preloaded)
+        model_id,
+        channel,
+        lambda: create_backend(settings, preloaded=preloaded),
+        settings.get("memory_ceiling"),
     )
     if local is None:
         return EXIT_LOAD_FAILED
@@ -452,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
         embeddings=embeddings,
     )
-    _serve(app, sock, args, model_id, load, channel)
+    _serve(app, sock, args, settings, load, channel, lambda: engine.step_seconds)
     engine.stop()
     if embedder is not None:
         embedder.close()  # before the weights it shares go

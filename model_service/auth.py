@@ -5,6 +5,8 @@ reads) and `POOL_ADMIN_KEY` (operators: everything that changes state; also acce
 wherever the client key is). Sent as `X-API-Key: KEY` or `Authorization: Bearer KEY`.
 Missing key: 401. A key of the wrong role: 403. Comparison is constant-time. A role
 whose key is not configured is open (with no keys at all, everything is, on loopback).
+The role a request's key grants is kept in its scope (`caller_role`), for the routes
+whose answer depends on who asks (/health's detail, Ollama's keep_alive).
 """
 
 from __future__ import annotations
@@ -52,6 +54,23 @@ class ApiKeys:
             return [k for k in (self.admin or self.client,) if k]
         return [k for k in (self.client, self.admin) if k] if self.client else []
 
+    def grants(self, presented: str | None, role: Role) -> bool:
+        """Whether `presented` (or no key, where `role` is open) grants `role`."""
+        accepted = self.accepted(role)
+        if not accepted:
+            return True
+        if not presented:
+            return False
+        # Compare against every accepted key, always, so timing says nothing.
+        return any([hmac.compare_digest(presented.encode(), key.encode()) for key in accepted])
+
+    def role_of(self, presented: str | None) -> Role:
+        """The highest role `presented` grants."""
+        for role in (Role.ADMIN, Role.CLIENT):
+            if self.grants(presented, role):
+                return role
+        return Role.OPEN
+
     def check(self, presented: str | None, role: Role) -> None:
         """Raise ApiError 401/403 unless `presented` grants `role`."""
         accepted = self.accepted(role)
@@ -64,9 +83,7 @@ class ApiKeys:
                 type="authentication_error",
                 code="missing_api_key",
             )
-        # Compare against every accepted key, always, so timing says nothing.
-        matches = [hmac.compare_digest(presented.encode(), key.encode()) for key in accepted]
-        if any(matches):
+        if self.grants(presented, role):
             return
         known = [k for k in (self.client, self.admin) if k]
         if any([hmac.compare_digest(presented.encode(), k.encode()) for k in known]):
@@ -77,6 +94,12 @@ class ApiKeys:
                 code="insufficient_permissions",
             )
         raise ApiError(401, "Invalid API key.", type="authentication_error", code="invalid_api_key")
+
+
+def caller_role(scope: Scope) -> Role:
+    """The role the request's key granted (set by AuthMiddleware; none there: open)."""
+    role = scope.get("state", {}).get("role")
+    return role if isinstance(role, Role) else Role.OPEN
 
 
 def presented_key(scope: Scope) -> str | None:
@@ -99,14 +122,17 @@ class AuthMiddleware:
         self._role_for = role_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self._keys.enabled:
-            role = self._role_for(scope["method"], scope["path"])
-            try:
-                self._keys.check(presented_key(scope), role)
-            except ApiError as exc:
-                response = exc.response()
-                if exc.status == 401:
-                    response.headers["WWW-Authenticate"] = "Bearer"
-                await response(scope, receive, send)
-                return
+        if scope["type"] == "http":
+            presented = presented_key(scope)
+            if self._keys.enabled:
+                role = self._role_for(scope["method"], scope["path"])
+                try:
+                    self._keys.check(presented, role)
+                except ApiError as exc:
+                    response = exc.response()
+                    if exc.status == 401:
+                        response.headers["WWW-Authenticate"] = "Bearer"
+                    await response(scope, receive, send)
+                    return
+            scope.setdefault("state", {})["role"] = self._keys.role_of(presented)
         await self._app(scope, receive, send)

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from model_service.backends.base import Backend, SamplingParams, TokenScore
+from model_service.backends.base import Backend, DecodeFailed, SamplingParams, TokenScore
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,14 @@ class Engine:
         # Written by the engine thread only; read for /health and metrics.
         self.tokens_generated = 0
         self.prompt_tokens_cached = 0
+        self._step_started: float | None = None  # monotonic, while a step runs
+
+    @property
+    def step_seconds(self) -> float:
+        """How long the step now running has taken (0 between steps): the heartbeat
+        reports it, so the manager can tell a decode that never returns (any thread)."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
 
     @property
     def generating(self) -> bool:
@@ -246,11 +254,19 @@ class Engine:
             if self._abort_reason is not None:
                 self._fail_all(outbox, Failed(self._abort_reason, code="model_unloaded"))
             elif self._active:
+                self._step_started = time.monotonic()
                 try:
                     self._step(outbox)
+                except DecodeFailed as exc:
+                    # The backend rolled their caches back: only the requests in that
+                    # batch fail; the others were not in it and go on.
+                    log.error("decode failed", extra={"reason": str(exc), "slots": exc.slots})
+                    self._fail(exc.slots, outbox, Failed(f"generation failed: {exc}"))
                 except Exception as exc:
                     log.exception("generation step failed")
                     self._fail_all(outbox, Failed(f"generation failed: {exc}"))
+                finally:
+                    self._step_started = None
             outbox.send()
 
     def _admit(self, outbox: _Outbox, wait: bool) -> None:
@@ -321,7 +337,11 @@ class Engine:
         )
 
     def _fail_all(self, outbox: _Outbox, failure: Failed) -> None:
-        for slot, active in list(self._active.items()):
-            self.backend.close_sequence(slot)
-            outbox.put(active.job, failure)
-        self._active.clear()
+        self._fail(list(self._active), outbox, failure)
+
+    def _fail(self, slots: list[int], outbox: _Outbox, failure: Failed) -> None:
+        for slot in slots:
+            active = self._active.pop(slot, None)
+            if active is not None:
+                self.backend.close_sequence(slot)
+                outbox.put(active.job, failure)

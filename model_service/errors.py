@@ -71,12 +71,66 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         # The body as a whole is wrong: missing, not JSON, or not a JSON object.
         return ApiError(400, "request body must be a JSON object", code="invalid_json")
     param = _loc_to_param(first.get("loc", ()))
+    expected = _EXPECTED_TYPES.get(str(first.get("type")))
+    if expected is not None and param and len(errors) == 1:
+        # OpenAI's words: wrong JSON types are not coerced ("10" is no integer).
+        got = _json_type(first.get("input"))
+        message = f"Invalid type for '{param}': expected {expected}, but got {got} instead."
+        return ApiError(400, message, param=param, code="invalid_type")
+    value = first.get("input")
+    bound = _INT_BOUNDS.get(str(first.get("type")))
+    if bound is not None and param and isinstance(value, int) and not isinstance(value, bool):
+        which, sign, code = bound
+        limit = next(iter(first.get("ctx", {}).values()), "?")
+        kind = "number" if isinstance(limit, float) else "integer"
+        message = (
+            f"Invalid '{param}': {kind} {which} value. Expected a value {sign} {limit}, "
+            f"but got {value} instead."
+        )
+        return ApiError(400, message, param=param, code=code)
+    if first.get("type") == "too_long" and param and isinstance(first.get("input"), list):
+        limit = first.get("ctx", {}).get("max_length")
+        message = (
+            f"Invalid '{param}': array too long. Expected an array with maximum length "
+            f"{limit}, but got an array with length {len(first['input'])} instead."
+        )
+        return ApiError(400, message, param=param, code="array_above_max_length")
     message = str(first.get("msg", "invalid value"))
     if param:
         message = f"{param}: {message}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"
     return ApiError(400, message, param=param, code="invalid_value")
+
+
+_INT_BOUNDS = {  # pydantic's error type: OpenAI's words and code
+    "less_than_equal": ("above maximum", "<=", "integer_above_max_value"),
+    "greater_than_equal": ("below minimum", ">=", "integer_below_min_value"),
+}
+
+_EXPECTED_TYPES = {
+    "int_type": "an integer",
+    "bool_type": "a boolean",
+    "float_type": "a number",
+    "string_type": "a string",
+}
+
+
+def _json_type(value: Any) -> str:
+    """How OpenAI names a JSON value's type in its errors."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
 
 
 _STATUS_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}

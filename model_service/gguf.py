@@ -7,6 +7,7 @@ when a file is not GGUF or is cut short. Big arrays (the vocabulary) are skipped
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -96,7 +97,37 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return _cached_metadata(path, stat.st_mtime_ns, stat.st_size)
 
 
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor as the GGUF header lists it: its data's size comes from the offsets."""
+
+    name: str
+    dims: tuple[int, ...]
+    type: int  # ggml's type id (GGML_TYPE_*)
+    nbytes: int
+
+
+@lru_cache(maxsize=32)
+def _cached_tensors(path: Path, mtime_ns: int, size: int) -> tuple[Tensor, ...]:
+    return _read_header(path, with_tensors=True)[1]
+
+
+def read_tensors(path: Path) -> tuple[Tensor, ...]:
+    """The tensors a GGUF file holds (names, shapes, types, sizes), cached per version.
+
+    Raises BackendError like `read_metadata`."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise BackendError(f"model file not found: {path}") from None
+    return _cached_tensors(path, stat.st_mtime_ns, stat.st_size)
+
+
 def _read_metadata(path: Path) -> dict[str, Any]:
+    return _read_header(path, with_tensors=False)[0]
+
+
+def _read_header(path: Path, with_tensors: bool) -> tuple[dict[str, Any], tuple[Tensor, ...]]:
     try:
         with path.open("rb") as f:
             if f.read(4) != b"GGUF":
@@ -104,8 +135,8 @@ def _read_metadata(path: Path) -> dict[str, Any]:
             version = _unpack(f, "<I")
             if version not in (2, 3):
                 raise BackendError(f"{path}: unsupported GGUF version {version}")
-            _tensors, kv_count = _unpack(f, "<Q"), _unpack(f, "<Q")
-            if kv_count > 1_000_000:
+            n_tensors, kv_count = _unpack(f, "<Q"), _unpack(f, "<Q")
+            if kv_count > 1_000_000 or n_tensors > 1_000_000:
                 raise BackendError(f"{path}: corrupt GGUF header ({kv_count} metadata keys)")
             metadata: dict[str, Any] = {}
             for _ in range(kv_count):
@@ -114,7 +145,9 @@ def _read_metadata(path: Path) -> dict[str, Any]:
                 value = _value(f, kind, keep=False)
                 if value is not None:
                     metadata[key] = value
-            return metadata
+            if not with_tensors:
+                return metadata, ()
+            return metadata, _tensor_infos(f, n_tensors, metadata, path.stat().st_size)
     except FileNotFoundError:
         raise BackendError(f"model file not found: {path}") from None
     except _Truncated:
@@ -123,25 +156,110 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         raise BackendError(f"{path}: corrupt GGUF header: {exc}") from None
 
 
-# Memory beyond weights and KV cache: the Python process with its imports, plus llama.cpp's
-# compute buffers. Measured: a SmolLM2-135M worker with n_ctx 8192 uses ~360 MB RSS.
-PROCESS_OVERHEAD_BYTES = 120 * 2**20
+def _tensor_infos(
+    f: BinaryIO, count: int, metadata: dict[str, Any], file_size: int
+) -> tuple[Tensor, ...]:
+    infos: list[tuple[int, str, tuple[int, ...], int]] = []
+    for _ in range(count):
+        name = _string(f)
+        n_dims = _unpack(f, "<I")
+        if n_dims > 8:
+            raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
+        dims = tuple(_unpack(f, "<Q") for _ in range(n_dims))
+        kind, offset = _unpack(f, "<I"), _unpack(f, "<Q")
+        infos.append((offset, name, dims, kind))
+    alignment = int(metadata.get("general.alignment") or 32)
+    data_size = file_size - -(-f.tell() // alignment) * alignment
+    infos.sort()
+    ends = [offset for offset, *_ in infos[1:]] + [data_size]
+    return tuple(
+        Tensor(name, dims, kind, max(0, end - offset))
+        for (offset, name, dims, kind), end in zip(infos, ends, strict=True)
+    )
 
 
-def estimate_memory_bytes(path: Path, n_ctx: int, weights_bytes: int | None = None) -> int:
-    """Weights (the file, or `weights_bytes`) + an f16 KV cache for `n_ctx` tokens +
-    process overhead.
+# The worker besides its model's buffers: Python with FastAPI and llama.cpp imported (a
+# spare without a reserve: ~75 MB RSS, a third of it shared libraries), the vocabulary on
+# the heap (~16 MB for SmolLM2's 49,152 tokens), the saved chat opening, the allocator's
+# slack. Fitted to measured worker RSS (docs/ARCHITECTURE.md, "Memory").
+PROCESS_OVERHEAD_BYTES = 110 * 2**20
 
-    Raises BackendError when the file cannot be read as GGUF.
+# ggml types that llama.cpp's CPU backend copies into repacked buffers at load, for its
+# fast matrix kernels (AVX2 or NEON): Q4_0 and Q4_K in stock llama.cpp, Q4_1 with this
+# project's patch (model_service/weights.py says when it is there).
+GGML_Q4_0, GGML_Q4_1, GGML_Q4_K = 2, 3, 12
+STOCK_REPACKED_TYPES = frozenset({GGML_Q4_0, GGML_Q4_K})
+
+
+def resident_weights_bytes(path: Path, repacked_types: frozenset[int]) -> int:
+    """What a model's weights keep resident once llama.cpp has loaded `path`.
+
+    The whole file stays mapped (llama.cpp reads it all in at load), and the matrices of
+    a type in `repacked_types` are copied once more into repacked buffers (all but the
+    token embeddings, which are looked up by row, not multiplied). Measured on SmolLM2:
+    the Q4_1 file (92 MiB) mapped + 63 MiB repacked; the Q8_0 copy (136 MiB) mapped only.
     """
-    metadata = read_metadata(path)
+    repacked = sum(
+        t.nbytes
+        for t in read_tensors(path)
+        if t.type in repacked_types and len(t.dims) >= 2 and t.name != "token_embd.weight"
+    )
+    return path.stat().st_size + repacked
+
+
+def vocab_size(path: Path) -> int:
+    """Tokens in the model's vocabulary (from its token embeddings' shape), 0 if unknown."""
+    for tensor in read_tensors(path):
+        if tensor.name == "token_embd.weight" and len(tensor.dims) >= 2:
+            return tensor.dims[1]
+    return 0
+
+
+def kv_cache_bytes(metadata: dict[str, Any], cells: int) -> int:
+    """An f16 K and V cache of `cells` tokens, all layers."""
     arch = metadata.get("general.architecture", "llama")
     layers = int(metadata.get(f"{arch}.block_count", 0))
     width = int(metadata.get(f"{arch}.embedding_length", 0))
     heads = int(metadata.get(f"{arch}.attention.head_count", 0) or 1)
     kv_heads = int(metadata.get(f"{arch}.attention.head_count_kv", heads) or heads)
     head_dim = int(metadata.get(f"{arch}.attention.key_length", width // heads if heads else 0))
-    kv_cache = 2 * layers * n_ctx * head_dim * kv_heads * 2  # K and V, 2 bytes each
+    return 2 * layers * cells * head_dim * kv_heads * 2  # K and V, 2 bytes each
+
+
+def compute_buffer_bytes(metadata: dict[str, Any], n_vocab: int, n_ubatch: int) -> int:
+    """llama.cpp's compute buffer, sized for its worst case: the logits of a full ubatch
+    (n_vocab x n_ubatch floats) and the activations beside them. SmolLM2 at n_ubatch 512:
+    98 MiB to 103 MiB by context shape, as llama.cpp reports it. It is resident: a worker
+    carves it from the heap its spare wrote ahead (model_service/heap.py)."""
+    arch = metadata.get("general.architecture", "llama")
+    width = int(metadata.get(f"{arch}.embedding_length", 0))
+    return 4 * n_ubatch * (n_vocab + 4 * width)
+
+
+def estimate_memory_bytes(
+    path: Path,
+    cells: int,
+    weights_bytes: int | None = None,
+    n_ubatch: int = 512,
+    n_vocab: int | None = None,
+) -> int:
+    """RSS of a worker serving the model in `path`: its weights (`weights_bytes`, by
+    default the file's size) + an f16 KV cache of `cells` tokens (n_ctx x slots) + the
+    compute buffer for `n_ubatch` tokens + the process (PROCESS_OVERHEAD_BYTES).
+
+    Within 15 % of measured RSS for the shapes tests/test_memory.py loads. `n_vocab`:
+    the vocabulary's size when `path` is not the file served (a widened copy not made
+    yet); by default read from `path`. Raises BackendError when the file cannot be read
+    as GGUF.
+    """
+    metadata = read_metadata(path)
     if weights_bytes is None:
         weights_bytes = path.stat().st_size
-    return weights_bytes + kv_cache + PROCESS_OVERHEAD_BYTES
+    if n_vocab is None:
+        n_vocab = vocab_size(path)
+    return (
+        weights_bytes
+        + kv_cache_bytes(metadata, cells)
+        + compute_buffer_bytes(metadata, n_vocab, n_ubatch)
+        + PROCESS_OVERHEAD_BYTES
+    )

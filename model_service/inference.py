@@ -13,6 +13,7 @@ from typing import Any, Literal
 from model_service.backends.base import (
     BackendError,
     GrammarFrame,
+    PromptTooLong,
     RenderedPrompt,
     SamplingParams,
     TokenScore,
@@ -61,6 +62,75 @@ from model_service.tools import (
 )
 
 log = logging.getLogger(__name__)
+
+# Bounds on a schema a reply is constrained to (`response_format`, tools), as OpenAI's
+# structured outputs have them. Each enum value, const and anyOf/oneOf branch is an
+# alternative the grammar tracks while the reply is at that point: one grammar check of
+# the whole vocabulary costs ~0.1 ms per alternative (SmolLM2), and it runs on the engine
+# thread, in every other request's step.
+MAX_SCHEMA_ALTERNATIVES = 1000
+MAX_SCHEMA_PROPERTIES = 5000
+# Requests smaller than this are prepared on the event loop: rendering and tokenizing
+# them costs less than the hop to a thread. Larger ones, and any with a schema or tools
+# (a grammar to build), are prepared on a thread, so that no request stalls the others.
+INLINE_PREPARE_CHARS = 16 * 1024
+
+
+def check_schema_bounds(schema: Any, param: str) -> None:
+    """Raises ApiError 400 for a schema with more alternatives or properties than the
+    bounds above. The schema is JSON (its nesting is bounded by the body's)."""
+    alternatives = properties = 0
+    pending = [schema]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key == "enum" and isinstance(value, list):
+                alternatives += len(value)
+            elif key == "const":
+                alternatives += 1
+            elif key in ("anyOf", "oneOf") and isinstance(value, list):
+                alternatives += len(value)
+            elif key == "properties" and isinstance(value, dict):
+                properties += len(value)
+            if isinstance(value, dict | list):
+                pending.append(value)
+    if alternatives > MAX_SCHEMA_ALTERNATIVES:
+        raise ApiError(
+            400,
+            f"Invalid schema for '{param}': it has {alternatives} enum values, consts and "
+            f"anyOf/oneOf branches; at most {MAX_SCHEMA_ALTERNATIVES} are allowed.",
+            param=param,
+            code="schema_too_large",
+        )
+    if properties > MAX_SCHEMA_PROPERTIES:
+        raise ApiError(
+            400,
+            f"Invalid schema for '{param}': it has {properties} object properties; at most "
+            f"{MAX_SCHEMA_PROPERTIES} are allowed.",
+            param=param,
+            code="schema_too_large",
+        )
+
+
+def _prepared_inline(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    """Whether a request is small enough to prepare on the event loop."""
+    if request.response_format is not None and request.response_format.type != "text":
+        return False
+    if isinstance(request, CompletionRequest):
+        return len(request.prompt_text()) <= INLINE_PREPARE_CHARS
+    if request.tools:
+        return False
+    size = 0
+    for message in request.messages:
+        size += len(message.text()) + 64  # the template's own text around each
+        if size > INLINE_PREPARE_CHARS:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -179,6 +249,8 @@ class InferenceService:
                 code="invalid_value",
             )
         max_tokens = requested_max or self._defaults.max_tokens or context - prompt_tokens
+        if schema:
+            check_schema_bounds(schema, "tools" if tools is not None else "response_format")
         params = SamplingParams(
             temperature=(
                 request.temperature
@@ -223,6 +295,8 @@ class InferenceService:
             log.debug("chat prompt", extra={"messages": messages})
         try:
             prompt = self._backend.render_chat(messages, tools)
+        except PromptTooLong as exc:
+            raise _too_long(exc, "messages") from exc
         except BackendError as exc:
             # Some templates know no `tool` role: tell them the results as the user.
             if not any(m["role"] == "tool" for m in messages):
@@ -265,9 +339,31 @@ class InferenceService:
         prompt, _ = self.render_chat(request)
         return len(prompt.tokens)
 
+    async def count_tokens(self, request: ChatCompletionRequest) -> int:
+        """`count_chat_tokens`, off the event loop for a large request."""
+        if _prepared_inline(request):
+            return self.count_chat_tokens(request)
+        return await asyncio.to_thread(self.count_chat_tokens, request)
+
+    async def _prepared(self, request: ChatCompletionRequest | CompletionRequest) -> Prepared:
+        """The request rendered, tokenized and checked (its grammar built): on a thread
+        unless it is small, so that a large one never stalls the event loop (the other
+        requests, /health). The backend's vocabulary is read-only: safe beside the
+        engine thread."""
+        if isinstance(request, ChatCompletionRequest):
+            if _prepared_inline(request):
+                return self.prepare_chat(request)
+            return await asyncio.to_thread(self.prepare_chat, request)
+        if _prepared_inline(request):
+            return self.prepare_completion(request)
+        return await asyncio.to_thread(self.prepare_completion, request)
+
     def prepare_completion(self, request: CompletionRequest) -> Prepared:
         self._check_model(request.model)
-        prompt = RenderedPrompt(tokens=self._backend.tokenize(request.prompt_text()))
+        try:
+            prompt = RenderedPrompt(tokens=self._backend.tokenize(request.prompt_text()))
+        except PromptTooLong as exc:
+            raise _too_long(exc, "prompt") from exc
         schema = _schema_of(request.response_format)
         return self._prepare(request, prompt, request.token_limit(), schema, request.logprobs)
 
@@ -372,7 +468,7 @@ class InferenceService:
     # --- chat -------------------------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletion:
-        prepared = self.prepare_chat(request)
+        prepared = await self._prepared(request)
         generated = await self._generate_choices(prepared)
         return ChatCompletion(
             id=new_completion_id("chatcmpl"),
@@ -402,7 +498,7 @@ class InferenceService:
         return ChatChoice(index=index, message=message, finish_reason=finish, logprobs=logprobs)
 
     async def chat_stream(self, request: ChatCompletionRequest) -> StreamHandle:
-        prepared = self.prepare_chat(request)
+        prepared = await self._prepared(request)
         response_id = new_completion_id("chatcmpl")
         framers: list[Framer] = [
             ChatFramer(
@@ -421,7 +517,7 @@ class InferenceService:
     # --- completions ------------------------------------------------------------------------
 
     async def complete(self, request: CompletionRequest) -> Completion:
-        prepared = self.prepare_completion(request)
+        prepared = await self._prepared(request)
         generated = await self._generate_choices(prepared)
         echo = request.prompt_text() if request.echo else ""
         choices = []
@@ -446,7 +542,7 @@ class InferenceService:
         )
 
     async def complete_stream(self, request: CompletionRequest) -> StreamHandle:
-        prepared = self.prepare_completion(request)
+        prepared = await self._prepared(request)
         response_id = new_completion_id("cmpl")
         framers: list[Framer] = [
             CompletionFramer(self.model_id, request, response_id, self._backend.token_bytes, index)
@@ -774,6 +870,10 @@ def _usage(results: list[Finished]) -> Usage:
         total_tokens=first.prompt_tokens + completion,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=first.cached_tokens),
     )
+
+
+def _too_long(exc: PromptTooLong, param: str) -> ApiError:
+    return ApiError(400, str(exc), param=param, code="context_length_exceeded")
 
 
 def _engine_error(exc: EngineError) -> ApiError:

@@ -7,6 +7,7 @@ that finds it full is told so at once (429 with Retry-After) instead of waiting 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,16 @@ from model_service.activity import ASGIApp, Message, Receive, Scope, Send
 from model_service.errors import ApiError
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
+# JSON nested deeper than this is refused with 400 before anything parses it: Python's
+# json raises RecursionError near 1,000 levels, and code that walks a request (schemas,
+# re-serialization) recurses too. Real requests (tool schemas included) nest far less.
+MAX_JSON_DEPTH = 64
+# Bodies larger than this are checked on a thread, not on the event loop.
+_INLINE_CHECK_BYTES = 64 * 1024
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# A JSON string (escapes included), and the bytes that are not brackets.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 class Admission:
@@ -77,6 +88,32 @@ class Admission:
             self.release()
 
 
+def json_depth(body: bytes) -> int:
+    """How deeply `body`'s JSON arrays and objects nest (0 for a scalar), without parsing
+    it; brackets inside strings do not count. Linear time, in C but for numpy's sum."""
+    if body.count(b"[") + body.count(b"{") <= 1:
+        return body.count(b"[") + body.count(b"{")
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    import numpy as np  # only for bodies with brackets to count
+
+    codes = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1).astype(np.int32)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def depth_exceeds(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    # Fewer opening brackets than the limit cannot nest deeper: most bodies stop here.
+    return body.count(b"[") + body.count(b"{") > limit and json_depth(body) > limit
+
+
+def too_deep_error(limit: int = MAX_JSON_DEPTH) -> ApiError:
+    return ApiError(
+        400,
+        f"The request body nests JSON arrays and objects more than {limit} levels deep.",
+        code="json_too_deep",
+    )
+
+
 class _BodyTooLarge(HTTPException):
     # An HTTPException, so FastAPI's body parsing lets it through to the error handlers.
     def __init__(self, max_bytes: int) -> None:
@@ -84,11 +121,17 @@ class _BodyTooLarge(HTTPException):
 
 
 class BodySizeLimit:
-    """Refuses request bodies over `max_bytes` with 413, declared or streamed."""
+    """Refuses request bodies over `max_bytes` with 413, declared or streamed, and JSON
+    nested deeper than `max_depth` with 400.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    A body (POST, PUT, PATCH) is read whole before the app sees it (it is bounded), so
+    its nesting can be checked first; a large one is checked on a thread.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> None:
         self._app = app
         self._max_bytes = max_bytes
+        self._max_depth = max_depth
 
     def _error(self) -> ApiError:
         return ApiError(
@@ -105,6 +148,9 @@ class BodySizeLimit:
             if name == b"content-length" and value.isdigit() and int(value) > self._max_bytes:
                 await self._error().response()(scope, receive, send)
                 return
+        if scope.get("method") in _BODY_METHODS:
+            await self._checked(scope, receive, send)
+            return
         received = 0
         started = False
 
@@ -127,3 +173,39 @@ class BodySizeLimit:
         except _BodyTooLarge:
             if not started:
                 await self._error().response()(scope, receive, send)
+
+    async def _checked(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Read the whole body (at most `max_bytes`), check its nesting, then run the app
+        with it; later `receive` calls (a disconnect) go to the client's."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_bytes:
+                await self._error().response()(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        if size > _INLINE_CHECK_BYTES:
+            too_deep = await asyncio.to_thread(depth_exceeds, body, self._max_depth)
+        else:
+            too_deep = depth_exceeds(body, self._max_depth)
+        if too_deep:
+            await too_deep_error(self._max_depth).response()(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self._app(scope, replay, send)

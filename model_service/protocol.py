@@ -11,11 +11,26 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 8  # `n`: parallel sequences of one batch, at most this many
 MAX_TOP_LOGPROBS = 20
+MAX_MESSAGES = 2048  # as OpenAI: a longer history is refused before it is rendered
+# Seeds are 64-bit signed integers, as OpenAI's (the sampler uses their low 32 bits).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# Numbers are strict: "10" is not 10 and "yes" is not true (OpenAI refuses both with 400
+# invalid_type). A float field still takes an integer (1 is 1.0), as JSON has one number.
+StrictFloat = Annotated[float, Field(strict=True)]
 
 
 class ErrorDetail(BaseModel):
@@ -56,10 +71,26 @@ class ToolCall(_Tolerant):
 
 class ChatMessage(_Tolerant):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
+    # Only an assistant message (one that calls tools) may leave its content out.
+    content: str | list[TextContentPart] | None = Field(default=None, validate_default=True)
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant messages
     tool_call_id: str | None = None  # tool messages: which call this answers
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(
+        cls, value: str | list[TextContentPart] | None, info: ValidationInfo
+    ) -> str | list[TextContentPart] | None:
+        role = info.data.get("role")
+        if value is None and role is not None and role != "assistant":
+            raise PydanticCustomError(
+                "content_required",
+                "Invalid value for 'content': a {role} message needs a string or a list of "
+                "text parts, got null.",
+                {"role": role},
+            )
+        return value
 
     def text(self) -> str:
         """The message's content as plain text (text parts joined)."""
@@ -71,7 +102,7 @@ class ChatMessage(_Tolerant):
 
 
 class StreamOptions(_Tolerant):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class JsonSchemaFormat(_Tolerant):
@@ -116,16 +147,16 @@ class SamplingFields(_Tolerant):
     """Sampling parameters shared by chat and plain completions."""
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    seed: int | None = None
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
+    seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = None
 
     def stop_sequences(self) -> list[str]:
@@ -136,16 +167,16 @@ class SamplingFields(_Tolerant):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: ToolChoice | None = None
     # Unset means one call per reply, as llama.cpp's server does: small models asked for
     # a list of calls tend to repeat calls until max_tokens. True allows several.
-    parallel_tool_calls: bool | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    parallel_tool_calls: StrictBool | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -154,10 +185,10 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     # One prompt per request: a string, or a list holding exactly one string.
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    echo: bool = False
+    echo: StrictBool = False
     response_format: ResponseFormat | None = None
     # Legacy completions: the number of most likely tokens to list per position.
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=5)
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

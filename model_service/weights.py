@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Literal
 
 from model_service.cpus import usable_cores
-from model_service.gguf import read_metadata
+from model_service.gguf import (
+    GGML_Q4_1,
+    STOCK_REPACKED_TYPES,
+    read_metadata,
+    resident_weights_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +121,16 @@ def served_path(source: Path, mode: WeightsMode, folder: Path) -> Path:
 def served_size(source: Path, mode: WeightsMode, folder: Path) -> int:
     """Bytes the weights a worker loads for `source` keep resident (the memory estimate).
 
-    A file loaded as it is stays mapped: its size. A Q4_1 file on the patched kernel is
-    also copied into repacked buffers at load, and the mapped pages it was read from stay
-    resident too: twice its size (measured for SmolLM2's 78 MB file: +172 MB RSS, against
-    +153 MB for its 145 MB Q8_0 copy).
+    The served file stays mapped, all of it; the matrices llama.cpp repacks at load
+    (Q4_0 and Q4_K, and Q4_1 on the patched kernel) are resident twice, mapped and
+    repacked (model_service.gguf.resident_weights_bytes). A widened copy not made yet
+    counts the most it can take (Q8_0 is not repacked).
     """
     target = served_path(source, mode, folder)
     if not target.exists():
         return int(source.stat().st_size * WIDENED_SIZE_FACTOR)
-    size = target.stat().st_size
-    is_q4_1 = read_metadata(target).get("general.file_type") == _LLAMA_FTYPE_MOSTLY_Q4_1
-    repacked = is_q4_1 and fast_q4_1()
-    return 2 * size if repacked else size
+    repacked = STOCK_REPACKED_TYPES | ({GGML_Q4_1} if fast_q4_1() else set())
+    return resident_weights_bytes(target, frozenset(repacked))
 
 
 def ensure_served(source: Path, target: Path) -> Path:

@@ -99,7 +99,7 @@ from pool_manager.sse import close_stream, sse_payloads
 log = logging.getLogger(__name__)
 
 MESSAGES_PATH = "/v1/messages"
-# The forwarded headers: the worker needs the caller's key when keys are configured.
+# Headers passed to the gateway (it sends workers their own key, not the caller's).
 _FORWARDED_HEADERS = ("authorization", "x-api-key", "x-request-id")
 # Which model answered (a fallback, perhaps): passed on from the gateway's reply.
 _POOL_HEADERS = ("x-pool-model", "x-pool-fallback-from")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 # --- requests -------------------------------------------------------------------------------
 
@@ -144,13 +144,14 @@ class _PromptFields(_Tolerant):
 
 
 class MessagesRequest(_PromptFields):
-    max_tokens: int = Field(ge=1)
+    # Strict: "10" is not 10 and "yes" is not true (Anthropic refuses both).
+    max_tokens: StrictInt = Field(ge=1)
     stop_sequences: list[str] | None = None
-    stream: bool = False
-    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: StrictBool = False
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
     # Accepted and ignored: the workers' OpenAI protocol has no top-k.
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: StrictInt | None = Field(default=None, ge=0)
     metadata: Metadata | None = None
 
 

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from model_service.auth import ApiKeys, AuthMiddleware, Role
+from model_service.auth import ApiKeys, AuthMiddleware, Role, caller_role
 from model_service.browsers import BrowserGuard
 from model_service.embeddings import CreateEmbeddingResponse
 from model_service.errors import ApiError, install_error_handlers
@@ -55,8 +55,8 @@ def _round(value: float | None, digits: int = 1) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def model_view(pool: ModelPool, record: ModelRecord) -> dict[str, Any]:
-    """What GET /models shows for one model."""
+def model_view(pool: ModelPool, record: ModelRecord, *, admin: bool = True) -> dict[str, Any]:
+    """What GET /models shows for one model (the worker's pid to admins only)."""
     worker = record.worker
     host = "127.0.0.1" if pool.config.host in ("0.0.0.0", "::") else pool.config.host
     rss = pool.memory_rss_bytes(record)
@@ -68,7 +68,7 @@ def model_view(pool: ModelPool, record: ModelRecord) -> dict[str, Any]:
         "state": record.state.value,
         "port": worker.port if worker else None,
         "endpoint": f"http://{host}:{worker.port}" if worker else None,
-        "pid": worker.pid if worker else None,
+        "pid": worker.pid if worker and admin else None,
         "warmup": pool.is_pinned(record),
         "backend": spec.backend,
         "model_type": spec.model_type,
@@ -127,12 +127,26 @@ class InferenceFastPath:
         if scope["type"] != "http" or scope["method"] != "POST" or path not in RELAYED_PATHS:
             await self._app(scope, receive, send)
             return
+        # BodySizeLimit, outside, has refused a body too large or nested too deep; the
+        # limit is kept here too, so this read is bounded whatever wraps it.
+        limit = self._gateway.max_request_bytes
         chunks = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                error = ApiError(
+                    413,
+                    f"Request body is larger than the limit of {limit} bytes.",
+                    code="request_too_large",
+                )
+                await error.response()(scope, receive, send)
+                return
+            chunks.append(chunk)
             if not message.get("more_body"):
                 break
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -208,7 +222,10 @@ def create_app(
             await pool.stop()
             await gateway.close()
 
-    gateway = Gateway(pool)
+    keys = keys or ApiKeys()
+    # Workers check the client key only: what the manager sends them carries it.
+    worker_auth = {"authorization": f"Bearer {keys.client}"} if keys.client else {}
+    gateway = Gateway(pool, worker_auth)
     mes = MesService(pool, gateway)
     # Set when the server is asked to stop: endless event streams end so it can.
     stopping = asyncio.Event()
@@ -224,7 +241,7 @@ def create_app(
     # Innermost: inference requests skip FastAPI's routing, inside auth and body limits.
     app.add_middleware(InferenceFastPath, gateway=gateway)
     app.add_middleware(BodySizeLimit, max_bytes=pool.config.max_request_bytes)
-    app.add_middleware(AuthMiddleware, keys=keys or ApiKeys(), role_for=manager_role)
+    app.add_middleware(AuthMiddleware, keys=keys, role_for=manager_role)
     # Before the keys: a web page's request is refused even when no keys are set.
     app.add_middleware(
         BrowserGuard,
@@ -313,10 +330,14 @@ def create_app(
     # --- control plane ------------------------------------------------------------------
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        """Up or down for anyone; the pool's detail for a caller with a key (or with no
+        keys configured): an open port tells strangers no model names or errors."""
+        if caller_role(request.scope) is Role.OPEN:
+            return {"status": "healthy"}
         records = pool.records()
         rss = [pool.memory_rss_bytes(r) or 0 for r in records]
-        return {
+        detail = {
             "status": "healthy",
             "warmup_complete": pool.warmup_done.is_set(),
             "total_models": len(records),
@@ -329,6 +350,9 @@ def create_app(
             "preloaded_models": pool.preloaded_model_ids,
             "last_reload_error": pool.last_reload_error,
         }
+        if caller_role(request.scope) is Role.ADMIN:  # what the workers' sandbox has here
+            detail["sandbox"] = pool.sandbox
+        return detail
 
     # Left out of the OpenAPI schema: an endless stream is no operation to fuzz or generate.
     @app.get("/events", include_in_schema=False)
@@ -354,13 +378,17 @@ def create_app(
             stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
+    def is_admin(request: Request) -> bool:
+        return caller_role(request.scope) is Role.ADMIN
+
     @app.get("/models")
-    async def list_models() -> dict[str, Any]:
-        return {"models": [model_view(pool, r) for r in pool.records()]}
+    async def list_models(request: Request) -> dict[str, Any]:
+        admin = is_admin(request)
+        return {"models": [model_view(pool, r, admin=admin) for r in pool.records()]}
 
     @app.post("/models/register", status_code=201)
     async def register_model(spec: ModelSpec, replace: bool = False) -> dict[str, Any]:
-        return model_view(pool, pool.register(spec, replace=replace))
+        return model_view(pool, await pool.register(spec, replace=replace))
 
     @app.get("/models/{model_id:path}/health")
     async def model_health(model_id: str) -> dict[str, Any]:
@@ -369,7 +397,7 @@ def create_app(
         worker_health: dict[str, Any] | None = None
         if record.worker is not None and record.state is not ModelState.WARMING:
             try:
-                async with httpx.AsyncClient(timeout=2.0) as client:
+                async with httpx.AsyncClient(timeout=2.0, headers=worker_auth) as client:
                     reply = await client.get(f"{view['endpoint']}/health")
                 worker_health = reply.json()
             except (httpx.HTTPError, ValueError) as exc:
@@ -398,8 +426,8 @@ def create_app(
         return model_view(pool, pool.extend_ttl(model_id, body.minutes))
 
     @app.get("/models/{model_id:path}")
-    async def get_model(model_id: str) -> dict[str, Any]:
-        return model_view(pool, pool.get(model_id))
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        return model_view(pool, pool.get(model_id), admin=is_admin(request))
 
     @app.delete("/models/{model_id:path}")
     async def delete_model(model_id: str) -> dict[str, Any]:

@@ -491,6 +491,7 @@ def cmd_health(client: Client, args: argparse.Namespace) -> int:
         print(
             f"memory: {_number(health.get('total_memory_mb'), ' MB')} RSS, "
             f"estimate {_number(memory.get('estimated_use_mb'), ' MB')}"
+            f" + spares {_number(memory.get('spares_mb'), ' MB')}"
             + (f" of {_number(limit, ' MB')} limit" if limit is not None else "")
         )
         print(f"free ports: {health.get('available_ports', '-')}")

@@ -19,6 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from model_service.backends.kinds import KINDS, kind_of
+from model_service.limits import depth_exceeds
+from model_service.secrets import check_secret_env_name, check_secret_file_name
 
 MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 # Suffixes the manager's routes use after a model id; an id ending in one would be ambiguous.
@@ -26,6 +28,12 @@ _RESERVED_SUFFIXES = ("/load", "/unload", "/extend-ttl", "/health")
 # An alias with one of these is an fnmatch pattern (`claude-*`, `*haiku*`).
 _PATTERN_CHARS = frozenset("*?[")
 _BRACKET_CLASS = re.compile(r"\[!?\]?[^\]]*\]")
+MAX_N_BATCH = 65_536
+# The config and registry files: larger or deeper is no hand-written file (see _read).
+MAX_FILE_BYTES = 64 * 2**20
+MAX_FILE_DEPTH = 64
+MAX_DEFAULTS_DEPTH = 8
+MAX_DEFAULTS_BYTES = 64 * 1024
 
 
 class PortRange(BaseModel):
@@ -59,6 +67,11 @@ class PoolConfig(BaseModel):
     auto_unload: bool = True
     graceful_shutdown_seconds: float = Field(default=30, ge=0)
     load_timeout_seconds: float = Field(default=120, gt=0)
+    # A serving worker sends a heartbeat each second from its event loop. One silent for
+    # hang_timeout_seconds (stopped, or its loop blocked), or with one decode step running
+    # for decode_stall_seconds, is killed; its model is freed as after a crash.
+    hang_timeout_seconds: float = Field(default=15, ge=2, le=3600)
+    decode_stall_seconds: float = Field(default=300, ge=2, le=86400)
     max_load_failures: int = Field(default=3, ge=1)
     failure_cooldown_seconds: float = Field(default=60, ge=0)
     ollama_base_url: str = "http://localhost:11434"
@@ -75,6 +88,10 @@ class PoolConfig(BaseModel):
     # used first), so that loading one skips llama.cpp's model load; 0: none. Costs the
     # spare the models' vocabularies (~16 MB for SmolLM2) besides the shared page cache.
     spare_preload: int = Field(default=4, ge=0, le=64)
+    # Workers run sandboxed (model_service/sandbox.py): no network for local models,
+    # no_new_privs, limits on open files and core dumps, a memory ceiling per model.
+    # false: none of it (read at start).
+    sandbox: bool = True
     # Where widened copies of slow-on-CPU weights go (see model_service/weights.py);
     # default $POOL_WEIGHTS_CACHE, else ~/.cache/model-pool/weights.
     weights_cache_dir: str | None = None
@@ -112,11 +129,13 @@ class ModelSpec(BaseModel):
     # A kind from model_service/backends/kinds.py: llama_cpp, openai or ollama.
     backend: str = "llama_cpp"
     # Remote backends: the server's base URL (ollama defaults to the config's
-    # ollama_base_url), the model's name there (default: model_id), and the name of the
-    # environment variable that holds the API key (never the key itself).
-    base_url: str | None = None
-    remote_model: str | None = None
+    # ollama_base_url), the model's name there (default: model_id), and where to find the
+    # API key's source: a POOL_SECRET_* environment variable or a file in the secrets
+    # folder (never the key itself; see model_service/secrets.py).
+    base_url: str | None = Field(default=None, max_length=2048)
+    remote_model: str | None = Field(default=None, max_length=256)
     api_key_env: str | None = None
+    api_key_file: str | None = None
     # Where the weights are: a path (relative paths are relative to the registry file),
     # or "package/file" inside an installed Python package.
     model_path: str | None = None
@@ -126,7 +145,10 @@ class ModelSpec(BaseModel):
     weights: Literal["auto", "as_stored"] = "auto"
     n_ctx: int = Field(default=2048, ge=64, le=1_048_576)
     n_threads: int | None = Field(default=None, ge=1)
-    n_batch: int = Field(default=512, ge=1)
+    # Tokens decoded per step at most. llama.cpp's batch arrays are sized by it (20
+    # million took 1.3 GB), and a step never needs more than n_ctx: larger values are
+    # lowered to n_ctx, values above MAX_N_BATCH refused.
+    n_batch: int = Field(default=512, ge=1, le=MAX_N_BATCH)
     # llama.cpp's flash attention. "auto" (llama.cpp's default: on, on CPU) is faster for
     # new prompts and short contexts; "off" for many sequences at long contexts and small
     # additions to a long cached prompt (docs/OPERATIONS.md has the figures).
@@ -141,6 +163,11 @@ class ModelSpec(BaseModel):
     pooling: Literal["mean", "cls", "last"] | None = None
     max_concurrent: int = Field(default=4, ge=1)
     max_queue: int = Field(default=32, ge=0)
+    # The memory the model's worker may add once it is handed the model, in MB (its
+    # cgroup's memory.max, or RLIMIT_AS over the address space it had then; see
+    # model_service/sandbox.py). Past it the worker fails or is killed alone, "out of
+    # memory". Default: twice the pool's memory estimate for the model plus 512 MB.
+    memory_max_mb: int | None = Field(default=None, ge=1, le=16_777_216)
     timeout_seconds: float = Field(default=30, gt=0)
     defaults: dict[str, Any] = Field(default_factory=dict)
 
@@ -164,11 +191,45 @@ class ModelSpec(BaseModel):
                 raise ValueError(f"alias {alias!r}: a '[' without its closing ']'")
         return value
 
+    @field_validator("defaults")
+    @classmethod
+    def _shallow_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Sampling settings nest two levels at most (logit_bias, a stop list); a deep one
+        # would be listed and then break every save of the registry.
+        if _depth(value) > MAX_DEFAULTS_DEPTH:
+            raise ValueError(f"defaults may nest at most {MAX_DEFAULTS_DEPTH} levels deep")
+        if len(json.dumps(value)) > MAX_DEFAULTS_BYTES:
+            raise ValueError(f"defaults may take at most {MAX_DEFAULTS_BYTES} bytes as JSON")
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _named_secret(cls, value: str | None) -> str | None:
+        return None if value is None else check_secret_env_name(value)
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _secret_file(cls, value: str | None) -> str | None:
+        return None if value is None else check_secret_file_name(value)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("base_url must be an http:// or https:// URL")
+        return value
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
         kind_of(value)  # raises ValueError naming the kinds there are
         return value
+
+    @model_validator(mode="after")
+    def _batch_within_context(self) -> ModelSpec:
+        if self.n_batch > self.n_ctx:
+            self.n_batch = self.n_ctx  # a step holds at most n_ctx tokens of a prompt
+        return self
 
     @model_validator(mode="after")
     def _has_what_its_backend_needs(self) -> ModelSpec:
@@ -179,6 +240,23 @@ class ModelSpec(BaseModel):
     def is_local(self) -> bool:
         """Runs in its worker's own process (weights in memory), not on another server."""
         return KINDS[self.backend].local
+
+
+def _depth(value: Any) -> int:
+    """How deep JSON-like `value` nests (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        )
+        if children is None:
+            continue
+        deepest = max(deepest, level + 1)
+        if deepest > 64:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def is_alias_pattern(alias: str) -> bool:
@@ -294,13 +372,33 @@ class ConfigStore:
 
     @staticmethod
     def _read(path: Path, default: Any) -> Any:
+        """The file's JSON, `default` if it does not exist. Raises ConfigError, with one
+        line saying what is wrong, for anything else that is not a usable JSON file."""
         try:
-            with path.open() as f:
-                return json.load(f)
+            with path.open("rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
             return default
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a directory, not a JSON file") from None
+        except OSError as exc:
+            raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise ConfigError(f"{path} is larger than {MAX_FILE_BYTES // 2**20} MB")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path} is not valid UTF-8 (byte {exc.start}: {data[exc.start]:#04x})"
+            ) from None
+        if depth_exceeds(data, MAX_FILE_DEPTH):
+            raise ConfigError(f"{path} nests JSON more than {MAX_FILE_DEPTH} levels deep")
+        try:
+            return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path} nests JSON too deeply") from None
 
 
 def effective_ttl_seconds(config: PoolConfig, spec: ModelSpec) -> float:

@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from model_service.errors import ApiError
 from model_service.logs import request_id
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
-from pool_manager.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from pool_manager.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -45,27 +45,35 @@ _HOP_HEADERS = frozenset(
         "server",
     }
 )
+# The caller's key is not among them: the manager checked it, and the worker gets the
+# client key instead (workers never hold the admin key).
 _FORWARDED_REQUEST_HEADERS = (
-    "authorization",
-    "x-api-key",
     "content-type",
     "x-request-id",
     "accept",
 )
+RELAY_SLACK_SECONDS = 5.0
 ATTEMPTS = 3  # a worker that was evicted or died between load and send is reloaded
 
 
 class Gateway:
     """Relays OpenAI requests from the manager's port to the right worker."""
 
-    def __init__(self, pool: ModelPool) -> None:
+    def __init__(self, pool: ModelPool, worker_auth: dict[str, str] | None = None) -> None:
+        """`worker_auth`: the header that carries the workers' key, if they check one."""
         self._pool = pool
+        self._worker_auth = worker_auth or {}
         # Keep-alive connections to the workers; no timeout on reads, since a generation
         # may take long (the worker enforces its own timeout_seconds).
         self._upstream = UpstreamPool()
 
     async def close(self) -> None:
         self._upstream.close()
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest request body the manager takes (config `max_request_bytes`)."""
+        return self._pool.config.max_request_bytes
 
     async def relay(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
         """Forward one request, falling back along the model's `fallbacks` chain.
@@ -96,6 +104,7 @@ class Gateway:
         self, record: ModelRecord, path: str, body: bytes, headers: dict[str, str]
     ) -> Response:
         forwarded = {k: v for k, v in headers.items() if k in _FORWARDED_REQUEST_HEADERS}
+        forwarded.update(self._worker_auth)
         current = request_id.get()
         if current is not None:
             forwarded["x-request-id"] = current  # the worker logs under the same id
@@ -144,8 +153,13 @@ class Gateway:
             worker = record.worker
             if worker is None:
                 continue  # unloaded again in between: load once more
+            idle_timeout = self._idle_timeout(record)
             try:
-                upstream = await self._upstream.request(worker.port, path, body, forwarded.items())
+                upstream = await self._upstream.request(
+                    worker.port, path, body, forwarded.items(), idle_timeout
+                )
+            except UpstreamTimeout as exc:
+                raise _timed_out(record, exc) from exc
             except UpstreamError as exc:
                 self._upstream.forget(worker.port)
                 log.warning(
@@ -171,6 +185,15 @@ class Gateway:
             code="worker_unreachable",
         )
 
+    def _idle_timeout(self, record: ModelRecord) -> float | None:
+        """The relay's own deadline: the longest a local worker may send nothing. It
+        answers within the model's timeout_seconds (queueing included) or is killed as
+        hung after hang_timeout_seconds; a remote model's pace is its server's."""
+        if not record.spec.is_local:
+            return None
+        config = self._pool.config
+        return record.spec.timeout_seconds + config.hang_timeout_seconds + RELAY_SLACK_SECONDS
+
     async def _wait_unloaded(self, record: ModelRecord) -> None:
         if record.unload_task is not None:
             await record.unload_task
@@ -181,6 +204,8 @@ class Gateway:
         if not is_stream:
             try:
                 content = await upstream.read()
+            except UpstreamTimeout as exc:
+                raise _timed_out(record, exc) from exc
             except UpstreamError as exc:
                 raise ApiError(
                     502,
@@ -255,6 +280,15 @@ async def _relay_stream(model_id: str, upstream: UpstreamResponse) -> AsyncItera
     finally:
         # Also reached when our client went away: closing tells the worker to stop.
         upstream.close()
+
+
+def _timed_out(record: ModelRecord, exc: UpstreamTimeout) -> ApiError:
+    return ApiError(
+        504,
+        f"The worker for model '{record.model_id}' stopped answering ({exc}).",
+        type="server_error",
+        code="worker_timeout",
+    )
 
 
 def _reply_headers(record: ModelRecord, upstream: UpstreamResponse) -> dict[str, str]:

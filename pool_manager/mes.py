@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import jsonschema
 import psutil
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from model_service.backends.kinds import KINDS
 from model_service.errors import ApiError
@@ -34,13 +34,14 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
 class InferenceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model_id: str
-    prompt: str = Field(min_length=1)
-    system_prompt: str | None = None
-    temperature: float = Field(default=0.7, ge=0, le=2)
-    max_tokens: int = Field(default=1000, ge=1, le=1_000_000)
+    # Strict: "10" is not 10, and true is not 1.
+    model_id: StrictStr
+    prompt: StrictStr = Field(min_length=1)
+    system_prompt: StrictStr | None = None
+    temperature: StrictFloat = Field(default=0.7, ge=0, le=2)
+    max_tokens: StrictInt = Field(default=1000, ge=1, le=1_000_000)
     json_schema: dict[str, Any] | None = None
-    timeout: float = Field(default=30, ge=1, le=3600)  # seconds; under 1 s cannot work
+    timeout: StrictFloat = Field(default=30, ge=1, le=3600)  # seconds; under 1 s cannot work
 
 
 class InferenceResponse(BaseModel):

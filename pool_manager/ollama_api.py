@@ -14,10 +14,11 @@ and the 400s for malformed requests, are in `ollama_protocol.py`; this module de
 the pool can serve and translates to and from OpenAI.
 
 `keep_alive` (a Go duration such as "5m" or "1h30m", or seconds) maps onto the pool's TTL
-once the request is over: a positive value extends the remaining TTL to at least that much
-(capped at max_ttl_minutes; the pool can lengthen a TTL, not shorten it), 0 unloads the
-model (with drain), a negative value keeps it as long as the pool allows (max_ttl_minutes).
-Warmup (pinned) models ignore keep_alive: they stay loaded.
+once the request is over: a positive value sets the remaining TTL (capped at
+max_ttl_minutes), 0 unloads the model (with drain), a negative value keeps it as long as
+the pool allows (max_ttl_minutes). Unloading and shortening are an admin's actions: with
+keys configured, a client key's keep_alive may only lengthen the TTL (0 and shorter values
+are ignored). Warmup (pinned) models ignore keep_alive: they stay loaded.
 
 Tools in `/api/chat` go both ways: the request's `tools` (Ollama's are OpenAI's function
 tools) pass through, as does `tool_choice`, an extension (Ollama has none); history
@@ -43,9 +44,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from model_service.auth import Role, caller_role
 from model_service.backends.base import BackendError
 from model_service.errors import ApiError
 from model_service.gguf import read_metadata
+from model_service.secrets import redact_url
 from pool_manager.gateway import Gateway
 from pool_manager.ollama_protocol import (
     ChatReply,
@@ -88,7 +91,7 @@ NDJSON = "application/x-ndjson"
 NANOS = 1_000_000_000
 # What Ollama reports for a model kept "forever" (negative keep_alive): now + max duration.
 FOREVER = dt.timedelta(microseconds=(2**63 - 1) // 1000)
-# The forwarded headers: the worker needs the caller's key when keys are configured.
+# Headers passed to the gateway (it sends workers their own key, not the caller's).
 _FORWARDED_HEADERS = ("authorization", "x-api-key", "x-request-id")
 _PS_STATES = (ModelState.WARMING, ModelState.HOT, ModelState.COOLING)
 
@@ -346,6 +349,17 @@ class OllamaApi:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _keep_alive_for(
+        self, request: Request, record: ModelRecord, seconds: float | None
+    ) -> float | None:
+        """`keep_alive` as the caller's key may use it. Unloading and shortening a TTL are
+        an admin's actions: from a client key, 0 and a value below the model's TTL (or
+        what is left of it) are ignored; longer ones apply, within max_ttl_minutes."""
+        if seconds is None or seconds < 0 or caller_role(request.scope) is Role.ADMIN:
+            return seconds
+        current = max(self._pool.ttl_seconds(record), self._pool.ttl_remaining(record) or 0.0)
+        return seconds if seconds > current else None
+
     def apply_keep_alive(self, record: ModelRecord, seconds: float | None) -> None:
         """Map `keep_alive` onto the pool's TTL, after a request."""
         if seconds is None or self._pool.is_pinned(record) or record.state not in SERVING:
@@ -473,7 +487,7 @@ class OllamaApi:
             parameters.append(f"num_predict {spec.defaults['max_tokens']}")
         source = info.path or spec.model_path or spec.package_file
         if not spec.is_local:
-            base_url = spec.base_url or self._pool.config.ollama_base_url
+            base_url = redact_url(spec.base_url or self._pool.config.ollama_base_url)
             source = f"{spec.remote_model or spec.model_id} ({spec.backend} at {base_url})"
         modelfile = [
             f"# Modelfile for {spec.model_id}, served by the model pool manager",
@@ -522,6 +536,7 @@ class OllamaApi:
         started = time.perf_counter()
         body = parse_request(ChatRequest, await request.body())
         call = self._begin(started, body, {"thinking": body.think})
+        body.keep_alive = self._keep_alive_for(request, call.record, body.keep_alive)
         if not body.messages:
             reply = await self._load_or_unload(
                 call.name, call.record, body.keep_alive, started, chat=True
@@ -543,6 +558,7 @@ class OllamaApi:
             body,
             {"images": body.images, "insert": body.suffix, "thinking": body.think},
         )
+        body.keep_alive = self._keep_alive_for(request, call.record, body.keep_alive)
         if not body.prompt:
             reply = await self._load_or_unload(
                 call.name, call.record, body.keep_alive, started, chat=False
@@ -626,6 +642,7 @@ class OllamaApi:
         started = time.perf_counter()
         body = parse_request(EmbedRequest, await request.body())
         record = self.resolve(body.model)
+        body.keep_alive = self._keep_alive_for(request, record, body.keep_alive)
         texts = body.texts
         if not texts:  # Ollama's way to load (or, with keep_alive 0, unload) a model
             loaded = await self._load_or_unload(
@@ -660,6 +677,7 @@ class OllamaApi:
         started = time.perf_counter()
         body = parse_request(EmbeddingsRequest, await request.body())
         record = self.resolve(body.model)
+        body.keep_alive = self._keep_alive_for(request, record, body.keep_alive)
         if not body.prompt:
             await self._load_or_unload(body.model, record, body.keep_alive, started, chat=False)
             return EmbeddingsReply(embedding=[])

@@ -113,7 +113,7 @@ class Options(_Tolerant):
 
     temperature: StrictFloat | None = None
     top_p: StrictFloat | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # Go's int
     presence_penalty: StrictFloat | None = None
     frequency_penalty: StrictFloat | None = None
     stop: StrictStr | list[StrictStr] | None = None

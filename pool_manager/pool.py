@@ -32,6 +32,8 @@ from model_service.backends.base import BackendError
 from model_service.cpus import usable_cores
 from model_service.gguf import PROCESS_OVERHEAD_BYTES, estimate_memory_bytes
 from model_service.model_files import resolve_model_file
+from model_service.sandbox import OUT_OF_MEMORY, MemoryCgroups, Report, default_ceiling_bytes
+from model_service.secrets import SecretError, read_api_key
 from model_service.weights import cache_dir as weights_cache_dir
 from model_service.weights import served_path, served_size
 from pool_manager.config import (
@@ -43,6 +45,13 @@ from pool_manager.config import (
     match_alias,
 )
 from pool_manager.gpu import GpuMonitor
+from pool_manager.memory import (
+    SpareMemory,
+    preload_budget,
+    room_under_limit,
+    spare_reserve_bytes,
+    why_it_does_not_fit,
+)
 from pool_manager.metrics import PoolMetrics
 from pool_manager.ports import NoFreePort, PortAllocator
 from pool_manager.spares import SparePool
@@ -53,7 +62,7 @@ from pool_manager.states import (
     ModelState,
     check_transition,
 )
-from pool_manager.worker_process import WorkerProcess, WorkerStartError
+from pool_manager.worker_process import WorkerProcess, WorkerStartError, probe_sandbox
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +75,8 @@ MAX_FAILURE_COOLDOWN_SECONDS = 3600.0
 CRASH_WINDOW_SECONDS = 60.0
 FILE_CHECK_SECONDS = 1.0
 SPARE_REFILL_DELAY_SECONDS = 2.0  # max_load_failures crashes within this window mean FAILED
-FORCED_STOP_SECONDS = 2.0  # how long a forced unload lets requests hear why they end
+FORCED_STOP_SECONDS = 2.0
+HANG_CHECK_SECONDS = 1.0  # how long a forced unload lets requests hear why they end
 
 
 class PoolError(Exception):
@@ -113,6 +123,12 @@ class ShuttingDown(PoolError):
     status, code, error_type = 503, "shutting_down", "server_error"
 
 
+class NotSaved(PoolError):
+    """A change whose file could not be written: refused whole, nothing changed."""
+
+    status, code, error_type = 500, "not_saved", "server_error"
+
+
 @dataclass
 class ModelRecord:
     """Everything the pool knows about one registered model."""
@@ -143,6 +159,9 @@ class ModelRecord:
     retry_at: float | None = None  # monotonic; when a FAILED model may be retried
     load_task: asyncio.Task[None] | None = None
     unload_task: asyncio.Task[None] | None = None
+    # Being deleted: no load starts for it any more, and lookups say it is not there,
+    # while its worker (listed, UNLOADING) drains.
+    removed: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -169,6 +188,8 @@ class ModelPool:
         config = config.model_copy(update=self._overrides)
         self.config = config
         self._records: dict[str, ModelRecord] = {s.model_id: ModelRecord(s) for s in specs}
+        # Registering and deleting one model id take turns (one lock per id).
+        self._id_locks: dict[str, asyncio.Lock] = {}
         self._ports = PortAllocator(config.host, config.port_range.start, config.port_range.end)
         self.metrics = metrics
         self._capacity_lock = asyncio.Lock()
@@ -183,15 +204,21 @@ class ModelPool:
         self._listeners: set[asyncio.Queue[dict[str, Any]]] = set()
         self._spares = SparePool(self.config.spare_workers, self._start_spare)
         self._preload_targets: dict[str, str] = {}  # model id -> file spares load ahead
+        # Workers' sandbox (read at start): what this machine gives it, found by `start`.
+        self._sandboxed = config.sandbox
+        self.sandbox: dict[str, Any] = {"enabled": config.sandbox, "mechanisms": {}}
+        self._cgroups: MemoryCgroups | None = None
         metrics.attach(self)
 
     # --- start and stop ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the background loops; warmup models load in the background."""
+        await self._probe_sandbox()
         self._refresh_preload()
         self._spares.refill()
         self._spawn_background(self._reap_idle_models(), "reaper")
+        self._spawn_background(self._kill_hung_workers(), "hang-watch")
         self._spawn_background(self._watch_files(), "file-watch")
         self._spawn_background(self._load_warmup_models(), "warmup")
 
@@ -210,25 +237,62 @@ class ModelPool:
         )
         await self._spares.close()
 
-    async def _start_spare(self) -> WorkerProcess:
+    async def _start_spare(self, network: bool = False) -> WorkerProcess:
         return await WorkerProcess.start_spare(
             graceful_seconds=self.config.graceful_shutdown_seconds,
             log_level=self.config.log_level,
-            reserve_mb=await self._spare_reserve_mb(),
+            reserve_mb=0 if network else await self._spare_reserve_mb(),
+            sandbox=self._sandboxed,
+            network=network,
         )
+
+    async def _probe_sandbox(self) -> None:
+        """Find what the workers' sandbox gets here; warn about each mechanism it lacks."""
+        if not self._sandboxed:
+            log.warning("workers run without a sandbox (config: sandbox false)")
+            return
+        mechanisms: Report
+        mechanisms, self._cgroups = await probe_sandbox()
+        self.sandbox["mechanisms"] = mechanisms
+        for name, mechanism in mechanisms.items():
+            if not mechanism["available"]:
+                log.warning(
+                    "worker sandbox: mechanism unavailable; running without it",
+                    extra={"mechanism": name, "reason": mechanism["detail"]},
+                )
+
+    async def _take_worker(self, record: ModelRecord) -> WorkerProcess:
+        """A spare; but spares have no network, so a remote model gets a new process."""
+        if self._sandboxed and not record.spec.is_local:
+            return await self._start_spare(network=True)
+        return await self._spares.take()
+
+    def _memory_ceiling(self, record: ModelRecord) -> dict[str, int] | None:
+        """The memory the model's worker may add once handed it (model_service/sandbox.py),
+        and what the model needs of that: the estimate less the process's own part."""
+        if not self._sandboxed:
+            return None
+        spec = record.spec
+        estimate = record.memory_estimate
+        budget = spec.memory_max_mb * MB if spec.memory_max_mb else default_ceiling_bytes(estimate)
+        return {"bytes": budget, "need": max(0, estimate - PROCESS_OVERHEAD_BYTES)}
 
     async def _spare_reserve_mb(self) -> int:
         """spare_reserve_mb, or by default what the largest local model allocates.
 
         Never more than a quarter of the free memory: an idle spare must not crowd out
-        the models themselves.
+        the models themselves; nor more than memory_limit_mb leaves (pool_manager.memory).
         """
         if self.config.spare_reserve_mb is not None:
             return self.config.spare_reserve_mb
         local = [r for r in self._records.values() if r.spec.is_local]
         estimates = [await self._estimate_memory(r) for r in local]
         largest = max(estimates, default=PROCESS_OVERHEAD_BYTES) - PROCESS_OVERHEAD_BYTES
-        return min(largest, psutil.virtual_memory().available // 4) // MB
+        room = room_under_limit(
+            self.config.memory_limit_mb * MB, self._models_estimate(), self._spares.memory()
+        )
+        available = psutil.virtual_memory().available
+        return spare_reserve_bytes(largest, available, room) // MB
 
     @property
     def _weights_folder(self) -> Path:
@@ -263,10 +327,14 @@ class ModelPool:
         """model id -> served file, for the spare_preload COLD local models likeliest to be
         loaded next: the most recently used first, then the rest in registry order. Only
         files that exist (a widened copy not made yet is made by the first load), and
-        together no more than half the available memory: a spare maps them whole."""
+        together no more than half the available memory, nor than memory_limit_mb leaves
+        beside the models and the spares' reserves: a spare maps them whole."""
         cold = [r for r in self._records.values() if r.spec.is_local and r.state is S.COLD]
         cold.sort(key=lambda r: -r.last_used_mono)  # stable: never used (0) keep their order
-        budget = psutil.virtual_memory().available // 2
+        # The spares' processes and reserves only: their weights are what this decides.
+        reserves = [SpareMemory(0, 0, s.reserve) for s in self._spares.memory()]
+        room = room_under_limit(self.config.memory_limit_mb * MB, self._models_estimate(), reserves)
+        budget = preload_budget(psutil.virtual_memory().available, room, self._spares.size)
         files: dict[str, str] = {}
         for record in cold:
             if len(files) >= self.config.spare_preload:
@@ -288,19 +356,19 @@ class ModelPool:
     # --- queries ----------------------------------------------------------------------------
 
     def get(self, model_id: str) -> ModelRecord:
-        """Raises ModelNotFound."""
-        try:
-            return self._records[model_id]
-        except KeyError:
-            raise ModelNotFound(f"model '{model_id}' is not registered") from None
+        """Raises ModelNotFound (also for a model being deleted)."""
+        record = self._records.get(model_id)
+        if record is None or record.removed:
+            raise ModelNotFound(f"model '{model_id}' is not registered")
+        return record
 
     def resolve(self, name: str) -> ModelRecord:
         """The model a client named: by id, by an alias, or by an alias pattern such as
         `claude-*` (the most specific wins; see `match_alias`). Raises ModelNotFound."""
         record = self._records.get(name)
-        if record is not None:
+        if record is not None and not record.removed:
             return record
-        spec = match_alias(name, (r.spec for r in self._records.values()))
+        spec = match_alias(name, (r.spec for r in self._records.values() if not r.removed))
         if spec is not None:
             return self._records[spec.model_id]
         raise ModelNotFound(f"The model '{name}' does not exist", param="model")
@@ -350,11 +418,12 @@ class ModelPool:
         return self.gpu.vram_bytes_by_pid().get(record.worker.pid, 0)
 
     def memory_summary(self) -> dict[str, Any]:
-        occupying = [r for r in self._records.values() if r.state in OCCUPYING]
         gpu_free = self.gpu.free_bytes()
         return {
             "limit_mb": self.config.memory_limit_mb,
-            "estimated_use_mb": sum(r.memory_estimate for r in occupying) // MB,
+            "estimated_use_mb": self._models_estimate() // MB,
+            # Counted against limit_mb too: what the spare workers hold (measured RSS).
+            "spares_mb": sum(s.held for s in self._spares.memory()) // MB,
             "available_mb": psutil.virtual_memory().available // MB,
             "gpu_available": self.gpu.available,
             "gpu_free_mb": None if gpu_free is None else gpu_free // MB,
@@ -365,38 +434,74 @@ class ModelPool:
 
     # --- registry ---------------------------------------------------------------------------
 
-    def register(self, spec: ModelSpec, *, replace: bool = False) -> ModelRecord:
-        """Add (or with `replace`, update) a model and persist the registry.
+    def _id_lock(self, model_id: str) -> asyncio.Lock:
+        return self._id_locks.setdefault(model_id, asyncio.Lock())
 
-        A loaded model keeps running with its old settings until it is next loaded.
-        Raises ModelConflict or InvalidModel.
+    async def register(self, spec: ModelSpec, *, replace: bool = False) -> ModelRecord:
+        """Add (or with `replace`, update) a model, saved to the registry file first.
+
+        A loaded model keeps running with its old settings until it is next loaded. Waits
+        for a delete of the same id to finish. Raises ModelConflict, InvalidModel, or
+        NotSaved (nothing changed).
         """
-        existing = self._records.get(spec.model_id)
-        if existing is not None and not replace:
-            raise ModelConflict(
-                f"model '{spec.model_id}' is already registered; send replace=true to update it"
-            )
-        if spec.is_local:
-            self._model_file(spec)
-        if existing is not None:
-            existing.spec = spec
-            record = existing
-        else:
-            record = self._records[spec.model_id] = ModelRecord(spec)
-        self._save_registry()
+        async with self._id_lock(spec.model_id):
+            existing = self._records.get(spec.model_id)
+            if existing is not None and not replace:
+                raise ModelConflict(
+                    f"model '{spec.model_id}' is already registered; send replace=true to update it"
+                )
+            if spec.is_local:
+                self._model_file(spec)
+            self._save_registry(self._registry_with(spec))
+            if existing is not None:
+                existing.spec = spec
+                record = existing
+            else:
+                record = self._records[spec.model_id] = ModelRecord(spec)
+            self._refresh_preload()
         log.info("model registered", extra={"model": spec.model_id, "replaced": bool(existing)})
         return record
 
+    def _registry_with(self, spec: ModelSpec) -> list[ModelSpec]:
+        """The registry with `spec` in place of the entry of its id (or added last).
+        Models being deleted are out of it already."""
+        specs = [r.spec for r in self._records.values() if not r.removed]
+        ids = [s.model_id for s in specs]
+        if spec.model_id in ids:
+            specs[ids.index(spec.model_id)] = spec
+        else:
+            specs.append(spec)
+        return specs
+
     async def delete(self, model_id: str) -> None:
-        """Unload (draining) and forget a model. Raises ModelNotFound."""
-        record = self.get(model_id)
-        await self._unload(record, "deleted", force=False)
-        del self._records[model_id]
-        self._save_registry()
-        if model_id in self.config.warmup_models:
-            warmups = [m for m in self.config.warmup_models if m != model_id]
-            self.update_config({"warmup_models": warmups})
+        """Forget a model: saved to the registry file first, then its worker drains.
+
+        Raises ModelNotFound, or NotSaved (nothing changed).
+        """
+        async with self._id_lock(model_id):
+            record = self.get(model_id)
+            kept = [r.spec for r in self._records.values() if r is not record and not r.removed]
+            self._save_registry(kept)
+            if model_id in self._saved_config.warmup_models:
+                warmups = [m for m in self._saved_config.warmup_models if m != model_id]
+                self.update_config({"warmup_models": warmups})
+            await self._remove(record)
         log.info("model deleted", extra={"model": model_id})
+
+    async def _remove(self, record: ModelRecord) -> None:
+        """Drain and stop the model's worker, then forget it (its id's lock held)."""
+        record.removed = True  # from here no load starts and lookups miss it
+        try:
+            await self._unload(record, "deleted", force=False)
+        finally:
+            if self._records.get(record.model_id) is record:
+                del self._records[record.model_id]
+            self._refresh_preload()
+
+    async def _remove_locked(self, record: ModelRecord) -> None:
+        async with self._id_lock(record.model_id):
+            if self._records.get(record.model_id) is record:
+                await self._remove(record)
 
     def _apply_config(self, saved: PoolConfig) -> None:
         self._saved_config = saved
@@ -414,15 +519,22 @@ class ModelPool:
         """
         merged = _deep_merge(self._saved_config.model_dump(), changes)
         saved = PoolConfig.model_validate(merged)
-        self._store.save_config(saved)
+        try:
+            self._store.save_config(saved)
+        except (OSError, ValueError, RecursionError) as exc:
+            raise NotSaved(f"the config was not changed: {_why_not_saved(exc)}") from exc
         self._files_seen = self._store.fingerprint()
         self._apply_config(saved)
         return self.config
 
-    def _save_registry(self) -> None:
-        self._store.save_registry([r.spec for r in self._records.values()])
+    def _save_registry(self, specs: list[ModelSpec]) -> None:
+        """Write the registry as `specs`; raises NotSaved when the file cannot be written,
+        before anything in memory changes (what the API shows is what a restart loads)."""
+        try:
+            self._store.save_registry(specs)
+        except (OSError, ValueError, RecursionError) as exc:
+            raise NotSaved(f"the registry was not changed: {_why_not_saved(exc)}") from exc
         self._files_seen = self._store.fingerprint()  # our own write is not an edit
-        self._refresh_preload()
 
     # --- hot reload -------------------------------------------------------------------------
 
@@ -467,11 +579,7 @@ class ModelPool:
                 )
         # All removed models drain at once: the reload takes one drain, not one per model.
         leaving = [self._records[model_id] for model_id in removed]
-        await asyncio.gather(*(self._unload(r, "deleted", force=False) for r in leaving))
-        for record in leaving:
-            if self._records.get(record.model_id) is record:
-                del self._records[record.model_id]
-        self._refresh_preload()
+        await asyncio.gather(*(self._remove_locked(r) for r in leaving))
         summary = {"applied": True, "added": added, "removed": removed, "changed": changed}
         log.info("config and registry reloaded", extra=summary)
         return summary
@@ -496,6 +604,8 @@ class ModelPool:
         while True:
             if self._closing:
                 raise ShuttingDown("the pool manager is shutting down")
+            if record.removed:
+                raise ModelNotFound(f"model '{model_id}' is not registered")
             if record.state in SERVING:
                 return record
             if record.unload_task is not None:
@@ -562,7 +672,9 @@ class ModelPool:
         started = time.perf_counter()
         try:
             settings = self._worker_settings(record.spec)
-            worker = await self._spares.take()
+            if (ceiling := self._memory_ceiling(record)) is not None:
+                settings["memory_ceiling"] = ceiling
+            worker = await self._take_worker(record)
         except (InvalidModel, OSError) as exc:
             sock.close()
             self._ports.release(port)
@@ -570,7 +682,13 @@ class ModelPool:
             raise WorkerStartError(str(exc), permanent=True) from exc
         record.worker = worker
         try:
-            worker.assign(record.model_id, settings, sock, partial(self._on_activity, record))
+            worker.assign(
+                record.model_id,
+                settings,
+                sock,
+                partial(self._on_activity, record),
+                self._cgroups,
+            )
         except OSError as exc:  # the spare died meanwhile: worth another try
             worker.kill()
             await worker.wait_exit()
@@ -625,8 +743,16 @@ class ModelPool:
             # file: the worker's load names what is wrong with it.
             with contextlib.suppress(BackendError):
                 settings["served_model_path"] = str(served_path(source, spec.weights, folder))
+        else:
+            # Workers hold no secrets of their own: the manager lends this model its key.
+            try:
+                settings["api_key"] = read_api_key(settings)
+            except SecretError as exc:
+                raise InvalidModel(str(exc)) from None
         settings["ollama_base_url"] = self.config.ollama_base_url
         settings["max_request_bytes"] = self.config.max_request_bytes
+        settings["allowed_hosts"] = self.config.allowed_hosts
+        settings["allowed_origins"] = self.config.allowed_origins
         return settings
 
     def _count_load_failure(self, record: ModelRecord, reason: str) -> None:
@@ -681,7 +807,9 @@ class ModelPool:
             occupying = [
                 r for r in self._records.values() if r.state in OCCUPYING and r is not record
             ]
-            reason = self._why_it_does_not_fit(occupying, need)
+            # A sandboxed remote model gets a new process, not a spare (_take_worker).
+            takes_spare = record.spec.is_local or not self._sandboxed
+            reason = self._why_it_does_not_fit(occupying, need, takes_spare)
             if reason is None:
                 return
             victim = self._eviction_candidate(occupying)
@@ -708,32 +836,42 @@ class ModelPool:
                 retry_after=RETRY_AFTER_FULL_SECONDS,
             )
 
-    def _why_it_does_not_fit(self, occupying: list[ModelRecord], need: int) -> str | None:
+    def _models_estimate(self) -> int:
+        """The estimates of the models holding a worker, in bytes."""
+        return sum(r.memory_estimate for r in self._records.values() if r.state in OCCUPYING)
+
+    def _why_it_does_not_fit(
+        self, occupying: list[ModelRecord], need: int, takes_spare: bool = True
+    ) -> str | None:
+        """The rules are pool_manager.memory's; this gathers the numbers. The spare the
+        load takes (`takes_spare`) is the model's worker-to-be: not counted apart, and the
+        heap it mapped ahead serves the model's buffers."""
         if len(occupying) >= self.config.max_concurrent_models:
             return f"max_concurrent_models={self.config.max_concurrent_models} models are loaded"
-        used = sum(r.memory_estimate for r in occupying)
-        if used + need > self.config.memory_limit_mb * MB:
-            return (
-                f"it needs about {need // MB} MB and loaded models use about {used // MB} MB "
-                f"of memory_limit_mb={self.config.memory_limit_mb}"
-            )
-        # The spare that will load it has already mapped part of what it needs.
-        available = psutil.virtual_memory().available + self._spares.reserved_bytes
-        if need > available:
-            return f"it needs about {need // MB} MB and only {available // MB} MB are free"
-        return None
+        return why_it_does_not_fit(
+            need,
+            limit=self.config.memory_limit_mb * MB,
+            models=sum(r.memory_estimate for r in occupying),
+            spares=self._spares.memory(but_next=takes_spare),
+            available=psutil.virtual_memory().available,
+            reusable=self._spares.reserved_bytes if takes_spare else 0,
+        )
 
     async def _estimate_memory(self, record: ModelRecord) -> int:
-        """Bytes the model will take once loaded (file + KV cache + process)."""
+        """Bytes the model's worker will hold once loaded: resident weights + KV cache +
+        compute buffer + process (model_service.gguf.estimate_memory_bytes)."""
         if not record.spec.is_local:
             return PROCESS_OVERHEAD_BYTES  # the weights live on another server
         try:
-            path = Path(self._model_file(record.spec))
+            spec = record.spec
+            path = Path(self._model_file(spec))
             # Every slot (max_concurrent of them) has its own n_ctx of KV cache.
-            cells = record.spec.n_ctx * record.spec.max_concurrent
+            cells = spec.n_ctx * spec.max_concurrent
+            # As model_service.backends.llama_cpp.ContextShape sizes the batch.
+            n_ubatch = min(512, max(spec.n_batch, spec.max_concurrent))
             folder = self._weights_folder
-            weights = await asyncio.to_thread(served_size, path, record.spec.weights, folder)
-            return await asyncio.to_thread(estimate_memory_bytes, path, cells, weights)
+            weights = await asyncio.to_thread(served_size, path, spec.weights, folder)
+            return await asyncio.to_thread(estimate_memory_bytes, path, cells, weights, n_ubatch)
         except (InvalidModel, BackendError):
             # The worker's load will report what is wrong with the file, clearly.
             return PROCESS_OVERHEAD_BYTES
@@ -936,6 +1074,26 @@ class ModelPool:
 
     # --- crashes ----------------------------------------------------------------------------
 
+    async def _kill_hung_workers(self) -> None:
+        """Kill serving workers that stopped heartbeating or sit in one decode step too
+        long (SIGSTOP, a blocked event loop, a decode that never returns); `_watch_worker`
+        then frees the model as after a crash, and its clients get a clean error."""
+        while True:
+            await asyncio.sleep(HANG_CHECK_SECONDS)
+            for record in list(self._records.values()):
+                worker = record.worker
+                if worker is None or record.state is S.WARMING or worker.hung:
+                    continue
+                reason = worker.hang(
+                    self.config.hang_timeout_seconds, self.config.decode_stall_seconds
+                )
+                if reason is not None:
+                    log.error(
+                        "killing a hung worker",
+                        extra={"model": record.model_id, "pid": worker.pid, "reason": reason},
+                    )
+                    worker.kill_as_hung(reason)
+
     async def _watch_worker(self, record: ModelRecord, worker: WorkerProcess) -> None:
         code = await worker.wait_exit()
         if record.worker is not worker or record.state is S.UNLOADING:
@@ -945,7 +1103,14 @@ class ModelPool:
         record.recent_crashes.append(now)
         while record.recent_crashes[0] < now - CRASH_WINDOW_SECONDS:
             record.recent_crashes.popleft()
-        record.last_error = f"worker exited unexpectedly with code {code}"
+        if worker.hung:
+            record.last_error = worker.hung
+        elif worker.out_of_memory:
+            record.last_error = (
+                f"{OUT_OF_MEMORY}: the worker passed its memory ceiling (exit code {code})"
+            )
+        else:
+            record.last_error = f"worker exited unexpectedly with code {code}"
         log.error(
             "worker died", extra={"model": record.model_id, "exit_code": code, "pid": worker.pid}
         )
@@ -1026,6 +1191,12 @@ class ModelPool:
             # COLD models are the ones spares load ahead. Not yet when one starts loading:
             # the spare about to be handed it would drop its weights first.
             self._refresh_preload()
+
+
+def _why_not_saved(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return f"{exc.filename or 'the file'}: {exc.strerror or exc}"
+    return str(exc) or type(exc).__name__
 
 
 def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

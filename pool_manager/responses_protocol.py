@@ -16,7 +16,16 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from model_service.errors import ApiError
 
@@ -350,16 +359,17 @@ class ResponsesRequest(_Tolerant):
     instructions: str | None = None
     tools: list[Any] = Field(default_factory=list)
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    max_tool_calls: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Strict, as OpenAI: "10" is not 10 and "yes" is not true (400 invalid_type).
+    parallel_tool_calls: StrictBool | None = None
+    max_output_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_tool_calls: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     text: TextConfig | None = None
-    store: bool | None = None
+    store: StrictBool | None = None
     previous_response_id: str | None = None
-    stream: bool | None = None
+    stream: StrictBool | None = None
     stream_options: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
@@ -369,7 +379,7 @@ class ResponsesRequest(_Tolerant):
     truncation: Literal["auto", "disabled"] | None = None
     prompt_cache_key: str | None = None
     service_tier: str | None = None
-    background: bool | None = None
+    background: StrictBool | None = None
     # Server-side conversations and stored prompt templates live on OpenAI's side only.
     conversation: Any = None
     prompt: Any = None

@@ -13,6 +13,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psutil
+
+from pool_manager.memory import SpareMemory
 from pool_manager.worker_process import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -52,8 +55,23 @@ class SparePool:
     @property
     def reserved_bytes(self) -> int:
         """Memory the spare `take` would hand out has mapped ahead for its model."""
-        warm = [w.reserved_bytes for w in self._spares if w.is_warm_spare]
-        return max(warm, default=0)
+        spare = self._next()
+        return spare.reserved_bytes if spare is not None and spare.is_warm_spare else 0
+
+    def memory(self, *, but_next: bool = False) -> list[SpareMemory]:
+        """What each live spare holds (measured), leaving out the one `take` would hand
+        out when `but_next` (a load counts that one as part of its model)."""
+        skip = self._next() if but_next else None
+        return [_measure(w) for w in self._spares if w.returncode is None and w is not skip]
+
+    @property
+    def count(self) -> int:
+        return sum(1 for w in self._spares if w.returncode is None)
+
+    def _next(self) -> WorkerProcess | None:
+        """The spare `take` would hand out now: a warm one first."""
+        alive = [w for w in self._spares if w.returncode is None]
+        return min(alive, key=lambda w: not w.is_warm_spare, default=None)
 
     async def take(self) -> WorkerProcess:
         """A spare (warm ones first), or a newly started process when none is left.
@@ -61,9 +79,9 @@ class SparePool:
         The caller refills (`refill`) once its model is up: starting a new process while
         the taken one loads would slow that load down on a small machine.
         """
-        self._spares = [w for w in self._spares if w.returncode is None]
-        self._spares.sort(key=lambda w: not w.is_warm_spare)
-        return self._spares.pop(0) if self._spares else await self._start_spare()
+        spare = self._next()
+        self._spares = [w for w in self._spares if w.returncode is None and w is not spare]
+        return spare if spare is not None else await self._start_spare()
 
     def refill(self, delay: float = 0.0) -> None:
         """Start spares in the background, after `delay` s, until there are `size`."""
@@ -94,3 +112,12 @@ class SparePool:
         for worker in self._spares:
             await worker.wait_exit()
         self._spares.clear()
+
+
+def _measure(worker: WorkerProcess) -> SpareMemory:
+    try:
+        info = psutil.Process(worker.pid).memory_info()
+        rss, file_backed = int(info.rss), int(info.shared)
+    except psutil.Error:  # gone meanwhile: counts as just started
+        rss = file_backed = 0
+    return SpareMemory(rss=rss, file_backed=file_backed, reserve=worker.reserved_bytes)

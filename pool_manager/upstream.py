@@ -5,19 +5,31 @@ a millisecond per request in its own layers. Workers are ours and speak plain
 HTTP/1.1 (uvicorn), so this client does only that: keep-alive connections per port,
 one `write` for the request, a header block parsed in one read, and the body passed on
 as it arrives (chunked or Content-Length).
+
+Two things it guards against: a worker that stops answering (each read may wait at most
+the request's `idle_timeout`, then the exchange fails with UpstreamTimeout), and idle
+connections the worker closed (its keep-alive ends after 5 s): they are swept, not left
+in CLOSE_WAIT until the port is used again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterable
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_IDLE_PER_PORT = 64
+IDLE_SECONDS = 4.0  # under uvicorn's 5 s keep-alive: we close first
+SWEEP_SECONDS = 2.0
 
 
 class UpstreamError(Exception):
     """The worker could not be reached or broke off its reply."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The worker sent nothing for the request's idle timeout (it is hung or stuck)."""
 
 
 _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -33,8 +45,10 @@ class UpstreamResponse:
         connection: _Connection,
         pool: UpstreamPool,
         port: int,
+        idle_timeout: float | None = None,
     ) -> None:
         self.status = status
+        self._idle_timeout = idle_timeout
         self.headers = headers
         self._connection: _Connection | None = connection
         self._pool = pool
@@ -58,27 +72,37 @@ class UpstreamResponse:
         if self._connection is None:
             return
         reader = self._connection[0]
+        timeout = self._idle_timeout
         try:
             if self._chunked:
                 while True:
-                    size_line = await reader.readuntil(b"\r\n")
-                    size = int(size_line.split(b";", 1)[0], 16)
-                    if size == 0:
-                        await reader.readuntil(b"\r\n")  # no trailers from uvicorn
-                        break
-                    data = await reader.readexactly(size + 2)
+                    async with asyncio.timeout(timeout):
+                        size_line = await reader.readuntil(b"\r\n")
+                        size = int(size_line.split(b";", 1)[0], 16)
+                        if size == 0:
+                            await reader.readuntil(b"\r\n")  # no trailers from uvicorn
+                            break
+                        data = await reader.readexactly(size + 2)
                     yield data[:-2]
             elif self._length is not None:
                 left = self._length
                 while left:
-                    data = await reader.read(min(left, 1 << 16))
+                    async with asyncio.timeout(timeout):
+                        data = await reader.read(min(left, 1 << 16))
                     if not data:
                         raise asyncio.IncompleteReadError(b"", left)
                     left -= len(data)
                     yield data
             else:
-                while data := await reader.read(1 << 16):
+                while True:
+                    async with asyncio.timeout(timeout):
+                        data = await reader.read(1 << 16)
+                    if not data:
+                        break
                     yield data
+        except TimeoutError as exc:
+            self.close()
+            raise UpstreamTimeout(f"the worker sent nothing for {timeout:g} s") from exc
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             self.close()
             raise UpstreamError(f"the reply broke off: {exc or type(exc).__name__}") from exc
@@ -104,15 +128,24 @@ class UpstreamPool:
     """Keep-alive connections to workers on 127.0.0.1, by port. Runs on one event loop."""
 
     def __init__(self) -> None:
-        self._idle: dict[int, list[_Connection]] = {}
+        # Per port, idle connections and when each was given back (monotonic).
+        self._idle: dict[int, list[tuple[_Connection, float]]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def request(
-        self, port: int, path: str, body: bytes, headers: Iterable[tuple[str, str]]
+        self,
+        port: int,
+        path: str,
+        body: bytes,
+        headers: Iterable[tuple[str, str]],
+        idle_timeout: float | None = None,
     ) -> UpstreamResponse:
         """POST `body` to the worker on `port`; returns once the reply's headers are in.
 
-        Raises UpstreamError when no reply comes. A kept-alive connection the worker
-        closed meanwhile is retried once on a new one (nothing was processed on it).
+        Raises UpstreamError when no reply comes, UpstreamTimeout when nothing came for
+        `idle_timeout` seconds (here or later, reading the body). A kept-alive connection
+        the worker closed meanwhile is retried once on a new one (nothing was processed
+        on it).
         """
         head = [f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"]
         head.extend(f"{name}: {value}\r\n" for name, value in headers)
@@ -121,7 +154,10 @@ class UpstreamPool:
         while True:
             connection, reused = await self._connect(port)
             try:
-                return await self._exchange(port, connection, message)
+                return await self._exchange(port, connection, message, idle_timeout)
+            except TimeoutError as exc:
+                connection[1].close()
+                raise UpstreamTimeout(f"the worker sent nothing for {idle_timeout:g} s") from exc
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 connection[1].close()
                 if reused and isinstance(exc, (asyncio.IncompleteReadError, OSError)):
@@ -134,7 +170,7 @@ class UpstreamPool:
     async def _connect(self, port: int) -> tuple[_Connection, bool]:
         idle = self._idle.get(port)
         while idle:
-            reader, writer = idle.pop()
+            (reader, writer), _since = idle.pop()
             if not writer.is_closing() and not reader.at_eof():
                 return (reader, writer), True
             writer.close()
@@ -145,31 +181,60 @@ class UpstreamPool:
         return connection, False
 
     async def _exchange(
-        self, port: int, connection: _Connection, message: bytes
+        self, port: int, connection: _Connection, message: bytes, idle_timeout: float | None
     ) -> UpstreamResponse:
         reader, writer = connection
         writer.write(message)
-        block = await reader.readuntil(b"\r\n\r\n")
+        async with asyncio.timeout(idle_timeout):
+            block = await reader.readuntil(b"\r\n\r\n")
         status_line, *lines = block[:-4].decode("latin-1").split("\r\n")
         _version, status, *_reason = status_line.split(" ", 2)
         headers = []
         for line in lines:
             name, _, value = line.partition(":")
             headers.append((name.strip().lower(), value.strip()))
-        return UpstreamResponse(int(status), headers, connection, self, port)
+        return UpstreamResponse(int(status), headers, connection, self, port, idle_timeout)
 
     def give_back(self, port: int, connection: _Connection) -> None:
         idle = self._idle.setdefault(port, [])
         if len(idle) < MAX_IDLE_PER_PORT:
-            idle.append(connection)
+            idle.append((connection, time.monotonic()))
+            if self._sweep is None:
+                loop = asyncio.get_running_loop()
+                self._sweep = loop.call_later(SWEEP_SECONDS, self._sweep_idle)
         else:
             connection[1].close()
 
+    def _sweep_idle(self) -> None:
+        """Close connections idle for IDLE_SECONDS or closed by the worker; again later
+        while any are left."""
+        self._sweep = None
+        oldest = time.monotonic() - IDLE_SECONDS
+        for port, idle in list(self._idle.items()):
+            keep = []
+            for (reader, writer), since in idle:
+                if since < oldest or reader.at_eof() or writer.is_closing():
+                    writer.close()
+                else:
+                    keep.append(((reader, writer), since))
+            if keep:
+                self._idle[port] = keep
+            else:
+                del self._idle[port]
+        if self._idle:
+            self._sweep = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep_idle)
+
+    def idle_connections(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
     def forget(self, port: int) -> None:
         """Close the idle connections to `port` (its worker is gone)."""
-        for _reader, writer in self._idle.pop(port, []):
+        for (_reader, writer), _since in self._idle.pop(port, []):
             writer.close()
 
     def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for port in list(self._idle):
             self.forget(port)

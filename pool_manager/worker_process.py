@@ -18,12 +18,25 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from model_service.auth import ADMIN_KEY_ENV
+from model_service.sandbox import (
+    EXIT_OUT_OF_MEMORY,
+    OUT_OF_MEMORY,
+    PROCESS_MECHANISMS,
+    MemoryCgroups,
+    Report,
+)
+from model_service.secrets import SECRET_ENV_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +66,17 @@ class WorkerStartError(Exception):
         self.permanent = permanent
 
 
+def worker_environment() -> dict[str, str]:
+    """The manager's environment less what no worker needs: the admin key (workers check
+    the client key only) and the remote backends' secrets (the manager resolves a
+    model's own key and sends it with the model's settings)."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name != ADMIN_KEY_ENV and not name.startswith(SECRET_ENV_PREFIX)
+    }
+
+
 class WorkerProcess:
     """Started by `start_spare`, given a model by `assign`; methods run on the event loop."""
 
@@ -74,11 +98,27 @@ class WorkerProcess:
         self._exit_task.add_done_callback(lambda _: self._close_control())
         self._events_task: asyncio.Task[None] | None = None
         self._events_writer: asyncio.StreamWriter | None = None
+        # Heartbeats (`beat` events, each second from a serving worker's event loop): when
+        # the last came, and how long the engine's step then running had taken.
+        self.last_beat: float | None = None  # monotonic; set once it serves
+        self.step_seconds = 0.0
+        self.hung: str | None = None  # why the pool killed it as hung, if it did
+        self._cgroup: Path | None = None  # its memory ceiling's cgroup, if it has one
+        self._oom_killed = False  # the kernel killed it for passing that ceiling
 
     def _close_control(self) -> None:
         self._control.close()
         if self._events_writer is not None:
             self._events_writer.close()
+        if self._cgroup is not None:
+            self._oom_killed = MemoryCgroups.oom_killed(self._cgroup)
+            MemoryCgroups.remove(self._cgroup)
+            self._cgroup = None
+
+    @property
+    def out_of_memory(self) -> bool:
+        """It exited for passing its memory ceiling (see model_service/sandbox.py)."""
+        return self._oom_killed or self.returncode == EXIT_OUT_OF_MEMORY
 
     @property
     def pid(self) -> int:
@@ -95,14 +135,28 @@ class WorkerProcess:
 
     @classmethod
     async def start_spare(
-        cls, *, graceful_seconds: float, log_level: str, reserve_mb: int = 0
+        cls,
+        *,
+        graceful_seconds: float,
+        log_level: str,
+        reserve_mb: int = 0,
+        sandbox: bool = False,
+        network: bool = False,
     ) -> WorkerProcess:
-        """Start a worker process with no model. Returns at once; it warms up meanwhile."""
+        """Start a worker process with no model. Returns at once; it warms up meanwhile.
+
+        `sandbox`: in the sandbox of model_service/sandbox.py, without network access
+        unless `network` (for a remote backend).
+        """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if sandbox:
+            entry = ["model_service.sandbox", *(["--network"] if network else [])]
+        else:
+            entry = ["model_service"]
         command = [
             sys.executable,
             "-m",
-            "model_service",
+            *entry,
             "--control-fd",
             str(theirs.fileno()),
             "--graceful-seconds",
@@ -116,6 +170,7 @@ class WorkerProcess:
             process = await asyncio.create_subprocess_exec(
                 *command,
                 stdin=asyncio.subprocess.DEVNULL,
+                env=worker_environment(),
                 pass_fds=(theirs.fileno(),),
                 # Own session: a Ctrl-C in the manager's terminal reaches the manager only,
                 # which then drains and stops its workers in order.
@@ -141,11 +196,29 @@ class WorkerProcess:
         settings: dict[str, Any],
         sock: socket.socket,
         on_activity: ActivityCallback,
+        cgroups: MemoryCgroups | None = None,
     ) -> None:
-        """Hand the worker a model and its listening socket (closed here afterwards)."""
+        """Hand the worker a model and its listening socket (closed here afterwards).
+
+        A `memory_ceiling` in `settings` ({"bytes", "need"}) is put in force in a cgroup
+        of its own when `cgroups` allows, else the worker sets it as RLIMIT_AS; "by" tells
+        the worker which.
+        """
         self.model_id = model_id
         self.port = sock.getsockname()[1]
         self._on_activity = on_activity
+        ceiling = settings.get("memory_ceiling")
+        if ceiling is not None:
+            ceiling["by"] = "address_space"
+            if cgroups is not None:
+                try:
+                    self._cgroup = cgroups.attach(self.pid, int(ceiling["bytes"]))
+                    ceiling["by"] = "cgroup"
+                except OSError as exc:
+                    log.warning(
+                        "no memory cgroup for the worker; RLIMIT_AS instead",
+                        extra={"pid": self.pid, "reason": str(exc)},
+                    )
         line = json.dumps({"cmd": "load", "settings": settings}).encode() + b"\n"
         try:
             socket.send_fds(self._control, [line], [sock.fileno()])
@@ -163,7 +236,11 @@ class WorkerProcess:
             if event in ("start", "end"):
                 if self._on_activity is not None:
                     self._on_activity(self, event)
+            elif event == "beat":
+                self.last_beat = time.monotonic()
+                self.step_seconds = float(message.get("step_seconds") or 0.0)
             elif event == "ready" and not self._ready.done():
+                self.last_beat = time.monotonic()
                 phases = message.get("load_phases")
                 self._ready.set_result(
                     WorkerReady(
@@ -197,6 +274,11 @@ class WorkerProcess:
                     await asyncio.wait_for(asyncio.shield(self._events_task), 1.0)
             if self._failure_reason:
                 raise WorkerStartError(self._failure_reason, permanent=True)
+            if self.out_of_memory:  # the same ceiling would stop it again
+                raise WorkerStartError(
+                    f"{OUT_OF_MEMORY}: the worker passed its memory ceiling while loading",
+                    permanent=True,
+                )
             raise WorkerStartError(f"worker exited with code {self.returncode} while loading")
         self.kill()
         raise WorkerStartError(f"worker not ready after {timeout:g} s")
@@ -252,7 +334,55 @@ class WorkerProcess:
     def kill(self) -> None:
         self._signal(signal.SIGKILL)
 
+    def hang(self, silence_limit: float, step_limit: float) -> str | None:
+        """Why this serving worker looks hung, or None: no heartbeat for `silence_limit`
+        seconds (stopped, or its event loop blocked), or one engine step running for
+        longer than `step_limit` (a decode that does not return)."""
+        if self.last_beat is None or self.returncode is not None:
+            return None
+        silent = time.monotonic() - self.last_beat
+        if silent > silence_limit:
+            return f"worker hung: no heartbeat for {silent:.0f} s"
+        if self.step_seconds > step_limit:
+            return f"worker hung: one decode step has run for {self.step_seconds:.0f} s"
+        return None
+
+    def kill_as_hung(self, reason: str) -> None:
+        """SIGKILL (a hung process may not act on SIGTERM); `reason` becomes its error."""
+        self.hung = reason
+        self.kill()
+
     def _signal(self, signum: int) -> None:
         if self._process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._process.send_signal(signum)
+
+
+async def probe_sandbox() -> tuple[Report, MemoryCgroups | None]:
+    """What a worker's sandbox gets on this machine: a throwaway process enters it and
+    says what worked (model_service/sandbox.py); and the cgroups for memory ceilings, if
+    the machine delegates the memory controller to the manager."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "model_service.sandbox",
+            "--probe",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            env=worker_environment(),
+        )
+        output, _ = await process.communicate()
+        report: Report = json.loads(output)
+    except (OSError, ValueError) as exc:
+        why = f"the sandbox probe failed: {exc}"
+        report = {name: {"available": False, "detail": why} for name in PROCESS_MECHANISMS}
+    cgroups, detail = await asyncio.to_thread(MemoryCgroups.find)
+    report["memory_cgroup"] = {"available": cgroups is not None, "detail": detail}
+    report["memory_address_space"] = {
+        "available": True,
+        "detail": "RLIMIT_AS, set by each worker when it is handed a model"
+        if cgroups is None
+        else "RLIMIT_AS, only for a worker whose cgroup cannot be made",
+    }
+    return report, cgroups

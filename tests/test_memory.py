@@ -5,11 +5,28 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 import psutil
+import pytest
 
-from model_service.gguf import estimate_memory_bytes, read_metadata
+from model_service.gguf import (
+    GGML_Q4_1,
+    estimate_memory_bytes,
+    read_metadata,
+    resident_weights_bytes,
+    vocab_size,
+)
 from model_service.model_files import package_file
-from model_service.weights import cache_dir, served_size
+from model_service.weights import cache_dir, ensure_served, served_size, widened_path
+from pool_manager.memory import (
+    MB,
+    SPARE_PROCESS_BYTES,
+    SpareMemory,
+    preload_budget,
+    room_under_limit,
+    spare_reserve_bytes,
+    why_it_does_not_fit,
+)
 from tests.conftest import (
     SMOLLM2_FILE,
     Manager,
@@ -26,16 +43,51 @@ def _estimate_bytes(cells: int) -> int:
     return estimate_memory_bytes(source, cells, served_size(source, "auto", cache_dir()))
 
 
-def test_estimate_is_close_to_measured_rss(start_manager: ManagerFactory) -> None:
-    manager = start_manager(models=[model_entry("m:1", n_ctx=2048, max_concurrent=2)])
-    # Each of the max_concurrent slots has n_ctx cells of KV cache. Taken before the load,
-    # like the manager's: until the first load has widened the weights it counts the
-    # largest size a Q8_0 copy can have.
-    estimate = _estimate_bytes(2048 * 2) / 2**20
+@pytest.fixture(scope="module")
+def q8_0_copy(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """SmolLM2 in the other weights form: the Q8_0 copy that `weights: auto` serves
+    where llama.cpp has no fast Q4_1 kernel (mapped only; Q4_1 is also repacked)."""
+    source = package_file(SMOLLM2_FILE)
+    return str(ensure_served(source, widened_path(source, tmp_path_factory.mktemp("q8"))))
+
+
+# (n_ctx, slots, weights): the default shape, more KV cells than weights, the other form.
+SHAPES = {
+    "2048x4-q4_1": (2048, 4, "q4_1"),
+    "2048x8-q4_1": (2048, 8, "q4_1"),
+    "2048x4-q8_0": (2048, 4, "q8_0"),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_estimate_is_within_15_percent_of_measured_rss(
+    start_manager: ManagerFactory, q8_0_copy: str, shape: str
+) -> None:
+    """The estimate against the worker's RSS once it has loaded (from a spare that loaded
+    the weights ahead, as a cold start usually is) and served one short request."""
+    n_ctx, slots, form = SHAPES[shape]
+    files = {"q4_1": {}, "q8_0": {"package_file": None, "model_path": q8_0_copy}}[form]
+    entry = {
+        k: v
+        for k, v in model_entry("m:1", n_ctx=n_ctx, max_concurrent=slots, **files).items()
+        if v is not None
+    }
+    manager = start_manager(models=[entry])
+    wait_for(
+        lambda: manager.request("GET", "/health").json()["preloaded_models"] == ["m:1"],
+        60,
+        message="the spare to load the weights ahead",
+    )
     model = manager.load("m:1")
-    assert model["memory_estimate_mb"] == round(estimate)
-    rss = wait_for(lambda: manager.model("m:1")["memory_rss_mb"], 30, message="an RSS reading")
-    assert 0.6 * estimate < rss < 1.4 * estimate, (estimate, rss)
+    reply = httpx.post(
+        f"{model['endpoint']}/v1/chat/completions",
+        json={"model": "m:1", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
+    estimate = model["memory_estimate_mb"]
+    rss = _rss_mb(model["pid"])
+    assert abs(estimate / rss - 1) <= 0.15, (shape, estimate, rss)
     assert model["vram_mb"] is None, "no GPU on this machine"
     memory = manager.request("GET", "/health").json()["memory"]
     assert memory["gpu_available"] is False and memory["gpu_free_mb"] is None
@@ -135,3 +187,80 @@ def test_no_reserve_when_turned_off(start_manager: ManagerFactory) -> None:
     spare = wait_for(lambda: _spare_pids(manager), 30, message="a spare worker")[0]
     wait_for(lambda: _settled(spare), 30, message="the spare to finish starting")
     assert _rss_mb(spare) < 300
+
+
+# --- the admission rules, fed with numbers (pool_manager/memory.py) -----------------------
+
+GB = 2**30
+
+
+def spare(rss_mb: int, reserve_mb: int, file_mb: int = 0) -> SpareMemory:
+    return SpareMemory(rss=rss_mb * MB, file_backed=file_mb * MB, reserve=reserve_mb * MB)
+
+
+def fits(need_mb: int, **numbers: object) -> str | None:
+    defaults: dict[str, object] = {
+        "limit": 4 * GB,
+        "models": 0,
+        "spares": [],
+        "available": 16 * GB,
+        "reusable": 0,
+    }
+    return why_it_does_not_fit(need_mb * MB, **{**defaults, **numbers})  # type: ignore[arg-type]
+
+
+def test_spares_count_against_the_limit() -> None:
+    # 2 GB of models + a 1.5 GB model fit in 4 GB; not with a spare holding 600 MB.
+    assert fits(1536, models=2 * GB) is None
+    reason = fits(1536, models=2 * GB, spares=[spare(600, 500)])
+    assert reason is not None and "spare workers 600 MB" in reason
+    assert "memory_limit_mb=4096" in reason
+
+
+def test_a_starting_spare_counts_its_process_and_the_reserve_it_is_about_to_map() -> None:
+    starting = spare(rss_mb=20, reserve_mb=1000)
+    assert starting.held == SPARE_PROCESS_BYTES + 1000 * MB
+    # Its reserve is not mapped yet: the OS still counts it as available.
+    assert starting.not_free == starting.held - 20 * MB
+    assert spare(rss_mb=1500, reserve_mb=1000).held == 1500 * MB  # weights loaded ahead
+
+
+def test_spares_count_against_free_memory_their_mapped_weights_included() -> None:
+    assert fits(1000, available=1200 * MB) is None
+    # The kernel counts a spare's mapped model files as available page cache.
+    reason = fits(1000, available=1200 * MB, spares=[spare(400, 200, file_mb=300)])
+    assert reason == "it needs about 1000 MB and only 900 MB are free"
+
+
+def test_the_taken_spares_reserve_serves_the_model_only_as_far_as_it_needs() -> None:
+    # The spare the load takes mapped 800 MB ahead: the model's buffers go there.
+    assert fits(1000, available=300 * MB, reusable=800 * MB) is None
+    # A reserve larger than the model's need frees nothing more for it.
+    assert fits(1000, available=0, reusable=5000 * MB) is None
+    assert fits(1000, available=100 * MB, reusable=800 * MB) is not None
+
+
+def test_a_new_spares_reserve_stays_within_the_limit_and_a_quarter_of_free_memory() -> None:
+    room = room_under_limit(4 * GB, 3 * GB, [spare(300, 200)])
+    assert room == GB - 300 * MB
+    assert spare_reserve_bytes(2 * GB, 16 * GB, room) == room - SPARE_PROCESS_BYTES
+    assert spare_reserve_bytes(2 * GB, 4 * GB, 8 * GB) == GB  # a quarter of 4 GB free
+    assert spare_reserve_bytes(500 * MB, 16 * GB, 8 * GB) == 500 * MB  # the largest need
+    assert spare_reserve_bytes(2 * GB, 16 * GB, 0) == 0  # the models fill the limit
+
+
+def test_weights_loaded_ahead_stay_within_half_the_free_memory_and_the_limit() -> None:
+    assert preload_budget(available=4 * GB, room=8 * GB, spares=1) == 2 * GB
+    assert preload_budget(available=16 * GB, room=GB, spares=2) == GB // 2  # each maps them
+    assert preload_budget(available=16 * GB, room=0, spares=0) == 0
+
+
+def test_resident_weights_count_the_repacked_matrices_twice() -> None:
+    """llama.cpp's own count for SmolLM2's Q4_1 file: 92.10 MiB mapped (the file),
+    63.28 MiB repacked (every Q4_1 matrix; the Q8_0 token embeddings are not)."""
+    source = package_file(SMOLLM2_FILE)
+    mapped = source.stat().st_size
+    assert resident_weights_bytes(source, frozenset()) == mapped
+    repacked = resident_weights_bytes(source, frozenset({GGML_Q4_1})) - mapped
+    assert abs(repacked / MB - 63.28) < 0.01
+    assert vocab_size(source) == 49152

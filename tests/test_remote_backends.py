@@ -38,8 +38,8 @@ def test_openai_backend_through_another_pools_worker(start_manager: ManagerFacto
     )
     endpoint = upstream.wait_state(DEFAULT_MODEL, "HOT")["endpoint"]
     pool = start_manager(
-        models=[far_model(endpoint, api_key_env="UPSTREAM_KEY")],
-        env={"UPSTREAM_KEY": UPSTREAM_KEY},
+        models=[far_model(endpoint, api_key_env="POOL_SECRET_UPSTREAM")],
+        env={"POOL_SECRET_UPSTREAM": UPSTREAM_KEY},
     )
     client = client_for(pool.url)
     reply = client.chat.completions.create(
@@ -77,7 +77,7 @@ def test_unreachable_remote_fails_with_a_clear_reason(start_manager: ManagerFact
                 "model_id": "nokey:1",
                 "backend": "openai",
                 "base_url": "http://127.0.0.1:9/v1",
-                "api_key_env": "NO_SUCH_VARIABLE_SET",
+                "api_key_env": "POOL_SECRET_NOT_SET",
             },
         ]
     )
@@ -85,7 +85,7 @@ def test_unreachable_remote_fails_with_a_clear_reason(start_manager: ManagerFact
     assert gone.status_code == 503 and "not reachable" in gone.json()["error"]["message"]
     nokey = pool.request("POST", "/models/nokey:1/load")
     assert nokey.status_code == 503
-    assert "NO_SUCH_VARIABLE_SET" in nokey.json()["error"]["message"]
+    assert "POOL_SECRET_NOT_SET" in nokey.json()["error"]["message"]
 
 
 def test_ollama_backend_through_another_pools_ollama_api(start_manager: ManagerFactory) -> None:

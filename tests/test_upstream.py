@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 import uvicorn
 
-from pool_manager.upstream import UpstreamError, UpstreamPool
+from pool_manager.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
 
 Scope = dict[str, Any]
 
 
 async def _app(scope: Scope, receive: Any, send: Any) -> None:
-    """/stream: three chunks; /fixed: echoes the body with a Content-Length; /cut: dies."""
+    """/stream: three chunks; /fixed: echoes the body with a Content-Length; /cut: dies;
+    /mute: never answers; /stall: sends its headers, then nothing."""
     body = b""
     while True:
         message = await receive()
@@ -29,6 +30,12 @@ async def _app(scope: Scope, receive: Any, send: Any) -> None:
         for piece in (b"one ", b"two ", b"three"):
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+    elif path == "/mute":
+        await asyncio.sleep(3600)
+    elif path == "/stall":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        await asyncio.sleep(3600)
     elif path == "/fixed":
         headers = [(b"content-type", b"application/json"), (b"x-seen", scope["method"].encode())]
         await send({"type": "http.response.start", "status": 201, "headers": headers})
@@ -43,7 +50,9 @@ async def _app(scope: Scope, receive: Any, send: Any) -> None:
 async def server() -> AsyncIterator[int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(_app, log_config=None, timeout_keep_alive=1, lifespan="off")
+    config = uvicorn.Config(
+        _app, log_config=None, timeout_keep_alive=1, lifespan="off", timeout_graceful_shutdown=1
+    )
     serving = uvicorn.Server(config)
     task = asyncio.create_task(serving.serve(sockets=[sock]))
     async with asyncio.timeout(10):
@@ -87,7 +96,9 @@ async def test_a_reader_that_leaves_at_the_last_chunk_breaks_nothing(server: int
 async def test_a_connection_the_worker_closed_while_idle_is_replaced(server: int) -> None:
     pool = UpstreamPool()
     assert await (await pool.request(server, "/fixed", b"1", [])).read() == b"1"
-    reader, _writer = pool._idle[server][0]
+    assert pool._sweep is not None
+    pool._sweep.cancel()  # what this test is about happens between two sweeps
+    (reader, _writer), _since = pool._idle[server][0]
     # uvicorn closes connections idle for timeout_keep_alive (1 s here).
     async with asyncio.timeout(10):
         await reader.read()
@@ -112,3 +123,31 @@ async def test_nobody_listening_raises() -> None:
         port = sock.getsockname()[1]  # bound, not listening: connections are refused
         with pytest.raises(UpstreamError, match="cannot connect"):
             await UpstreamPool().request(port, "/", b"", [])
+
+
+async def test_a_worker_that_stops_answering_times_out(server: int) -> None:
+    """The relay's own deadline: a silent worker fails the exchange, it does not hang."""
+    pool = UpstreamPool()
+    with pytest.raises(UpstreamTimeout):
+        await pool.request(server, "/mute", b"{}", [], idle_timeout=0.5)
+    reply = await pool.request(server, "/stall", b"{}", [], idle_timeout=0.5)
+    pieces = []
+    with pytest.raises(UpstreamTimeout):
+        async for piece in reply.body():
+            pieces.append(piece)
+    assert pieces == [b"first"]
+    pool.close()
+
+
+async def test_idle_connections_the_worker_closed_are_swept(server: int) -> None:
+    """After a burst, no connection lingers in CLOSE_WAIT once the worker's keep-alive
+    (1 s here) has ended: the sweep closes them though no request comes."""
+    pool = UpstreamPool()
+    replies = await asyncio.gather(*(pool.request(server, "/fixed", b"x", []) for _ in range(5)))
+    for reply in replies:
+        await reply.read()
+    assert pool.idle_connections() == 5
+    async with asyncio.timeout(15):
+        while pool.idle_connections():
+            await asyncio.sleep(0.1)
+    pool.close()

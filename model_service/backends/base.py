@@ -1,8 +1,9 @@
 """The small interface every backend implements.
 
 A backend is driven by the worker's engine thread. `render_chat`, `tokenize` and
-`check_sampling` are also called on the event loop thread: they only read the vocabulary.
-Everything else is called from the engine thread alone and may block.
+`check_sampling` are also called on other threads (the worker runs them off its event
+loop, `asyncio.to_thread`), at the same time as the engine: they only read the
+vocabulary. Everything else is called from the engine thread alone and may block.
 """
 
 from __future__ import annotations
@@ -16,6 +17,27 @@ from typing import Any, Literal
 
 class BackendError(Exception):
     """The backend cannot do what was asked (bad file, bad grammar, ...)."""
+
+
+class PromptTooLong(BackendError):
+    """A prompt refused before tokenizing: its text is longer than `n_ctx` tokens could
+    be (`context` tokens of at most `longest_token` bytes each)."""
+
+    def __init__(self, size: int, context: int, longest_token: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {context} tokens, but the prompt is "
+            f"{size} bytes long: more than {context} tokens of this model's vocabulary "
+            f"(at most {longest_token} bytes each). Shorten the prompt."
+        )
+
+
+class DecodeFailed(BackendError):
+    """One step's decode failed. The sequences in `slots` were in it: their caches are
+    back to what they held before the step, and they cannot go on; other slots can."""
+
+    def __init__(self, message: str, slots: list[int]) -> None:
+        super().__init__(message)
+        self.slots = slots
 
 
 # How a chat template writes tool calls (model_service/tools.py has both formats).

@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,9 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 from model_service.backends.base import (
     Backend,
     BackendError,
+    DecodeFailed,
     GrammarFrame,
+    PromptTooLong,
     RenderedPrompt,
     SamplingParams,
     TokenScore,
@@ -528,14 +530,57 @@ class LlamaCppBackend(Backend):
             rendered = self._formatter(messages=messages, tools=tools)  # type: ignore[arg-type]
         except Exception as exc:  # jinja raises many kinds; all mean "bad messages"
             raise BackendError(f"the chat template rejected the messages: {exc}") from exc
-        tokens = self.model.tokenize(
-            rendered.prompt.encode(), add_bos=not rendered.added_special, special=True
-        )
+        data = rendered.prompt.encode()
+        self._check_prompt_size(data)
+        tokens = self.model.tokenize(data, add_bos=not rendered.added_special, special=True)
         stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop or ""]
         return RenderedPrompt(tokens=tokens, stop=[s for s in stops if s])
 
     def tokenize(self, text: str, bos: bool = True) -> list[int]:
-        return self.model.tokenize(text.encode(), add_bos=bos, special=False)
+        data = text.encode()
+        self._check_prompt_size(data)
+        return self.model.tokenize(data, add_bos=bos, special=False)
+
+    def _check_prompt_size(self, data: bytes) -> None:
+        """Raises PromptTooLong for text that cannot fit in `n_ctx` tokens, before the
+        seconds tokenizing megabytes would take: a token covers at most
+        `_longest_token_bytes` bytes of text."""
+        context = self._shape.n_ctx
+        if len(data) <= context:
+            return  # fewer bytes than tokens allowed: always worth tokenizing
+        longest = self._longest_token_bytes
+        if longest is not None and len(data) > context * longest:
+            raise PromptTooLong(len(data), context, longest)
+
+    @cached_property
+    def _longest_token_bytes(self) -> int | None:
+        """The most text bytes one token stands for, or None when that does not bound a
+        prompt's token count (computed on first use: ~49k calls for SmolLM2).
+
+        For BPE and SentencePiece vocabularies every byte of text lands in some token and
+        a token stands for its own piece (special tokens, parsed in rendered prompts,
+        included). Not so for WordPiece and Unigram, which drop or merge whitespace when
+        normalizing, nor for special tokens with lstrip/rstrip, which swallow the
+        whitespace next to them.
+        """
+        vocab = self.model.vocab
+        if llama_cpp.llama_vocab_type(vocab) not in (
+            llama_cpp.LLAMA_VOCAB_TYPE_BPE,
+            llama_cpp.LLAMA_VOCAB_TYPE_SPM,
+        ):
+            return None
+        strips = llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP | llama_cpp.LLAMA_TOKEN_ATTR_RSTRIP
+        size = 256
+        buffer = ctypes.create_string_buffer(size)
+        longest = 1
+        for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+            if llama_cpp.llama_vocab_get_attr(vocab, token) & strips:
+                return None
+            n = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, True)
+            if n < 0:  # longer than the buffer: -n is its size
+                n = -n
+            longest = max(longest, n)
+        return longest
 
     def check_sampling(self, params: SamplingParams) -> None:
         if params.json_schema is None:
@@ -714,25 +759,41 @@ class LlamaCppBackend(Backend):
         # backwards or skip (measured: 8 shuffled slots decode 1.5x slower than in order).
         for slot in sorted(takes):
             sequence = self._sequences[slot]
-            take = sequence.pending[: takes[slot]]
             position = len(sequence.cached)
-            for offset, token in enumerate(take):
+            for offset, token in enumerate(sequence.pending[: takes[slot]]):
                 batch.token[n] = token
                 batch.pos[n] = position + offset
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = slot
                 batch.logits[n] = 0
                 n += 1
-            sequence.cached.extend(take)
-            del sequence.pending[: len(take)]
-            if not sequence.pending:
+            if takes[slot] == len(sequence.pending):
                 batch.logits[n - 1] = 1
                 sample_at[slot] = n - 1
         batch.n_tokens = n
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
-            raise BackendError(f"llama_decode failed with status {status}")
+            self._undo_decode(list(takes))
+            raise DecodeFailed(f"llama_decode failed with status {status}", sorted(takes))
+        # Only now are the tokens in the KV cache: a later prompt may reuse them.
+        for slot, count in takes.items():
+            sequence = self._sequences[slot]
+            sequence.cached.extend(sequence.pending[:count])
+            del sequence.pending[:count]
         return sample_at
+
+    def _undo_decode(self, slots: list[int]) -> None:
+        """After a failed decode: drop every cell the batch may have written for `slots`.
+
+        llama.cpp may have kept the ubatches that ran before the one that failed; their
+        cells are past what each slot records as cached, so removing from there leaves
+        exactly the cached tokens, which the next prompt may still reuse.
+        """
+        for slot in slots:
+            sequence = self._sequences[slot]
+            if not llama_cpp.llama_memory_seq_rm(self._memory, slot, len(sequence.cached), -1):
+                llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+                sequence.cached = []
 
     def _grammar(self, params: SamplingParams) -> Any:
         """The grammar sampler for constrained decoding (None when unconstrained), past

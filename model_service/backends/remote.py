@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import struct
 import uuid
 from collections.abc import AsyncIterator
@@ -37,6 +36,7 @@ import httpx
 from model_service.backends.base import BackendError
 from model_service.errors import ApiError
 from model_service.protocol import SSE_DONE, new_completion_id, unix_now
+from model_service.secrets import redact_url
 
 
 class RemoteModel:
@@ -52,10 +52,10 @@ class RemoteModel:
         if not base:
             raise BackendError(f"a {self.kind} model needs base_url")
         self.base_url = str(base).rstrip("/")
-        key_env = settings.get("api_key_env")
-        self._api_key = os.environ.get(str(key_env)) if key_env else None
-        if key_env and not self._api_key:
-            raise BackendError(f"environment variable {key_env} (the API key) is not set")
+        # For messages and /health: the URL's password, if any, masked.
+        self.shown_url = redact_url(self.base_url)
+        # Read by the manager from the entry's api_key_env or api_key_file.
+        self._api_key = settings.get("api_key") or None
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
 
     def _headers(self) -> dict[str, str]:
@@ -76,12 +76,12 @@ class RemoteModel:
                 reply = httpx.get(f"{self.base_url}/models", headers=self._headers(), timeout=30)
         except httpx.HTTPError as exc:
             raise BackendError(
-                f"{self.kind} server at {self.base_url} is not reachable: "
+                f"{self.kind} server at {self.shown_url} is not reachable: "
                 f"{exc or type(exc).__name__}"
             ) from exc
         if reply.status_code >= 400:
             raise BackendError(
-                f"{self.kind} server at {self.base_url} refused the model "
+                f"{self.kind} server at {self.shown_url} refused the model "
                 f"'{self.remote_name}': HTTP {reply.status_code} {reply.text[:200]}"
             )
 
@@ -125,7 +125,7 @@ class RemoteModel:
             if reply.status_code in (404, 405):
                 raise ApiError(
                     400,
-                    f"the openai server at {self.base_url} does not serve embeddings "
+                    f"the openai server at {self.shown_url} does not serve embeddings "
                     f"(HTTP {reply.status_code} on /embeddings)",
                     param="model",
                     code="embeddings_unsupported",
@@ -176,7 +176,7 @@ class RemoteModel:
                 async for chunk in self._stream_ollama(route, body):
                     yield chunk
         except (httpx.HTTPError, ValueError) as exc:
-            message = f"the {self.kind} server at {self.base_url} failed mid-stream: {exc!r}"
+            message = f"the {self.kind} server at {self.shown_url} failed mid-stream: {exc!r}"
             yield _sse(
                 {"error": {"message": message, "type": "server_error", "code": "upstream_failed"}}
             )
@@ -221,7 +221,7 @@ class RemoteModel:
         except httpx.HTTPError as exc:
             raise ApiError(
                 502,
-                f"the {self.kind} server at {self.base_url} failed: {exc or type(exc).__name__}",
+                f"the {self.kind} server at {self.shown_url} failed: {exc or type(exc).__name__}",
                 type="server_error",
                 code="upstream_failed",
             ) from exc

@@ -1,0 +1,101 @@
+"""A hung worker is found and replaced; nobody waits on it forever (issue 14, point 4).
+
+A worker sends a heartbeat each second from its event loop. SIGSTOP silences it, as a
+blocked event loop would: the manager must kill it after hang_timeout_seconds, free its
+model as after a crash (last_error says why), and its clients must get an answer or a
+clean error, not an endless wait. The manager must also not keep connections the
+workers closed (CLOSE_WAIT) once traffic stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+
+from tests.conftest import DEFAULT_MODEL, ManagerFactory, model_entry, pid_alive, wait_for
+
+HANG_TIMEOUT = 3
+CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def test_a_stopped_worker_is_killed_and_its_clients_answered(
+    start_manager: ManagerFactory,
+) -> None:
+    manager = start_manager(
+        config={"hang_timeout_seconds": HANG_TIMEOUT},
+        models=[model_entry(DEFAULT_MODEL, warmup=True)],
+    )
+    hung_pid = manager.wait_state(DEFAULT_MODEL, "HOT")["pid"]
+    manager.seen_worker_pids.add(hung_pid)
+
+    # A stream under way when the worker stops ends with an error event, not silence.
+    stream_lines: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST",
+            f"{manager.url}/v1/chat/completions",
+            json={**CHAT, "max_tokens": 400, "stream": True},
+            timeout=90,
+        ) as reply:
+            for line in reply.iter_lines():
+                stream_lines.append(line)
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    wait_for(lambda: len(stream_lines) > 2, 60, message="the stream to start")
+    os.kill(hung_pid, signal.SIGSTOP)
+    started = time.monotonic()
+    # A request sent to the stopped worker: answered once the pool has replaced it.
+    reply = httpx.post(
+        f"{manager.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=90
+    )
+    waited = time.monotonic() - started
+    assert reply.status_code in (200, 502, 503, 504), reply.text
+    if reply.status_code != 200:
+        assert reply.json()["error"]["code"], "a clean OpenAI-shaped error"
+    streaming.join(90)
+    assert not streaming.is_alive(), "the stream ended"
+    assert stream_lines and "worker_failed" in "".join(stream_lines[-3:]), stream_lines[-3:]
+
+    wait_for(lambda: not pid_alive(hung_pid), 30, message="the stopped worker to be killed")
+    model = manager.wait_state(DEFAULT_MODEL, "HOT", timeout=60)
+    assert model["pid"] != hung_pid and model["crashes"] == 1
+    assert "hung" in (model["last_error"] or "") or "hung" in manager.log()
+    assert "killing a hung worker" in manager.log()
+    print(f"the request waited {waited:.1f} s with hang_timeout_seconds={HANG_TIMEOUT}")
+
+
+def test_no_connection_lingers_in_close_wait(start_manager: ManagerFactory) -> None:
+    manager = start_manager()
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+
+    def one(_: int) -> int:
+        return httpx.post(
+            f"{manager.url}/v1/chat/completions", json={**CHAT, "max_tokens": 1}, timeout=60
+        ).status_code
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert manager.process is not None
+    process = psutil.Process(manager.process.pid)
+
+    def lingering() -> list[str]:
+        return [
+            f"{c.laddr} -> {c.raddr}"
+            for c in process.net_connections(kind="tcp")
+            if c.status == psutil.CONN_CLOSE_WAIT
+        ]
+
+    # The workers close idle keep-alive connections after 5 s; the manager must follow.
+    wait_for(lambda: not lingering(), 20, message=f"no CLOSE_WAIT sockets ({lingering()})")
+    assert json.loads(manager.request("GET", "/health").text)["status"] == "healthy"
