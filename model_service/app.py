@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -44,7 +45,9 @@ from model_service.protocol import (
     ModelList,
     TokenCount,
 )
+from model_service.sandbox import EXIT_OUT_OF_MEMORY
 
+log = logging.getLogger(__name__)
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Bodies larger than this are parsed on a thread (json.loads of 8 MB takes ~0.3 s).
@@ -330,6 +333,21 @@ def _add_common_parts(
 ) -> None:
     """The routes and middleware every worker has, whatever runs its model."""
     loaded_at = int(time.time())
+
+    async def out_of_memory(_: Request, exc: Exception) -> Response:
+        # Past its memory ceiling (RLIMIT_AS, model_service/sandbox.py) a worker cannot be
+        # trusted to go on: it answers, then exits alone with the code the manager reads
+        # as "out of memory", and its model is loaded afresh on the next request.
+        log.error("out of memory while serving; the worker exits", extra={"model": model_id})
+        asyncio.get_running_loop().call_later(0.2, os._exit, EXIT_OUT_OF_MEMORY)
+        return ApiError(
+            503,
+            "The model's worker ran out of memory (its memory ceiling) and is restarting.",
+            type="server_error",
+            code="out_of_memory",
+        ).response()
+
+    app.add_exception_handler(MemoryError, out_of_memory)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:

@@ -163,6 +163,11 @@ def out_of_memory_reason(error: BaseException, ceiling: Mapping[str, Any] | None
     )
 
 
+def address_space_limited() -> bool:
+    """Whether this process runs under an RLIMIT_AS ceiling."""
+    return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+
+
 def _ceiling_text(ceiling: Mapping[str, Any] | None) -> str:
     if not ceiling:
         return "no memory left"

@@ -66,6 +66,19 @@ class WorkerStartError(Exception):
         self.permanent = permanent
 
 
+def hang_reason(
+    silent: float, step_seconds: float, silence_limit: float, step_limit: float
+) -> str | None:
+    """Why a serving worker looks hung, or None: no heartbeat for more than
+    `silence_limit` seconds (stopped, or its event loop blocked), or one engine step
+    running for more than `step_limit` (a decode that does not return)."""
+    if silent > silence_limit:
+        return f"worker hung: no heartbeat for {silent:.0f} s"
+    if step_seconds > step_limit:
+        return f"worker hung: one decode step has run for {step_seconds:.0f} s"
+    return None
+
+
 def worker_environment() -> dict[str, str]:
     """The manager's environment less what no worker needs: the admin key (workers check
     the client key only) and the remote backends' secrets (the manager resolves a
@@ -335,17 +348,11 @@ class WorkerProcess:
         self._signal(signal.SIGKILL)
 
     def hang(self, silence_limit: float, step_limit: float) -> str | None:
-        """Why this serving worker looks hung, or None: no heartbeat for `silence_limit`
-        seconds (stopped, or its event loop blocked), or one engine step running for
-        longer than `step_limit` (a decode that does not return)."""
+        """Why this serving worker looks hung (see `hang_reason`), or None."""
         if self.last_beat is None or self.returncode is not None:
             return None
         silent = time.monotonic() - self.last_beat
-        if silent > silence_limit:
-            return f"worker hung: no heartbeat for {silent:.0f} s"
-        if self.step_seconds > step_limit:
-            return f"worker hung: one decode step has run for {self.step_seconds:.0f} s"
-        return None
+        return hang_reason(silent, self.step_seconds, silence_limit, step_limit)
 
     def kill_as_hung(self, reason: str) -> None:
         """SIGKILL (a hung process may not act on SIGTERM); `reason` becomes its error."""

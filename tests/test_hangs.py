@@ -18,6 +18,7 @@ import time
 import httpx
 import psutil
 
+from pool_manager.worker_process import hang_reason
 from tests.conftest import DEFAULT_MODEL, ManagerFactory, model_entry, pid_alive, wait_for
 
 HANG_TIMEOUT = 3
@@ -99,3 +100,13 @@ def test_no_connection_lingers_in_close_wait(start_manager: ManagerFactory) -> N
     # The workers close idle keep-alive connections after 5 s; the manager must follow.
     wait_for(lambda: not lingering(), 20, message=f"no CLOSE_WAIT sockets ({lingering()})")
     assert json.loads(manager.request("GET", "/health").text)["status"] == "healthy"
+
+
+def test_what_counts_as_hung() -> None:
+    """The rule the hang watcher applies to each serving worker's last heartbeat."""
+    assert hang_reason(1.0, 0.0, 15, 300) is None
+    assert hang_reason(14.9, 299.0, 15, 300) is None, "a long step that still beats is fine"
+    silent = hang_reason(16.0, 0.0, 15, 300)
+    assert silent is not None and "no heartbeat for 16 s" in silent
+    stuck = hang_reason(1.0, 301.0, 15, 300)
+    assert stuck is not None and "decode step has run for 301 s" in stuck

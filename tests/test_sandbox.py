@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from model_service.sandbox import OPEN_FILES, MemoryCgroups, out_of_memory_reason
-from tests.conftest import DEFAULT_MODEL, ManagerFactory, model_entry
+from tests.conftest import DEFAULT_MODEL, ManagerFactory, model_entry, pid_alive, wait_for
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
@@ -123,6 +123,32 @@ def test_a_worker_past_its_memory_ceiling_fails_alone(start_manager: ManagerFact
     assert after["state"] == "HOT" and after["pid"] == steady["pid"]
     health = manager.request("GET", "/health").json()
     assert health["status"] == "healthy" and health["models_by_state"]["HOT"] == 1
+
+
+def test_a_worker_pushed_past_its_ceiling_while_serving_dies_alone(
+    start_manager: ManagerFactory,
+) -> None:
+    """100 MB is room for the model (its KV cache lives in the heap its spare reserved)
+    but not for the embeddings context a first /v1/embeddings request makes: that worker
+    answers 503 out_of_memory and exits; its model goes COLD saying so; nothing else is
+    touched."""
+    manager = start_manager(
+        config={"spare_preload": 0},
+        models=[model_entry("steady", warmup=True), model_entry("tight", memory_max_mb=100)],
+    )
+    steady = manager.wait_state("steady", "HOT")
+    tight = manager.load("tight")
+    reply = httpx.post(
+        f"{manager.url}/v1/embeddings", json={"model": "tight", "input": "hello"}, timeout=60
+    )
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"]["code"] == "out_of_memory"
+    wait_for(lambda: not pid_alive(tight["pid"]), 30, message="the worker to exit")
+    after = manager.wait_state("tight", "COLD", "FAILED")
+    assert "out of memory" in after["last_error"]
+    answer = chat(manager.url, "steady")
+    assert answer.status_code == 200
+    assert manager.model("steady")["pid"] == steady["pid"]
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):

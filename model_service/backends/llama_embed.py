@@ -40,6 +40,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp._internals import LlamaModel
 
+from model_service import sandbox
 from model_service.backends.base import BackendError
 from model_service.backends.llama_cpp import ContextShape, open_model
 from model_service.cpus import usable_cores
@@ -305,7 +306,8 @@ class LlamaEmbedder:
             vectors = self._embed(sequences)
         except Exception as exc:
             log.exception("embedding failed")
-            error = exc if isinstance(exc, BackendError) else BackendError(str(exc))
+            # A MemoryError stays one: the worker answers it by exiting (out of memory).
+            error = exc if isinstance(exc, BackendError | MemoryError) else BackendError(str(exc))
             for job in ready:
                 self._reply(job, error)
             return
@@ -450,9 +452,11 @@ class LlamaEmbedder:
         )
         ctx = llama_cpp.llama_init_from_model(self._model.model, params)
         if not ctx:
-            raise BackendError(
-                f"llama.cpp could not create an embeddings context of {cells} tokens"
-            )
+            message = f"llama.cpp could not create an embeddings context of {cells} tokens"
+            if sandbox.address_space_limited():
+                # Under the worker's memory ceiling that is the ceiling's doing.
+                raise MemoryError(message)
+            raise BackendError(message)
         self._ctx = ctx
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._cells, self._n_batch = cells, n_batch
