@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark: the pool's worker against llama.cpp's router and in-process llama-cpp-python.
 
-A benchmark, not a test: it measures and reports; it fails (exit 1) only when the run
-itself broke (the manager would not start, a process was left behind), never on a figure.
+A benchmark, not a test: it measures and reports; it fails (exit 1) when the run itself
+broke (the manager would not start, a process was left behind) or any request it sent
+ended in an error, never on a figure.
 
 It starts its own pool manager (`python -m pool_manager --config X --registry Y`) in a
 temporary folder, on a free loopback port, with workers on a free port range away from
@@ -419,8 +420,14 @@ def chat_body(model: str, messages: list[dict[str, str]], max_tokens: int, seed:
     }
 
 
+# Every request that ended in an error, as "url: error": any fails the run (a benchmark
+# of requests that failed measures nothing).
+FAILED_REQUESTS: list[str] = []
+
+
 async def stream_http(client: httpx.AsyncClient, url: str, body: Any) -> StreamResult:
-    """POST a streamed chat completion and time it. Never raises for HTTP trouble."""
+    """POST a streamed chat completion and time it. Never raises for HTTP trouble; an
+    error is kept in the result and in FAILED_REQUESTS."""
     result = StreamResult(sent_at=time.perf_counter())
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT_S):
@@ -444,6 +451,8 @@ async def stream_http(client: httpx.AsyncClient, url: str, body: Any) -> StreamR
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
         result.ended_at = time.perf_counter()
+        if result.error is not None:
+            FAILED_REQUESTS.append(f"{url}: {result.error}"[:300])
     return result
 
 
@@ -1270,6 +1279,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         **bench.results,
         "other_work_cores": bench.contention,
         "problems": bench.problems,
+        "failed_requests": {"count": len(FAILED_REQUESTS), "first": FAILED_REQUESTS[:5]},
         "completed": not failed,
     }
     results["checks"] = checks(results)
@@ -2033,7 +2043,7 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
         "(about 6 minutes on 2 cores; cached in `~/.cache/model-pool/llama-server-VERSION`, "
         "nothing in the repository); `--router PATH` uses a binary built before. CI "
         "(`.ci/run`) runs `--quick` after the tests, to keep the script working: it fails "
-        "only when the run itself breaks, never on a figure.",
+        "when the run itself breaks or any request errors, never on a figure.",
         "\n".join(
             [
                 "- **Single-stream decode**: one streamed chat completion at a time, "
@@ -2219,7 +2229,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log("the run stopped early: docs left as they were")
     leftovers = any("outlived" in p or "did not exit" in p for p in results["problems"])
-    return 0 if results["completed"] and not leftovers else 1
+    if results["failed_requests"]["count"]:
+        log(f"{results['failed_requests']['count']} requests failed: {FAILED_REQUESTS[:3]}")
+    ok = results["completed"] and not leftovers and not results["failed_requests"]["count"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
