@@ -346,6 +346,7 @@ def create_app(
             "total_memory_mb": round(sum(rss) / 2**20, 1),
             "memory": pool.memory_summary(),
             "available_ports": pool.available_ports(),
+            "waiting_for_room": pool.admission_waiting(),
             "spare_workers": len(pool.spare_pids),
             "preloaded_models": pool.preloaded_model_ids,
             "last_reload_error": pool.last_reload_error,

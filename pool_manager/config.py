@@ -71,6 +71,11 @@ class PoolConfig(BaseModel):
     # hang_timeout_seconds (stopped, or its loop blocked), or with one decode step running
     # for decode_stall_seconds, is killed; its model is freed as after a crash.
     hang_timeout_seconds: float = Field(default=15, ge=2, le=3600)
+    # A load that finds no room (every loaded model busy, memory short) waits up to this
+    # long for a request to end or a model to unload, in a queue of at most
+    # admission_queue_max loads; past either it is refused with 503 and Retry-After.
+    admission_timeout_seconds: float = Field(default=60, ge=0, le=3600)
+    admission_queue_max: int = Field(default=64, ge=0, le=100_000)
     decode_stall_seconds: float = Field(default=300, ge=2, le=86400)
     max_load_failures: int = Field(default=3, ge=1)
     failure_cooldown_seconds: float = Field(default=60, ge=0)

@@ -36,6 +36,7 @@ from model_service.sandbox import OUT_OF_MEMORY, MemoryCgroups, Report, default_
 from model_service.secrets import SecretError, read_api_key
 from model_service.weights import cache_dir as weights_cache_dir
 from model_service.weights import served_path, served_size
+from pool_manager.admission import AdmissionQueue, QueueFull, rank_of
 from pool_manager.config import (
     ConfigError,
     ConfigStore,
@@ -76,7 +77,8 @@ CRASH_WINDOW_SECONDS = 60.0
 FILE_CHECK_SECONDS = 1.0
 SPARE_REFILL_DELAY_SECONDS = 2.0  # max_load_failures crashes within this window mean FAILED
 FORCED_STOP_SECONDS = 2.0
-HANG_CHECK_SECONDS = 1.0  # how long a forced unload lets requests hear why they end
+HANG_CHECK_SECONDS = 1.0
+ADMISSION_RECHECK_SECONDS = 1.0  # how long a forced unload lets requests hear why they end
 
 
 class PoolError(Exception):
@@ -193,6 +195,9 @@ class ModelPool:
         self._ports = PortAllocator(config.host, config.port_range.start, config.port_range.end)
         self.metrics = metrics
         self._capacity_lock = asyncio.Lock()
+        # Loads waiting for room, and the event that wakes them (replaced each time).
+        self._admission = AdmissionQueue(config.admission_queue_max)
+        self._capacity_event = asyncio.Event()
         self._reaper_wakeup = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -429,6 +434,10 @@ class ModelPool:
             "gpu_free_mb": None if gpu_free is None else gpu_free // MB,
         }
 
+    def admission_waiting(self) -> list[str]:
+        """The models whose loads wait for room, first in line first."""
+        return self._admission.waiting()
+
     def available_ports(self) -> int:
         return self._ports.available()
 
@@ -508,6 +517,7 @@ class ModelPool:
         self.config = saved.model_copy(update=self._overrides)
         self._ports.set_range(self.config.port_range.start, self.config.port_range.end)
         self._spares.size = self.config.spare_workers
+        self._admission.max_waiting = self.config.admission_queue_max
         self._spares.refill()
         self._refresh_preload()
         self._reaper_wakeup.set()
@@ -622,9 +632,7 @@ class ModelPool:
 
     async def _load(self, record: ModelRecord) -> None:
         try:
-            async with self._capacity_lock:
-                await self._make_room_for(record)
-                self._set_state(record, S.WARMING)
+            await self._admit(record)
             try:
                 await self._start_with_retries(record)
             except WorkerStartError as exc:
@@ -789,12 +797,62 @@ class ModelPool:
                 self._reload_pinned(record, delay=cooldown), f"retry:{record.model_id}"
             )
 
-    async def _make_room_for(self, record: ModelRecord) -> None:
-        """Evict least-recently-used idle models until `record` fits.
+    async def _admit(self, record: ModelRecord) -> None:
+        """Wait in the admission queue until `record` fits, then mark it WARMING.
+
+        Waits up to admission_timeout_seconds for requests to end or models to unload
+        (pool_manager/admission.py). Raises PoolFull or InsufficientMemory when the
+        queue is full, the wait runs out, or waiting cannot help.
+        """
+        rank = rank_of(record.spec.priority, self.is_pinned(record))
+        try:
+            ticket = self._admission.enter(record.model_id, rank)
+        except QueueFull as exc:
+            raise PoolFull(
+                f"cannot load '{record.model_id}': {exc} (admission_queue_max="
+                f"{self.config.admission_queue_max})",
+                retry_after=RETRY_AFTER_FULL_SECONDS,
+            ) from None
+        deadline = time.monotonic() + self.config.admission_timeout_seconds
+        reason = "other loads are ahead of it in the admission queue"
+        try:
+            while True:
+                changed = self._capacity_event  # taken first: a change meanwhile counts
+                if self._admission.is_first(ticket):
+                    async with self._capacity_lock:
+                        reason = await self._make_room_for(record) or ""
+                        if not reason:
+                            self._set_state(record, S.WARMING)
+                            return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    error = PoolFull if "max_concurrent_models" in reason else InsufficientMemory
+                    raise error(
+                        f"cannot load '{record.model_id}': {reason}, and nothing freed room "
+                        f"within admission_timeout_seconds="
+                        f"{self.config.admission_timeout_seconds:g}",
+                        retry_after=RETRY_AFTER_FULL_SECONDS,
+                    )
+                # Also every second: free memory changes with no event of ours.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(left, ADMISSION_RECHECK_SECONDS))
+        finally:
+            self._admission.leave(ticket)
+            self._capacity_changed()  # the next in line tries
+
+    def _capacity_changed(self) -> None:
+        """Wake the loads waiting for room: something that may free some happened."""
+        self._capacity_event.set()
+        self._capacity_event = asyncio.Event()
+
+    async def _make_room_for(self, record: ModelRecord) -> str | None:
+        """Evict least-recently-used idle models until `record` fits; None when it does,
+        else why it does not yet (every other model busy, memory short).
 
         Fits means: under max_concurrent_models, the sum of memory estimates within
         memory_limit_mb, and the estimate within the machine's available memory.
-        Raises PoolFull or InsufficientMemory.
+        Raises PoolFull or InsufficientMemory when waiting cannot help: the model is
+        bigger than memory_limit_mb, or every loaded model is pinned.
         """
         need = record.memory_estimate = await self._estimate_memory(record)
         limit = self.config.memory_limit_mb * MB
@@ -811,7 +869,7 @@ class ModelPool:
             takes_spare = record.spec.is_local or not self._sandboxed
             reason = self._why_it_does_not_fit(occupying, need, takes_spare)
             if reason is None:
-                return
+                return None
             victim = self._eviction_candidate(occupying)
             if victim is not None:
                 log.info(
@@ -829,12 +887,14 @@ class ModelPool:
             if stopping:
                 await asyncio.wait(stopping, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            error = PoolFull if "max_concurrent_models" in reason else InsufficientMemory
-            raise error(
-                f"cannot load '{record.model_id}': {reason}, and no loaded model is idle "
-                "and evictable",
-                retry_after=RETRY_AFTER_FULL_SECONDS,
-            )
+            if occupying and all(self.is_pinned(r) for r in occupying):
+                error = PoolFull if "max_concurrent_models" in reason else InsufficientMemory
+                raise error(
+                    f"cannot load '{record.model_id}': {reason}, and every loaded model "
+                    "is pinned (warmup)",
+                    retry_after=RETRY_AFTER_FULL_SECONDS,
+                )
+            return reason  # a busy model will be idle, evictable, once its requests end
 
     def _models_estimate(self) -> int:
         """The estimates of the models holding a worker, in bytes."""
@@ -1012,6 +1072,7 @@ class ModelPool:
             if record.in_flight == 0:
                 record.idle.set()
                 self._share_cores()
+                self._capacity_changed()  # it may be evicted for a waiting load now
             if record.keep_alive is not None:
                 # A client asked for this much after its request (Ollama's keep_alive).
                 record.ttl_deadline, record.keep_alive = now + record.keep_alive, None
@@ -1187,6 +1248,7 @@ class ModelPool:
         log.info("state change", extra=fields)
         self._publish({"type": "state", "time": time.time(), **fields})
         self._reaper_wakeup.set()
+        self._capacity_changed()
         if new is not S.WARMING:
             # COLD models are the ones spares load ahead. Not yet when one starts loading:
             # the spare about to be handed it would drop its weights first.

@@ -239,6 +239,10 @@ class WorkerProcess:
             sock.close()
 
     async def _read_events(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(OSError):  # a killed worker's socket can read as a reset
+            await self._handle_events(reader)
+
+    async def _handle_events(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
             try:
                 message = json.loads(line)
@@ -283,7 +287,8 @@ class WorkerProcess:
         if self._exit_task in done:
             # Let the event reader drain the socket so a "failed" reason is not missed.
             if self._events_task is not None:
-                with contextlib.suppress(TimeoutError):
+                # OSError: a SIGKILLed worker's socket may read as a reset, not EOF.
+                with contextlib.suppress(TimeoutError, OSError):
                     await asyncio.wait_for(asyncio.shield(self._events_task), 1.0)
             if self._failure_reason:
                 raise WorkerStartError(self._failure_reason, permanent=True)

@@ -1,0 +1,107 @@
+"""Wait, don't refuse (issue 16, point 1): the admission queue, as a policy and end to end.
+
+A request for a model that cannot be placed now (the pool full of busy models) waits for
+room instead of getting 503 at once; 503 with Retry-After comes only past
+admission_timeout_seconds or when admission_queue_max loads wait already.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from pool_manager.admission import AdmissionQueue, QueueFull, rank_of
+from tests.conftest import ManagerFactory, model_entry, wait_for
+
+BUSY, WAITING = "busy:1", "waiting:1"
+
+
+def test_the_queue_orders_pinned_then_priority_then_arrival() -> None:
+    queue = AdmissionQueue(max_waiting=5)
+    low = queue.enter("low", rank_of("low", pinned=False))
+    first_normal = queue.enter("n1", rank_of("normal", pinned=False))
+    high = queue.enter("high", rank_of("high", pinned=False))
+    second_normal = queue.enter("n2", rank_of("normal", pinned=False))
+    pinned = queue.enter("pinned", rank_of("low", pinned=True))
+    assert queue.waiting() == ["pinned", "high", "n1", "n2", "low"]
+    assert queue.is_first(pinned) and queue.ahead_of(second_normal) == 3
+    with pytest.raises(QueueFull):
+        queue.enter("one-too-many", 2)
+    for ticket in (pinned, high, first_normal):
+        queue.leave(ticket)
+        queue.leave(ticket)  # leaving twice changes nothing
+    assert queue.is_first(second_normal) and queue.waiting() == ["n2", "low"]
+    queue.leave(low)
+    queue.leave(second_normal)
+    assert len(queue) == 0 and not queue.is_first(low)
+
+
+def _long_stream(url: str, into: list[str]) -> None:
+    body = {
+        "model": BUSY,
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 300,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as reply:
+        into.extend(line for line in reply.iter_lines() if line)
+
+
+def _chat(url: str, model: str) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+
+def test_a_request_waits_for_a_busy_model_instead_of_503(start_manager: ManagerFactory) -> None:
+    manager = start_manager(
+        config={"max_concurrent_models": 1, "admission_timeout_seconds": 300},
+        models=[model_entry(BUSY, timeout_seconds=600), model_entry(WAITING)],
+    )
+    manager.load(BUSY)
+    lines: list[str] = []
+    stream = threading.Thread(target=_long_stream, args=(manager.url, lines))
+    stream.start()
+    wait_for(lambda: len(lines) > 3, 60, message="the busy model to stream")
+    replies: list[httpx.Response] = []
+    waiting = threading.Thread(target=lambda: replies.append(_chat(manager.url, WAITING)))
+    waiting.start()
+    queue = wait_for(
+        lambda: manager.request("GET", "/health").json()["waiting_for_room"],
+        30,
+        message="the load to wait in the admission queue",
+    )
+    assert queue == [WAITING]
+    assert "data: [DONE]" not in lines, "it waits while the busy model is still streaming"
+    waiting.join(300)
+    stream.join(300)
+    assert replies and replies[0].status_code == 200, replies and replies[0].text
+    assert any('"usage"' in line for line in lines) and lines[-1] == "data: [DONE]", (
+        "the busy model's request finished whole before it was evicted"
+    )
+    models = manager.models()
+    assert models[WAITING]["state"] == "HOT" and models[BUSY]["state"] == "COLD"
+
+
+def test_past_the_deadline_or_a_full_queue_it_is_503(start_manager: ManagerFactory) -> None:
+    manager = start_manager(
+        config={"max_concurrent_models": 1, "admission_timeout_seconds": 1},
+        models=[model_entry(BUSY, timeout_seconds=600), model_entry(WAITING)],
+    )
+    manager.load(BUSY)
+    lines: list[str] = []
+    stream = threading.Thread(target=_long_stream, args=(manager.url, lines))
+    stream.start()
+    wait_for(lambda: len(lines) > 3, 60, message="the busy model to stream")
+    late = _chat(manager.url, WAITING)
+    assert late.status_code == 503 and late.json()["error"]["code"] == "pool_full", late.text
+    assert "admission_timeout_seconds=1" in late.json()["error"]["message"]
+    assert int(late.headers["Retry-After"]) > 0
+    assert manager.request("PATCH", "/config", json={"admission_queue_max": 0}).status_code == 200
+    full = _chat(manager.url, WAITING)
+    assert full.status_code == 503 and "admission_queue_max=0" in full.json()["error"]["message"]
+    stream.join(600)
+    assert lines[-1] == "data: [DONE]"
+    assert manager.model(WAITING)["state"] == "COLD"
