@@ -53,6 +53,7 @@ _FORWARDED_REQUEST_HEADERS = (
     "accept",
 )
 RELAY_SLACK_SECONDS = 5.0
+WORKER_GONE_WAIT_SECONDS = 2.0
 ATTEMPTS = 3  # a worker that was evicted or died between load and send is reloaded
 
 
@@ -148,6 +149,14 @@ class Gateway:
     async def _relay_to(
         self, record: ModelRecord, path: str, body: bytes, forwarded: dict[str, str]
     ) -> Response:
+        # Held from before the load until the worker has the request: a model just loaded
+        # for it is not evicted for another load in between.
+        with self._pool.reserve(record):
+            return await self._relay_attempts(record, path, body, forwarded)
+
+    async def _relay_attempts(
+        self, record: ModelRecord, path: str, body: bytes, forwarded: dict[str, str]
+    ) -> Response:
         for attempt in range(ATTEMPTS):
             await self._pool.load(record.model_id)
             worker = record.worker
@@ -166,6 +175,10 @@ class Gateway:
                     "worker unreachable",
                     extra={"model": record.model_id, "attempt": attempt + 1, "reason": str(exc)},
                 )
+                # Most often it died (killed, crashed, hung): give the pool the moment it
+                # needs to notice and free it, so the next attempt loads a new worker
+                # instead of knocking on the dead one's port again.
+                await self._pool.wait_released(record, worker, WORKER_GONE_WAIT_SECONDS)
                 continue
             if upstream.status == 503 and attempt + 1 < ATTEMPTS:
                 try:

@@ -19,7 +19,7 @@ import math
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -164,6 +164,8 @@ class ModelRecord:
     # Being deleted: no load starts for it any more, and lookups say it is not there,
     # while its worker (listed, UNLOADING) drains.
     removed: bool = False
+    # Gateway requests on their way to it (loading it, or being sent): it is not idle.
+    reserved: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -840,6 +842,33 @@ class ModelPool:
             self._admission.leave(ticket)
             self._capacity_changed()  # the next in line tries
 
+    @contextlib.contextmanager
+    def reserve(self, record: ModelRecord) -> Iterator[None]:
+        """Mark a request on its way to `record` (loading it, or being sent to its
+        worker): the model is not evicted meanwhile, as if the request ran there."""
+        record.reserved += 1
+        try:
+            yield
+        finally:
+            record.reserved -= 1
+            if record.reserved == 0:
+                self._capacity_changed()
+
+    async def wait_released(
+        self, record: ModelRecord, worker: WorkerProcess, timeout: float
+    ) -> bool:
+        """Wait up to `timeout` for the pool to free `worker` (it died, or was unloaded);
+        False if it is still the model's worker then."""
+        deadline = time.monotonic() + timeout
+        while record.worker is worker:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            changed = self._capacity_event
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+        return True
+
     def _capacity_changed(self) -> None:
         """Wake the loads waiting for room: something that may free some happened."""
         self._capacity_event.set()
@@ -942,6 +971,7 @@ class ModelPool:
             for r in occupying
             if r.state in SERVING
             and r.in_flight == 0
+            and r.reserved == 0
             and not self.is_pinned(r)
             and r.unload_task is None
         ]

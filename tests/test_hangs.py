@@ -23,6 +23,13 @@ from tests.conftest import DEFAULT_MODEL, ManagerFactory, model_entry, pid_alive
 
 HANG_TIMEOUT = 3
 CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+# A raw prompt the model goes on counting from: a stream that does not end early.
+LONG_STREAM = {
+    "model": DEFAULT_MODEL,
+    "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+    "max_tokens": 400,
+    "stream": True,
+}
 
 
 def test_a_stopped_worker_is_killed_and_its_clients_answered(
@@ -41,8 +48,8 @@ def test_a_stopped_worker_is_killed_and_its_clients_answered(
     def stream() -> None:
         with httpx.stream(
             "POST",
-            f"{manager.url}/v1/chat/completions",
-            json={**CHAT, "max_tokens": 400, "stream": True},
+            f"{manager.url}/v1/completions",
+            json=LONG_STREAM,
             timeout=90,
         ) as reply:
             for line in reply.iter_lines():
@@ -110,3 +117,55 @@ def test_what_counts_as_hung() -> None:
     assert silent is not None and "no heartbeat for 16 s" in silent
     stuck = hang_reason(1.0, 301.0, 15, 300)
     assert stuck is not None and "decode step has run for 301 s" in stuck
+
+
+def test_requests_queued_on_a_killed_worker_go_to_its_replacement(
+    start_manager: ManagerFactory,
+) -> None:
+    """One slot: a long stream runs, three requests wait behind it in the worker's queue.
+    The worker is killed: the stream ends with a clean error (it was generating), the
+    three that had not started are sent again to the new worker and answered."""
+    manager = start_manager(
+        models=[model_entry(DEFAULT_MODEL, warmup=True, max_concurrent=1, timeout_seconds=300)]
+    )
+    pid = manager.wait_state(DEFAULT_MODEL, "HOT")["pid"]
+    manager.seen_worker_pids.add(pid)
+    stream_lines: list[str] = []
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST",
+            f"{manager.url}/v1/completions",
+            json=LONG_STREAM,
+            timeout=300,
+        ) as reply:
+            stream_lines.extend(line for line in reply.iter_lines() if line)
+
+    queued: list[httpx.Response] = []
+
+    def one() -> None:
+        queued.append(
+            httpx.post(
+                f"{manager.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=300
+            )
+        )
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    wait_for(lambda: len(stream_lines) > 2, 60, message="the stream to start")
+    waiting = [threading.Thread(target=one) for _ in range(3)]
+    for thread in waiting:
+        thread.start()
+    worker_health = f"{manager.model(DEFAULT_MODEL)['endpoint']}/health"
+    wait_for(
+        lambda: httpx.get(worker_health, timeout=5).json().get("in_flight", 0) >= 4,
+        60,
+        message="three requests queued behind the stream",
+    )
+    os.kill(pid, signal.SIGKILL)
+    streaming.join(300)
+    for thread in waiting:
+        thread.join(300)
+    assert "worker_failed" in stream_lines[-1], stream_lines[-2:]
+    assert [r.status_code for r in queued] == [200, 200, 200], [r.text for r in queued]
+    assert manager.model(DEFAULT_MODEL)["pid"] != pid
