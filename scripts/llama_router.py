@@ -1,9 +1,13 @@
 """llama.cpp's own `llama-server` in router mode, for scripts/bench.py's side-by-side run.
 
 `build()` compiles the `llama-server` target from the llama.cpp that llama-cpp-python
-vendors (its source distribution, fetched with pip from the package index), stock: not
-this project's patched kernels. Once, into a cache folder outside the repository: about
-6 minutes on 2 cores.
+vendors (its source distribution, fetched with pip from the package index). By default
+with this project's kernel patches (patches/*.patch, applied with `git apply -p1` in the
+unpacked source distribution's root before cmake, exactly as scripts/build_llama_cpp.py
+builds the pool's wheel), so a side-by-side run compares the same weights on the same
+kernels; `build(patched=False)` builds stock llama.cpp. Each once, into its own cache
+folder outside the repository (the patched one named after the patches' digest,
+`build_llama_cpp.patched_version()`): about 6 minutes on 2 cores.
 `Router` runs it with `--models-dir` (a folder of links to the GGUF files, each model's
 name is its file name without `.gguf`), loads models on demand as the router does, and
 stops it and every instance it started.
@@ -24,13 +28,14 @@ from typing import Any
 
 import httpx
 import psutil
-from build_llama_cpp import VERSION, cache_root, fetch_sdist
+from build_llama_cpp import PATCHES, VERSION, cache_root, fetch_sdist, patched_version
 
 START_TIMEOUT_S = 60.0
 STATUS_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
-# The anchor's settings (SPEC §9): 8 slots over an 8,192-token context, 2 threads.
-ROUTER_ARGS = ("-np", "8", "-t", "2", "-c", "8192", "--models-max", "4")
+# The anchor's settings (SPEC §9): 8 slots over an 8,192-token context, 2 threads (for
+# prompts too, `-tb`: as the pool's workers, n_threads = n_threads_batch = 2).
+ROUTER_ARGS = ("-np", "8", "-t", "2", "-tb", "2", "-c", "8192", "--models-max", "4")
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=ON",
@@ -46,23 +51,25 @@ def _log(message: str) -> None:
     print(f"[llama-router] {message}", file=sys.stderr, flush=True)
 
 
-def default_build_dir() -> Path:
-    return cache_root() / f"llama-server-{VERSION}"
+def default_build_dir(patched: bool = True) -> Path:
+    """The cache folder of one build: stock, or patched (named after the patches' digest)."""
+    return cache_root() / f"llama-server-{patched_version() if patched else VERSION}"
 
 
-def build(folder: Path | None = None) -> Path:
+def build(folder: Path | None = None, patched: bool = True) -> Path:
     """The llama-server binary, built into `folder` first if it is not there yet.
 
+    `patched`: apply patches/*.patch to the source first (as the pool's wheel is built).
     Raises RuntimeError (with the tool's output's end) if a step fails.
     """
-    folder = folder or default_build_dir()
+    folder = folder or default_build_dir(patched)
     binary = folder / "build" / "bin" / "llama-server"
     if binary.is_file():
         return binary
-    source = fetch_sdist(VERSION, folder)
+    source = _source(folder, patched)
     llama_cpp = source / "vendor" / "llama.cpp"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _log("configuring llama.cpp (cmake)")
+    _log(f"configuring {'patched' if patched else 'stock'} llama.cpp (cmake) in {folder}")
     _run(["cmake", "-S", str(llama_cpp), "-B", str(folder / "build"), *generator, *CMAKE_OPTIONS])
     _log("building llama-server (about 6 minutes on 2 cores)")
     jobs = str(len(os.sched_getaffinity(0)))
@@ -72,8 +79,35 @@ def build(folder: Path | None = None) -> Path:
     return binary
 
 
-def _run(command: list[str]) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+def _source(folder: Path, patched: bool) -> Path:
+    """The unpacked source distribution under `folder`, patched if asked (once: a marker
+    file names the patches applied, so a half-patched tree is never built)."""
+    source = folder / f"llama_cpp_python-{VERSION}"
+    marker = folder / "patched"
+    if patched and source.is_dir() and not marker.is_file():
+        shutil.rmtree(source)  # unpacked but not (fully) patched: start again
+    if not source.is_dir():
+        stock = default_build_dir(patched=False) / source.name
+        if stock != source and stock.is_dir():  # the stock build's copy: no download
+            shutil.copytree(stock, source, symlinks=True)
+        else:
+            source = fetch_sdist(VERSION, folder)
+        if patched:
+            for patch in PATCHES:
+                _log(f"applying {patch.name}")
+                _run(["git", "apply", "-p1", str(patch)], cwd=source)
+            marker.write_text("".join(f"{p.name}\n" for p in PATCHES))
+    return source
+
+
+def patches_applied(binary: Path) -> list[str]:
+    """The patches a build was made with (empty for a stock build)."""
+    marker = binary.parent.parent.parent / "patched"
+    return marker.read_text().split() if marker.is_file() else []
+
+
+def _run(command: list[str], cwd: Path | None = None) -> None:
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tail = (done.stdout + done.stderr)[-2000:]
         raise RuntimeError(f"{' '.join(command[:4])} ... failed ({done.returncode}):\n{tail}")
