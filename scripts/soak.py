@@ -371,6 +371,21 @@ def in_window(windows: list[list[float | None]], moment: float, now: float) -> b
 # --- the soak run --------------------------------------------------------------------------
 
 
+def chat_body(model_id: str, stream: bool, rng: random.Random) -> tuple[dict[str, Any], int]:
+    """A short chat request for the OpenAI surfaces (8050 and worker ports), and its
+    max_tokens."""
+    max_tokens = rng.randint(8, 48)
+    body: dict[str, Any] = {
+        "model": model_id,
+        "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+        "max_tokens": max_tokens,
+        "seed": rng.randrange(1_000_000),
+    }
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return body, max_tokens
+
+
 class Soak:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -535,15 +550,7 @@ class Soak:
     # --- the four surfaces -------------------------------------------------------------
 
     async def via_openai(self, model_id: str, stream: bool, rng: random.Random) -> Attempt:
-        max_tokens = rng.randint(8, 48)
-        body: dict[str, Any] = {
-            "model": model_id,
-            "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
-            "max_tokens": max_tokens,
-            "seed": rng.randrange(1_000_000),
-        }
-        if stream:
-            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        body, max_tokens = chat_body(model_id, stream, rng)
         url = f"{self.url}/v1/chat/completions"
         return await self.chat_call("openai", url, body, model_id, max_tokens, None)
 
@@ -735,15 +742,7 @@ class Soak:
             return Attempt("failed_otherwise", detail=f"load: 200 but not serving: {view}")
         pid = int(view["pid"])
         self.seen_pids.add(pid)
-        max_tokens = rng.randint(8, 48)
-        body: dict[str, Any] = {
-            "model": model_id,
-            "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
-            "max_tokens": max_tokens,
-            "seed": rng.randrange(1_000_000),
-        }
-        if stream:
-            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        body, max_tokens = chat_body(model_id, stream, rng)
         url = f"{view['endpoint']}/v1/chat/completions"
         # A retry (503 model_unloading from a draining worker included) loads again first.
         return await self.chat_call("worker", url, body, model_id, max_tokens, pid)
