@@ -150,8 +150,26 @@ class InferenceFastPath:
             if not message.get("more_body"):
                 break
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        reply = await relay_or_error(self._gateway, path, b"".join(chunks), headers)
-        await reply(scope, receive, send)
+        relay = asyncio.ensure_future(
+            relay_or_error(self._gateway, path, b"".join(chunks), headers)
+        )
+        # A client that leaves while its request waits (for a load, for room) takes the
+        # request with it: a load nobody waits for any more is given up.
+        gone = asyncio.ensure_future(_client_gone(receive))
+        await asyncio.wait((relay, gone), return_when=asyncio.FIRST_COMPLETED)
+        if not relay.done():
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
+            return
+        gone.cancel()
+        await relay.result()(scope, receive, send)
+
+
+async def _client_gone(receive: Receive) -> None:
+    """Returns when the client has disconnected (its body was read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _pool_error_response(exc: PoolError) -> JSONResponse:

@@ -166,6 +166,7 @@ class ModelRecord:
     removed: bool = False
     # Gateway requests on their way to it (loading it, or being sent): it is not idle.
     reserved: int = 0
+    load_callers: int = 0  # callers of `load` waiting for the load under way
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -609,8 +610,9 @@ class ModelPool:
     async def load(self, model_id: str) -> ModelRecord:
         """Return once the model serves, loading it if needed.
 
-        Concurrent callers share one load. Raises ModelNotFound, PoolFull (nothing can be
-        evicted), LoadFailed, ShuttingDown.
+        Concurrent callers share one load. A load still waiting for room when its last
+        caller is cancelled (its client went away) is given up. Raises ModelNotFound,
+        PoolFull (nothing can be evicted), LoadFailed, ShuttingDown.
         """
         record = self.get(model_id)
         while True:
@@ -630,7 +632,16 @@ class ModelPool:
                 )
             if record.load_task is None:
                 record.load_task = asyncio.create_task(self._load(record), name=f"load:{model_id}")
-            await asyncio.shield(record.load_task)
+            load_task = record.load_task
+            record.load_callers += 1
+            try:
+                await asyncio.shield(load_task)
+            finally:
+                record.load_callers -= 1
+                if record.load_callers == 0 and record.state is S.COLD and not load_task.done():
+                    # Nobody waits for it any more, and it is still waiting for room.
+                    log.info("load given up: no caller left", extra={"model": model_id})
+                    load_task.cancel()
 
     async def _load(self, record: ModelRecord) -> None:
         try:

@@ -106,6 +106,9 @@ class UpstreamResponse:
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
             self.close()
             raise UpstreamError(f"the reply broke off: {exc or type(exc).__name__}") from exc
+        except asyncio.CancelledError:
+            self.close()  # our client left: the worker sees EOF and stops generating
+            raise
         connection, self._connection = self._connection, None
         if connection is None:
             return  # closed (the client left) while the body's end was arriving
@@ -166,6 +169,9 @@ class UpstreamPool:
             except ValueError as exc:
                 connection[1].close()
                 raise UpstreamError(f"unreadable reply: {exc}") from exc
+            except asyncio.CancelledError:
+                connection[1].close()  # our client left before the reply began
+                raise
 
     async def _connect(self, port: int) -> tuple[_Connection, bool]:
         idle = self._idle.get(port)

@@ -39,14 +39,15 @@ def test_the_queue_orders_pinned_then_priority_then_arrival() -> None:
 
 
 def _long_stream(url: str, into: list[str]) -> None:
+    """A stream of ~1,000 tokens (a raw prompt the model goes on counting from)."""
     body = {
         "model": BUSY,
-        "messages": [{"role": "user", "content": "Tell me a long story."}],
-        "max_tokens": 300,
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "max_tokens": 1000,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as reply:
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as reply:
         into.extend(line for line in reply.iter_lines() if line)
 
 
@@ -105,3 +106,31 @@ def test_past_the_deadline_or_a_full_queue_it_is_503(start_manager: ManagerFacto
     stream.join(600)
     assert lines[-1] == "data: [DONE]"
     assert manager.model(WAITING)["state"] == "COLD"
+
+
+def test_a_load_whose_client_left_is_given_up(start_manager: ManagerFactory) -> None:
+    """The client's own timeout counts: a client that gives up while its model waits for
+    room takes the load with it, and the busy model is not evicted for nobody."""
+    manager = start_manager(
+        config={"max_concurrent_models": 1, "admission_timeout_seconds": 300},
+        models=[model_entry(BUSY, timeout_seconds=600), model_entry(WAITING)],
+    )
+    manager.load(BUSY)
+    lines: list[str] = []
+    stream = threading.Thread(target=_long_stream, args=(manager.url, lines))
+    stream.start()
+    wait_for(lambda: len(lines) > 3, 60, message="the busy model to stream")
+    body = {"model": WAITING, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{manager.url}/v1/chat/completions", json=body, timeout=2)
+    wait_for(
+        lambda: manager.request("GET", "/health").json()["waiting_for_room"] == [],
+        30,
+        message="the load to be given up",
+    )
+    assert "data: [DONE]" not in lines, "given up while the busy model still streams"
+    stream.join(600)
+    assert lines[-1] == "data: [DONE]"
+    models = manager.models()
+    assert models[BUSY]["state"] == "HOT" and models[WAITING]["state"] == "COLD"
+    assert "load given up: no caller left" in manager.log()
