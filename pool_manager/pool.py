@@ -63,7 +63,6 @@ from pool_manager.states import (
     ModelState,
     check_transition,
 )
-from pool_manager.traffic import Demand
 from pool_manager.worker_process import WorkerProcess, WorkerStartError, probe_sandbox
 
 log = logging.getLogger(__name__)
@@ -168,7 +167,6 @@ class ModelRecord:
     # Gateway requests on their way to it (loading it, or being sent): it is not idle.
     reserved: int = 0
     load_callers: int = 0  # callers of `load` waiting for the load under way
-    demand: Demand = field(default_factory=Demand)  # recency and frequency of requests
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -335,16 +333,12 @@ class ModelPool:
 
     def _preload_files(self) -> dict[str, str]:
         """model id -> served file, for the spare_preload COLD local models likeliest to be
-        loaded next: the most in demand first (requests, decayed), then the most recently
-        used, then the rest in registry order. Only files that exist (a widened copy not
-        made yet is made by the first load), and together no more than half the available
-        memory, nor than memory_limit_mb leaves beside the models and the spares'
-        reserves: a spare maps them whole."""
+        loaded next: the most recently used first, then the rest in registry order. Only
+        files that exist (a widened copy not made yet is made by the first load), and
+        together no more than half the available memory, nor than memory_limit_mb leaves
+        beside the models and the spares' reserves: a spare maps them whole."""
         cold = [r for r in self._records.values() if r.spec.is_local and r.state is S.COLD]
-        # In demand first (pool_manager/traffic.py), then the most recently used; stable:
-        # models never used keep their registry order.
-        now = time.monotonic()
-        cold.sort(key=lambda r: (-r.demand.value(now), -r.last_used_mono))
+        cold.sort(key=lambda r: -r.last_used_mono)  # stable: never used (0) keep their order
         # The spares' processes and reserves only: their weights are what this decides.
         reserves = [SpareMemory(0, 0, s.reserve) for s in self._spares.memory()]
         room = room_under_limit(self.config.memory_limit_mb * MB, self._models_estimate(), reserves)
@@ -1105,7 +1099,6 @@ class ModelPool:
         record.last_used_mono = now
         record.last_used_at = time.time()
         if event == "start":
-            record.demand.add(now)
             record.in_flight += 1
             if record.in_flight == 1:
                 self._share_cores()

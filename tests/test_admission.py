@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from pool_manager.admission import AdmissionQueue, QueueFull, rank_of
-from pool_manager.traffic import Demand
 from tests.conftest import ManagerFactory, model_entry, wait_for
 
 BUSY, WAITING = "busy:1", "waiting:1"
@@ -135,19 +134,3 @@ def test_a_load_whose_client_left_is_given_up(start_manager: ManagerFactory) -> 
     models = manager.models()
     assert models[BUSY]["state"] == "HOT" and models[WAITING]["state"] == "COLD"
     assert "load given up: no caller left" in manager.log()
-
-
-def test_demand_weighs_frequency_and_recency() -> None:
-    """The spares' guess of the next model: ten requests five minutes ago outrank one a
-    minute ago; an hour of silence lets the ten fade below a fresh one."""
-    busy_then, once_lately = Demand(), Demand()
-    for _ in range(10):
-        busy_then.add(0.0)
-    once_lately.add(240.0)
-    assert busy_then.value(300.0) > once_lately.value(300.0) > 0
-    assert busy_then.value(300.0) < 10.0, "it fades"
-    assert busy_then.value(4000.0) < once_lately.value(4000.0) * 10
-    fresh = Demand()
-    fresh.add(4000.0)
-    assert fresh.value(4000.0) > busy_then.value(4000.0)
-    assert Demand().value(1e9) == 0.0
