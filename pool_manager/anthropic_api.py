@@ -92,15 +92,13 @@ from pool_manager.anthropic_protocol import (
     new_message_id,
     new_tool_use_id,
 )
-from pool_manager.gateway import Gateway
+from pool_manager.gateway import JSON_REQUEST, Gateway
 from pool_manager.pool import ModelPool, PoolError
 from pool_manager.sse import close_stream, sse_payloads
 
 log = logging.getLogger(__name__)
 
 MESSAGES_PATH = "/v1/messages"
-# Headers passed to the gateway (it sends workers their own key, not the caller's).
-_FORWARDED_HEADERS = ("authorization", "x-api-key", "x-request-id")
 # Which model answered (a fallback, perhaps): passed on from the gateway's reply.
 _POOL_HEADERS = ("x-pool-model", "x-pool-fallback-from")
 _STATUS_TYPES: dict[int, ErrorType] = {
@@ -684,17 +682,9 @@ class AnthropicApi:
         self._pool = pool
         self._gateway = gateway
 
-    @staticmethod
-    def _headers(request: Request) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
-        for name in _FORWARDED_HEADERS:
-            if name in request.headers:
-                headers[name] = request.headers[name]
-        return headers
-
-    async def _relay(self, request: Request, path: str, body: dict[str, Any]) -> Response:
+    async def _relay(self, path: str, body: dict[str, Any]) -> Response:
         """The gateway's 200 reply; anything else raised as an AnthropicError."""
-        reply = await self._gateway.relay(path, json.dumps(body).encode(), self._headers(request))
+        reply = await self._gateway.relay(path, json.dumps(body).encode(), JSON_REQUEST)
         if reply.status_code == 200:
             return reply
         if isinstance(reply, StreamingResponse):
@@ -711,7 +701,7 @@ class AnthropicApi:
         record = self._pool.resolve(call.model)
         context = record.spec.n_ctx if record.spec.is_local else None
         body = openai_chat_request(call, record.model_id, context)
-        reply = await self._relay(request, "/v1/chat/completions", body)
+        reply = await self._relay("/v1/chat/completions", body)
         if not isinstance(reply, StreamingResponse):
             raise AnthropicError(502, "the model's worker did not stream its reply")
         headers = {k: reply.headers[k] for k in _POOL_HEADERS if k in reply.headers}
@@ -735,7 +725,7 @@ class AnthropicApi:
         call = _parse(await request.body(), CountTokensRequest)
         record = self._pool.resolve(call.model)
         body = openai_count_request(call, record.model_id)
-        reply = await self._relay(request, "/v1/count_tokens", body)
+        reply = await self._relay("/v1/count_tokens", body)
         if isinstance(reply, StreamingResponse):
             await close_stream(reply.body_iterator)
             raise AnthropicError(502, "the model's worker streamed a token count")

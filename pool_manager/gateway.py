@@ -52,6 +52,10 @@ _FORWARDED_REQUEST_HEADERS = (
     "x-request-id",
     "accept",
 )
+# What the translating APIs (Ollama, Anthropic, Responses) send with their JSON: the
+# caller's key stays behind (checked already; workers get their own) and the request id
+# is the gateway's own, so there is nothing else of the caller's to pass on.
+JSON_REQUEST = {"content-type": "application/json"}
 RELAY_SLACK_SECONDS = 5.0
 WORKER_GONE_WAIT_SECONDS = 2.0
 ATTEMPTS = 3  # a worker that was evicted or died between load and send is reloaded

@@ -49,7 +49,7 @@ from model_service.backends.base import BackendError
 from model_service.errors import ApiError
 from model_service.gguf import read_metadata
 from model_service.secrets import redact_url
-from pool_manager.gateway import Gateway
+from pool_manager.gateway import JSON_REQUEST, Gateway
 from pool_manager.ollama_protocol import (
     ChatReply,
     ChatRequest,
@@ -91,8 +91,6 @@ NDJSON = "application/x-ndjson"
 NANOS = 1_000_000_000
 # What Ollama reports for a model kept "forever" (negative keep_alive): now + max duration.
 FOREVER = dt.timedelta(microseconds=(2**63 - 1) // 1000)
-# Headers passed to the gateway (it sends workers their own key, not the caller's).
-_FORWARDED_HEADERS = ("authorization", "x-api-key", "x-request-id")
 _PS_STATES = (ModelState.WARMING, ModelState.HOT, ModelState.COOLING)
 
 # llama.cpp's `general.file_type` (enum llama_ftype) as Ollama names quantizations.
@@ -337,13 +335,6 @@ class OllamaApi:
             path = None
         return await asyncio.to_thread(_read_model_file, path)
 
-    def _headers(self, request: Request) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
-        for name in _FORWARDED_HEADERS:
-            if name in request.headers:
-                headers[name] = request.headers[name]
-        return headers
-
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
@@ -548,7 +539,7 @@ class OllamaApi:
             openai_body["tools"] = [tool.model_dump(exclude_unset=True) for tool in body.tools]
         if body.tool_choice is not None:  # an extension: Ollama has none
             openai_body["tool_choice"] = body.tool_choice
-        return await self._generate(request, "/v1/chat/completions", openai_body, call, chat=True)
+        return await self._generate("/v1/chat/completions", openai_body, call, chat=True)
 
     async def generate(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -580,11 +571,10 @@ class OllamaApi:
                 messages.append({"role": "system", "content": body.system})
             messages.append({"role": "user", "content": body.prompt})
             openai_body["messages"] = messages
-        return await self._generate(request, path, openai_body, call, chat=False)
+        return await self._generate(path, openai_body, call, chat=False)
 
     async def _generate(
         self,
-        request: Request,
         path: str,
         openai_body: dict[str, Any],
         call: _Call,
@@ -600,9 +590,7 @@ class OllamaApi:
         serving = {r.model_id for r in self._pool.records() if r.state in SERVING}
         sent_at = time.perf_counter()
         # The gateway loads the model (or falls back along its chain) and relays.
-        reply = await self._gateway.relay(
-            path, json.dumps(openai_body).encode(), self._headers(request)
-        )
+        reply = await self._gateway.relay(path, json.dumps(openai_body).encode(), JSON_REQUEST)
         if reply.status_code != 200:
             if isinstance(reply, StreamingResponse):
                 await close_stream(reply.body_iterator)
@@ -661,9 +649,7 @@ class OllamaApi:
         }
         if body.dimensions:  # 0: the model's own size, as in Ollama
             openai_body["dimensions"] = body.dimensions
-        vectors, tokens, load_seconds = await self._embeddings(
-            request, record, body.keep_alive, openai_body
-        )
+        vectors, tokens, load_seconds = await self._embeddings(record, body.keep_alive, openai_body)
         return EmbedReply(
             model=body.model,
             embeddings=vectors,
@@ -682,12 +668,11 @@ class OllamaApi:
             await self._load_or_unload(body.model, record, body.keep_alive, started, chat=False)
             return EmbeddingsReply(embedding=[])
         openai_body = {"model": record.model_id, "input": [body.prompt]}
-        vectors, _, _ = await self._embeddings(request, record, body.keep_alive, openai_body)
+        vectors, _, _ = await self._embeddings(record, body.keep_alive, openai_body)
         return EmbeddingsReply(embedding=vectors[0])
 
     async def _embeddings(
         self,
-        request: Request,
         record: ModelRecord,
         keep_alive: float | None,
         openai_body: dict[str, Any],
@@ -695,7 +680,7 @@ class OllamaApi:
         """Relay an OpenAI embeddings request: (vectors, prompt tokens, load seconds)."""
         serving = {r.model_id for r in self._pool.records() if r.state in SERVING}
         reply = await self._gateway.relay(
-            "/v1/embeddings", json.dumps(openai_body).encode(), self._headers(request)
+            "/v1/embeddings", json.dumps(openai_body).encode(), JSON_REQUEST
         )
         if reply.status_code != 200:
             if isinstance(reply, StreamingResponse):

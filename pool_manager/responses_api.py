@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from model_service.errors import ApiError, not_found
 from pool_manager.config import PoolConfig
-from pool_manager.gateway import Gateway
+from pool_manager.gateway import JSON_REQUEST, Gateway
 from pool_manager.pool import ModelPool
 from pool_manager.responses_protocol import (
     AllowedToolsChoice,
@@ -92,7 +92,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_STORED = 1000
 DEFAULT_MAX_STORED_BYTES = 256 * 2**20
-_FORWARDED_HEADERS = ("authorization", "x-api-key", "x-request-id")
 # Chat-completions fields a worker may name in an error, as the Responses field they came from.
 _CHAT_TO_RESPONSES_PARAM = {
     "messages": "input",
@@ -790,7 +789,7 @@ class ResponsesApi:
         if plan.tools.ignored:
             log.info("hosted tools ignored", extra={"tools": plan.tools.ignored})
         reply = await self._gateway.relay(
-            "/v1/chat/completions", json.dumps(plan.chat).encode(), _forwarded(request)
+            "/v1/chat/completions", json.dumps(plan.chat).encode(), JSON_REQUEST
         )
         headers = _reply_headers(reply, plan.tools)
         if reply.status_code != 200:
@@ -928,14 +927,6 @@ def _from_completion(
             type="server_error",
             code="worker_failed",
         ) from None
-
-
-def _forwarded(request: Request) -> dict[str, str]:
-    headers = {"content-type": "application/json"}
-    for name in _FORWARDED_HEADERS:
-        if name in request.headers:
-            headers[name] = request.headers[name]
-    return headers
 
 
 def _reply_headers(reply: Response, tools: ToolPlan) -> dict[str, str]:

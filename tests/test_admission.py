@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from pool_manager.admission import AdmissionQueue, QueueFull, rank_of
-from tests.conftest import ManagerFactory, model_entry, wait_for
+from tests.conftest import Manager, ManagerFactory, model_entry, wait_for
 
 BUSY, WAITING = "busy:1", "waiting:1"
 
@@ -56,9 +56,16 @@ def _chat(url: str, model: str) -> httpx.Response:
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
 
 
-def test_a_request_waits_for_a_busy_model_instead_of_503(start_manager: ManagerFactory) -> None:
+def _busy_pool(
+    start_manager: ManagerFactory, admission_timeout_seconds: float
+) -> tuple[Manager, list[str], threading.Thread]:
+    """A pool with room for one model, BUSY loaded there and streaming a long reply (its
+    SSE lines gathered as they come), and WAITING registered, COLD."""
     manager = start_manager(
-        config={"max_concurrent_models": 1, "admission_timeout_seconds": 300},
+        config={
+            "max_concurrent_models": 1,
+            "admission_timeout_seconds": admission_timeout_seconds,
+        },
         models=[model_entry(BUSY, timeout_seconds=600), model_entry(WAITING)],
     )
     manager.load(BUSY)
@@ -66,6 +73,11 @@ def test_a_request_waits_for_a_busy_model_instead_of_503(start_manager: ManagerF
     stream = threading.Thread(target=_long_stream, args=(manager.url, lines))
     stream.start()
     wait_for(lambda: len(lines) > 3, 60, message="the busy model to stream")
+    return manager, lines, stream
+
+
+def test_a_request_waits_for_a_busy_model_instead_of_503(start_manager: ManagerFactory) -> None:
+    manager, lines, stream = _busy_pool(start_manager, admission_timeout_seconds=300)
     replies: list[httpx.Response] = []
     waiting = threading.Thread(target=lambda: replies.append(_chat(manager.url, WAITING)))
     waiting.start()
@@ -87,15 +99,7 @@ def test_a_request_waits_for_a_busy_model_instead_of_503(start_manager: ManagerF
 
 
 def test_past_the_deadline_or_a_full_queue_it_is_503(start_manager: ManagerFactory) -> None:
-    manager = start_manager(
-        config={"max_concurrent_models": 1, "admission_timeout_seconds": 1},
-        models=[model_entry(BUSY, timeout_seconds=600), model_entry(WAITING)],
-    )
-    manager.load(BUSY)
-    lines: list[str] = []
-    stream = threading.Thread(target=_long_stream, args=(manager.url, lines))
-    stream.start()
-    wait_for(lambda: len(lines) > 3, 60, message="the busy model to stream")
+    manager, lines, stream = _busy_pool(start_manager, admission_timeout_seconds=1)
     late = _chat(manager.url, WAITING)
     assert late.status_code == 503 and late.json()["error"]["code"] == "pool_full", late.text
     assert "admission_timeout_seconds=1" in late.json()["error"]["message"]
@@ -111,15 +115,7 @@ def test_past_the_deadline_or_a_full_queue_it_is_503(start_manager: ManagerFacto
 def test_a_load_whose_client_left_is_given_up(start_manager: ManagerFactory) -> None:
     """The client's own timeout counts: a client that gives up while its model waits for
     room takes the load with it, and the busy model is not evicted for nobody."""
-    manager = start_manager(
-        config={"max_concurrent_models": 1, "admission_timeout_seconds": 300},
-        models=[model_entry(BUSY, timeout_seconds=600), model_entry(WAITING)],
-    )
-    manager.load(BUSY)
-    lines: list[str] = []
-    stream = threading.Thread(target=_long_stream, args=(manager.url, lines))
-    stream.start()
-    wait_for(lambda: len(lines) > 3, 60, message="the busy model to stream")
+    manager, lines, stream = _busy_pool(start_manager, admission_timeout_seconds=300)
     body = {"model": WAITING, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{manager.url}/v1/chat/completions", json=body, timeout=2)

@@ -32,6 +32,12 @@ LONG_STREAM = {
 }
 
 
+def _stream_into(url: str, lines: list[str]) -> None:
+    """Stream LONG_STREAM through the manager, gathering its SSE lines as they come."""
+    with httpx.stream("POST", f"{url}/v1/completions", json=LONG_STREAM, timeout=300) as reply:
+        lines.extend(line for line in reply.iter_lines() if line)
+
+
 def test_a_stopped_worker_is_killed_and_its_clients_answered(
     start_manager: ManagerFactory,
 ) -> None:
@@ -45,17 +51,7 @@ def test_a_stopped_worker_is_killed_and_its_clients_answered(
     # A stream under way when the worker stops ends with an error event, not silence.
     stream_lines: list[str] = []
 
-    def stream() -> None:
-        with httpx.stream(
-            "POST",
-            f"{manager.url}/v1/completions",
-            json=LONG_STREAM,
-            timeout=90,
-        ) as reply:
-            for line in reply.iter_lines():
-                stream_lines.append(line)
-
-    streaming = threading.Thread(target=stream)
+    streaming = threading.Thread(target=_stream_into, args=(manager.url, stream_lines))
     streaming.start()
     wait_for(lambda: len(stream_lines) > 2, 60, message="the stream to start")
     os.kill(hung_pid, signal.SIGSTOP)
@@ -132,15 +128,6 @@ def test_requests_queued_on_a_killed_worker_go_to_its_replacement(
     manager.seen_worker_pids.add(pid)
     stream_lines: list[str] = []
 
-    def stream() -> None:
-        with httpx.stream(
-            "POST",
-            f"{manager.url}/v1/completions",
-            json=LONG_STREAM,
-            timeout=300,
-        ) as reply:
-            stream_lines.extend(line for line in reply.iter_lines() if line)
-
     queued: list[httpx.Response] = []
 
     def one() -> None:
@@ -150,7 +137,7 @@ def test_requests_queued_on_a_killed_worker_go_to_its_replacement(
             )
         )
 
-    streaming = threading.Thread(target=stream)
+    streaming = threading.Thread(target=_stream_into, args=(manager.url, stream_lines))
     streaming.start()
     wait_for(lambda: len(stream_lines) > 2, 60, message="the stream to start")
     waiting = [threading.Thread(target=one) for _ in range(3)]
