@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import json
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -78,6 +79,8 @@ def model_view(pool: ModelPool, record: ModelRecord, *, admin: bool = True) -> d
         "cooling_remaining_seconds": _round(pool.cooling_remaining(record)),
         "in_flight": record.in_flight,
         "requests_total": record.requests_total,
+        # Requests, halving every 10 minutes: what eviction and loading ahead weigh.
+        "demand": round(record.demand.value(time.monotonic()), 3),
         "last_used": _iso(record.last_used_at),
         "loaded_at": _iso(record.loaded_at),
         "load_seconds": _round(record.load_seconds, 3),

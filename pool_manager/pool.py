@@ -54,6 +54,16 @@ from pool_manager.memory import (
     why_it_does_not_fit,
 )
 from pool_manager.metrics import PoolMetrics
+from pool_manager.policies import (
+    ColdModel,
+    Demand,
+    Expiring,
+    Resident,
+    choose_preload,
+    choose_victim,
+    expire,
+    reload_seconds,
+)
 from pool_manager.ports import NoFreePort, PortAllocator
 from pool_manager.spares import SparePool
 from pool_manager.states import (
@@ -73,9 +83,9 @@ RETRY_AFTER_FULL_SECONDS = 5
 LOAD_RETRY_BASE_SECONDS = 0.5  # a failed start is retried after 0.5 s, 1 s, 2 s, ...
 LOAD_RETRY_MAX_SECONDS = 8.0
 MAX_FAILURE_COOLDOWN_SECONDS = 3600.0
-CRASH_WINDOW_SECONDS = 60.0
+CRASH_WINDOW_SECONDS = 60.0  # max_load_failures crashes within this window mean FAILED
 FILE_CHECK_SECONDS = 1.0
-SPARE_REFILL_DELAY_SECONDS = 2.0  # max_load_failures crashes within this window mean FAILED
+SPARE_REFILL_DELAY_SECONDS = 2.0
 FORCED_STOP_SECONDS = 2.0
 HANG_CHECK_SECONDS = 1.0
 ADMISSION_RECHECK_SECONDS = 1.0  # how long a forced unload lets requests hear why they end
@@ -167,6 +177,7 @@ class ModelRecord:
     # Gateway requests on their way to it (loading it, or being sent): it is not idle.
     reserved: int = 0
     load_callers: int = 0  # callers of `load` waiting for the load under way
+    demand: Demand = field(default_factory=Demand)  # how often and lately it was asked for
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -333,28 +344,28 @@ class ModelPool:
 
     def _preload_files(self) -> dict[str, str]:
         """model id -> served file, for the spare_preload COLD local models likeliest to be
-        loaded next: the most recently used first, then the rest in registry order. Only
+        loaded next (pool_manager.policies.choose_preload: the most in demand first). Only
         files that exist (a widened copy not made yet is made by the first load), and
         together no more than half the available memory, nor than memory_limit_mb leaves
         beside the models and the spares' reserves: a spare maps them whole."""
-        cold = [r for r in self._records.values() if r.spec.is_local and r.state is S.COLD]
-        cold.sort(key=lambda r: -r.last_used_mono)  # stable: never used (0) keep their order
+        now = time.monotonic()
+        cold: list[ColdModel] = []
+        for record in self._records.values():
+            if not record.spec.is_local or record.state is not S.COLD:
+                continue
+            with contextlib.suppress(InvalidModel, BackendError, OSError):
+                source = Path(self._model_file(record.spec))
+                path = served_path(source, record.spec.weights, self._weights_folder)
+                size = path.stat().st_size
+                demand = record.demand.value(now)
+                cold.append(
+                    ColdModel(record.model_id, str(path), size, demand, record.last_used_mono)
+                )
         # The spares' processes and reserves only: their weights are what this decides.
         reserves = [SpareMemory(0, 0, s.reserve) for s in self._spares.memory()]
         room = room_under_limit(self.config.memory_limit_mb * MB, self._models_estimate(), reserves)
         budget = preload_budget(psutil.virtual_memory().available, room, self._spares.size)
-        files: dict[str, str] = {}
-        for record in cold:
-            if len(files) >= self.config.spare_preload:
-                break
-            with contextlib.suppress(InvalidModel, BackendError, OSError):
-                source = Path(self._model_file(record.spec))
-                path = served_path(source, record.spec.weights, self._weights_folder)
-                size = 0 if str(path) in files.values() else path.stat().st_size
-                if size <= budget:
-                    files[record.model_id] = str(path)
-                    budget -= size
-        return files
+        return choose_preload(cold, self.config.spare_preload, budget)
 
     def _spawn_background(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -910,18 +921,20 @@ class ModelPool:
             reason = self._why_it_does_not_fit(occupying, need, takes_spare)
             if reason is None:
                 return None
-            victim = self._eviction_candidate(occupying)
+            short_of_memory = "max_concurrent_models" not in reason
+            victim = self._eviction_candidate(occupying, short_of_memory=short_of_memory)
             if victim is not None:
                 log.info(
-                    "evicting least recently used model",
+                    "evicting the idle model least worth keeping",
                     extra={
                         "model": victim.model_id,
                         "for_model": record.model_id,
                         "because": reason,
+                        "demand": round(victim.demand.value(time.monotonic()), 2),
                     },
                 )
-                self.metrics.evicted(victim.model_id, "lru")
-                await self._unload(victim, "lru", force=False)
+                self.metrics.evicted(victim.model_id, "memory" if short_of_memory else "slots")
+                await self._unload(victim, "evicted", force=False)
                 continue
             stopping = [r.unload_task for r in occupying if r.unload_task is not None]
             if stopping:
@@ -976,17 +989,29 @@ class ModelPool:
             # The worker's load will report what is wrong with the file, clearly.
             return PROCESS_OVERHEAD_BYTES
 
-    def _eviction_candidate(self, occupying: list[ModelRecord]) -> ModelRecord | None:
-        idle = [
-            r
+    def _eviction_candidate(
+        self, occupying: list[ModelRecord], *, short_of_memory: bool
+    ) -> ModelRecord | None:
+        """The idle, unpinned model to evict (pool_manager.policies.choose_victim: weighs
+        demand, reload cost and, when memory is short, size)."""
+        now = time.monotonic()
+        idle = {
+            r.model_id: Resident(
+                r.model_id,
+                r.demand.value(now),
+                r.last_used_mono,
+                reload_seconds(r.load_seconds, r.memory_estimate),
+                r.memory_estimate,
+            )
             for r in occupying
             if r.state in SERVING
             and r.in_flight == 0
             and r.reserved == 0
             and not self.is_pinned(r)
             and r.unload_task is None
-        ]
-        return min(idle, key=lambda r: r.last_used_mono, default=None)
+        }
+        victim = choose_victim(idle.values(), short_of_memory=short_of_memory)
+        return None if victim is None else self._records[victim.model_id]
 
     # --- unload -----------------------------------------------------------------------------
 
@@ -1099,6 +1124,7 @@ class ModelPool:
         record.last_used_mono = now
         record.last_used_at = time.time()
         if event == "start":
+            record.demand.add(now)
             record.in_flight += 1
             if record.in_flight == 1:
                 self._share_cores()
@@ -1151,28 +1177,29 @@ class ModelPool:
                 await asyncio.wait_for(self._reaper_wakeup.wait(), timeout)
 
     def _expire_idle_models(self) -> float:
-        """Move expired models along; return seconds until the next deadline."""
+        """Move expired models along (pool_manager.policies.expire); return seconds until
+        the next deadline."""
         if not self.config.auto_unload:
             return math.inf
         now = time.monotonic()
-        next_due = math.inf
-        for record in self._records.values():
-            if self.is_pinned(record) or record.in_flight or record.unload_task is not None:
-                continue
-            if record.state is S.HOT and record.ttl_deadline is not None:
-                if now < record.ttl_deadline:
-                    next_due = min(next_due, record.ttl_deadline - now)
-                    continue
-                record.cooling_deadline = now + self.config.grace_period_seconds
-                self._set_state(record, S.COOLING)
-            if record.state is S.COOLING and record.cooling_deadline is not None:
-                if now < record.cooling_deadline:
-                    next_due = min(next_due, record.cooling_deadline - now)
-                    continue
-                self._spawn_background(
-                    self._unload(record, "ttl", force=False), f"expire:{record.model_id}"
-                )
-        return next_due
+        expiring = [
+            Expiring(r.model_id, r.state is S.COOLING, r.ttl_deadline, r.cooling_deadline)
+            for r in self._records.values()
+            if r.state in SERVING
+            and not self.is_pinned(r)
+            and not r.in_flight
+            and r.unload_task is None
+        ]
+        grace = self.config.grace_period_seconds
+        expiry = expire(expiring, now, grace)
+        for model_id in expiry.cool:
+            record = self._records[model_id]
+            record.cooling_deadline = now + grace
+            self._set_state(record, S.COOLING)
+        for model_id in expiry.unload:
+            record = self._records[model_id]
+            self._spawn_background(self._unload(record, "ttl", force=False), f"expire:{model_id}")
+        return expiry.next_due
 
     # --- crashes ----------------------------------------------------------------------------
 

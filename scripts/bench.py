@@ -66,6 +66,7 @@ import contextlib
 import ctypes
 import importlib.util
 import json
+import math
 import os
 import platform
 import random
@@ -130,6 +131,7 @@ LOAD_TIMEOUT_S = 120.0
 MANAGER_START_S = 60.0
 MANAGER_STOP_S = 60.0
 SPARE_WAIT_S = 60.0
+DECOY_ROUNDS_MAX = 40  # batches of up to 8 one-token requests that make a decoy the guess
 QUIET_CORES = 0.3  # other work using less than this counts as a quiet machine
 SHARED_CORES = 0.25  # other work using more than this in a phase: the run was shared
 
@@ -828,7 +830,7 @@ class ColdCase:
     spare_preload: int  # set by PATCH /config before the rounds
     spare_workers: int = 1  # 0: no spare, the load starts a new Python process
     through_manager: bool = False  # one request to the manager's /v1, no load call
-    decoy: str | None = None  # loaded and unloaded before each round: the spare's guess
+    decoy: str | None = None  # made the most in demand before each round: the spare's guess
     drop_cache: bool = False  # the served file out of the page cache before each round
     rotation: tuple[str, ...] = ()  # these cold-started in turn, each load evicting the last
 
@@ -1410,8 +1412,8 @@ class Bench:
             model = rotation[i % len(rotation)] if rotation else case.model
             if not rotation and not await self.unload(model):
                 break
-            # The decoy becomes the most recently used COLD model: the spare's guess.
-            if case.decoy is not None and not await self._load_and_unload(case.decoy):
+            # The decoy becomes the COLD model most in demand: the spare's guess.
+            if case.decoy is not None and not await self._make_the_guess(case.decoy):
                 break
             guess = case.decoy or (model if case.spare_preload and not rotation else None)
             if case.spare_workers:
@@ -1478,8 +1480,30 @@ class Bench:
         await self.configure(spare_preload=4)
         self.results[case.key] = _cold_summary(case, rounds)
 
-    async def _load_and_unload(self, model_id: str) -> bool:
-        return await self.load(model_id) is not None and await self.unload(model_id)
+    async def _make_the_guess(self, decoy: str) -> bool:
+        """Make `decoy` the COLD local model most in demand, which spares load ahead
+        (pool_manager.policies.choose_preload): load it, send it one-token requests until
+        its demand passes every other model's (GET /models `demand`), unload it. False
+        (noted) when a step failed."""
+        view = await self.load(decoy)
+        if view is None:
+            return False
+        url = f"{view['endpoint']}/v1/chat/completions"
+        for attempt in range(DECOY_ROUNDS_MAX):
+            models = (await self.manager.api.get("/models")).json()["models"]
+            demand = {m["model_id"]: m["demand"] for m in models}
+            top = max((d for m, d in demand.items() if m not in (decoy, HOT)), default=0.0)
+            if demand[decoy] > top:
+                return await self.unload(decoy)
+            missing = math.floor(top - demand[decoy]) + 1
+            batch = [
+                self.http(decoy, question(i), 1, seed=700 + i, url=url)
+                for i in range(min(missing, 8))
+            ]
+            results = await asyncio.gather(*batch)
+            self.note_incomplete(f"decoy requests (round {attempt})", results, 1)
+        self.problems.append(f"{decoy} not the most in demand after {DECOY_ROUNDS_MAX} rounds")
+        return False
 
     def _served_file(self, model_id: str) -> Path:
         """The file a COPY_MODELS model's worker loads (its Q8_0 copy if one is served)."""
@@ -2688,7 +2712,8 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
         "`preloaded_models` before the load), the same with one request through the "
         "manager and no load call, a spare without weights (`spare_preload: 0`), the spare "
         "guessed wrong (`spare_preload: 1`, and another model on another copy of the file "
-        "loaded and unloaded just before, so the spare loaded that one's weights ahead), "
+        "loaded, sent one-token requests until it is the model most in demand, and "
+        "unloaded just before, so the spare loaded that one's weights ahead), "
         "the file not in the page cache (`posix_fadvise(POSIX_FADV_DONTNEED)` on the served "
         "file before the load, with a spare without weights: a spare that loaded it ahead "
         "would hold it in the page cache; mincore(2) checks that the pages were dropped), "

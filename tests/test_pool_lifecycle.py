@@ -182,7 +182,7 @@ def test_lru_eviction_spares_warmup_and_recently_used(start_manager: ManagerFact
     assert models[DEFAULT_MODEL]["state"] == "HOT", "warmup models are never evicted"
     wait_for(lambda: not pid_alive(b["pid"]), 10, message="evicted worker to exit")
     metrics = manager.request("GET", "/metrics").text
-    assert 'pool_model_evictions_total{model="b:1",reason="lru"} 1.0' in metrics
+    assert 'pool_model_evictions_total{model="b:1",reason="slots"} 1.0' in metrics
 
 
 def test_pool_full_of_pinned_models_answers_503(start_manager: ManagerFactory) -> None:

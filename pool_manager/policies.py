@@ -1,0 +1,171 @@
+"""The pool's choices as small policies: which model to evict, which to load ahead, which
+to cool and unload (issue 16, point 5).
+
+Each is a pure function of what it is shown (snapshots of the models, the clock's `now`,
+byte budgets) and returns a decision; none holds a process, a lock or a clock of its own.
+`ModelPool` owns the state, takes the snapshots, and applies what comes back, so these
+rules are unit-tested without starting anything (tests/test_policies.py). The admission
+queue's order is the same kind of policy, in pool_manager/admission.py.
+
+Demand is the traffic probe they share: each request counts 1 and the count halves every
+`HALF_LIFE_SECONDS`, so one number weighs both how often and how lately a model was asked
+for (ten requests five minutes ago outrank one a minute ago; an hour of silence lets
+them fade).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+HALF_LIFE_SECONDS = 600.0
+MB = 1024 * 1024
+# A model never loaded yet costs about this to load: a process start when no spare is
+# ready, plus reading its file (a floor: loads measured on this kind of machine take
+# 0.05 s with a spare that guessed right to 0.8 s without one).
+FIRST_LOAD_SECONDS = 0.5
+READ_BYTES_PER_SECOND = 1024 * MB
+MIN_RELOAD_SECONDS = 0.05
+
+
+@dataclass
+class Demand:
+    """One model's request count, halving every HALF_LIFE_SECONDS."""
+
+    score: float = 0.0
+    at: float = 0.0  # monotonic time the score was last brought up to date
+
+    def value(self, now: float) -> float:
+        """The count as of `now`."""
+        if self.score == 0.0:
+            return 0.0
+        return self.score * 0.5 ** (max(0.0, now - self.at) / HALF_LIFE_SECONDS)
+
+    def add(self, now: float) -> None:
+        """One more request, at `now`."""
+        self.score = self.value(now) + 1.0
+        self.at = now
+
+
+# --- eviction ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A loaded model that could be evicted (idle, not pinned), as eviction sees it."""
+
+    model_id: str
+    demand: float  # Demand.value(now)
+    last_used: float  # monotonic; breaks ties, so with no demand anywhere it is LRU
+    reload_seconds: float  # what loading it again would cost (reload_seconds())
+    size_bytes: int  # what evicting it frees
+
+
+def reload_seconds(measured: float | None, size_bytes: int) -> float:
+    """The cost of loading a model again: its last load's time when there was one, else
+    a first-load guess from its size."""
+    if measured is not None:
+        return max(MIN_RELOAD_SECONDS, measured)
+    return FIRST_LOAD_SECONDS + size_bytes / READ_BYTES_PER_SECOND
+
+
+def keep_value(model: Resident, *, short_of_memory: bool) -> float:
+    """Load time that keeping `model` is expected to save: its demand times its reload
+    cost, per megabyte it holds when memory is what is short (Greedy-Dual-Size-Frequency,
+    with the demand's decay as the aging). When only the count of models is short, size
+    does not matter: any eviction frees one place."""
+    value = model.demand * model.reload_seconds
+    if short_of_memory:
+        value /= max(1.0, model.size_bytes / MB)
+    return value
+
+
+def choose_victim(idle: Iterable[Resident], *, short_of_memory: bool) -> Resident | None:
+    """The idle model least worth keeping; the least recently used among equals. None
+    when there is none."""
+    return min(
+        idle,
+        key=lambda m: (keep_value(m, short_of_memory=short_of_memory), m.last_used),
+        default=None,
+    )
+
+
+# --- loading ahead ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColdModel:
+    """A COLD local model whose served file exists, as the preload choice sees it."""
+
+    model_id: str
+    path: str  # the file a spare would map
+    size_bytes: int
+    demand: float  # Demand.value(now)
+    last_used: float  # monotonic; 0 when never used
+
+
+def choose_preload(cold: Sequence[ColdModel], count: int, budget_bytes: int) -> dict[str, str]:
+    """model id -> file, for the `count` COLD models likeliest to be asked for next: the
+    most in demand first, then the most recently used, then the rest in the order given
+    (the registry's). A file is counted once however many models serve it; a model whose
+    file would take the total past `budget_bytes` is left out, and smaller ones after it
+    may still fit."""
+    ranked = sorted(cold, key=lambda m: (-m.demand, -m.last_used))  # stable
+    files: dict[str, str] = {}
+    left = budget_bytes
+    for model in ranked:
+        if len(files) >= count:
+            break
+        size = 0 if model.path in files.values() else model.size_bytes
+        if size <= left:
+            files[model.model_id] = model.path
+            left -= size
+    return files
+
+
+# --- time to live ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Expiring:
+    """A HOT or COOLING model with no request in flight, not pinned, not unloading."""
+
+    model_id: str
+    cooling: bool  # COOLING already (else HOT)
+    ttl_deadline: float | None  # monotonic; when a HOT model starts cooling
+    cooling_deadline: float | None  # monotonic; when a COOLING model is unloaded
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """What the TTL reaper does now, and when it must look again."""
+
+    cool: list[str]  # HOT -> COOLING
+    unload: list[str]  # COOLING past its grace period -> unload ("ttl")
+    next_due: float  # seconds until the next deadline (inf: none)
+
+
+def expire(models: Iterable[Expiring], now: float, grace_seconds: float) -> Expiry:
+    """HOT models past their TTL start cooling (for `grace_seconds`: they still serve,
+    and a request sends them back to HOT); COOLING models past their grace are unloaded.
+    A model that starts cooling with no grace is unloaded in the same pass."""
+    cool: list[str] = []
+    unload: list[str] = []
+    next_due = float("inf")
+    for model in models:
+        cooling_deadline = model.cooling_deadline
+        if not model.cooling:
+            if model.ttl_deadline is None:
+                continue
+            if now < model.ttl_deadline:
+                next_due = min(next_due, model.ttl_deadline - now)
+                continue
+            cool.append(model.model_id)
+            cooling_deadline = now + grace_seconds
+        if cooling_deadline is None:
+            continue
+        if now < cooling_deadline:
+            next_due = min(next_due, cooling_deadline - now)
+        else:
+            unload.append(model.model_id)
+    return Expiry(cool, unload, next_due)

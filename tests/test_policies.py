@@ -1,0 +1,134 @@
+"""The pool's policies on their own (pool_manager/policies.py): no process, no clock."""
+
+from __future__ import annotations
+
+import math
+
+from pool_manager.policies import (
+    MB,
+    ColdModel,
+    Demand,
+    Expiring,
+    Resident,
+    choose_preload,
+    choose_victim,
+    expire,
+    keep_value,
+    reload_seconds,
+)
+
+
+def test_demand_weighs_frequency_and_recency() -> None:
+    """Ten requests five minutes ago outrank one a minute ago; an hour of silence lets the
+    ten fade below a fresh one."""
+    busy_then, once_lately = Demand(), Demand()
+    for _ in range(10):
+        busy_then.add(0.0)
+    once_lately.add(240.0)
+    assert busy_then.value(300.0) > once_lately.value(300.0) > 0
+    assert busy_then.value(300.0) < 10.0, "it fades"
+    assert math.isclose(busy_then.value(600.0), 5.0), "half of it after one half-life"
+    fresh = Demand()
+    fresh.add(4000.0)
+    assert fresh.value(4000.0) > busy_then.value(4000.0)
+    assert Demand().value(1e9) == 0.0
+
+
+def _resident(
+    model_id: str, demand: float, last_used: float, reload: float = 0.2, mb: int = 200
+) -> Resident:
+    return Resident(model_id, demand, last_used, reload, mb * MB)
+
+
+def test_with_no_demand_anywhere_eviction_is_least_recently_used() -> None:
+    idle = [_resident("a", 0, 30.0), _resident("b", 0, 10.0), _resident("c", 0, 20.0)]
+    for short_of_memory in (False, True):
+        victim = choose_victim(idle, short_of_memory=short_of_memory)
+        assert victim is not None and victim.model_id == "b"
+    assert choose_victim([], short_of_memory=False) is None
+
+
+def test_a_popular_model_outlives_a_more_recent_one_asked_for_once() -> None:
+    """Where LRU would evict the popular model (used a little earlier), the demand keeps it."""
+    popular = _resident("popular", demand=12.0, last_used=10.0)
+    once = _resident("once", demand=1.0, last_used=20.0)
+    victim = choose_victim([popular, once], short_of_memory=False)
+    assert victim is not None and victim.model_id == "once"
+
+
+def test_a_model_costly_to_reload_is_kept_over_a_cheap_one_asked_for_as_often() -> None:
+    costly = _resident("costly", demand=3.0, last_used=10.0, reload=4.0)
+    cheap = _resident("cheap", demand=3.0, last_used=20.0, reload=0.1)
+    victim = choose_victim([costly, cheap], short_of_memory=False)
+    assert victim is not None and victim.model_id == "cheap"
+
+
+def test_size_counts_only_when_memory_is_short() -> None:
+    """Same demand and reload cost: for a free place any one will do (the least recently
+    used goes); for memory, the big one frees more per unit of value lost."""
+    big = _resident("big", demand=2.0, last_used=20.0, mb=4000)
+    small = _resident("small", demand=2.0, last_used=10.0, mb=100)
+    by_count = choose_victim([big, small], short_of_memory=False)
+    by_memory = choose_victim([big, small], short_of_memory=True)
+    assert by_count is not None and by_count.model_id == "small"
+    assert by_memory is not None and by_memory.model_id == "big"
+    assert keep_value(big, short_of_memory=True) < keep_value(small, short_of_memory=True)
+
+
+def test_reload_cost_is_the_last_load_or_a_guess_from_the_size() -> None:
+    assert reload_seconds(1.5, 100 * MB) == 1.5
+    assert reload_seconds(0.0, 100 * MB) > 0, "a floor: a free reload would never be kept"
+    assert reload_seconds(None, 4096 * MB) > reload_seconds(None, 100 * MB) > 0
+
+
+def _cold(
+    model_id: str, demand: float, last_used: float, path: str = "", mb: int = 100
+) -> ColdModel:
+    return ColdModel(model_id, path or f"/m/{model_id}.gguf", mb * MB, demand, last_used)
+
+
+def test_preload_takes_the_most_in_demand_then_the_most_recent_then_registry_order() -> None:
+    cold = [
+        _cold("never-a", 0, 0.0),
+        _cold("recent", 0, 50.0),
+        _cold("popular", 5.0, 10.0),
+        _cold("never-b", 0, 0.0),
+    ]
+    chosen = choose_preload(cold, count=3, budget_bytes=10**12)
+    assert list(chosen) == ["popular", "recent", "never-a"]
+    assert chosen["popular"] == "/m/popular.gguf"
+    assert choose_preload(cold, count=0, budget_bytes=10**12) == {}
+
+
+def test_preload_keeps_within_the_budget_and_counts_a_shared_file_once() -> None:
+    cold = [
+        _cold("first", 3.0, 0.0, path="/m/shared.gguf", mb=300),
+        _cold("alias", 2.0, 0.0, path="/m/shared.gguf", mb=300),
+        _cold("huge", 1.0, 0.0, mb=900),
+        _cold("small", 0.5, 0.0, mb=100),
+    ]
+    chosen = choose_preload(cold, count=4, budget_bytes=450 * MB)
+    # The shared file counts once; the huge one does not fit, the small one after it does.
+    assert list(chosen) == ["first", "alias", "small"]
+
+
+def test_expiry_cools_past_ttl_unloads_past_grace_and_says_when_to_look_again() -> None:
+    now = 1000.0
+    models = [
+        Expiring("fresh", cooling=False, ttl_deadline=now + 30, cooling_deadline=None),
+        Expiring("expired", cooling=False, ttl_deadline=now - 1, cooling_deadline=None),
+        Expiring("cooling", cooling=True, ttl_deadline=None, cooling_deadline=now + 5),
+        Expiring("done", cooling=True, ttl_deadline=None, cooling_deadline=now - 0.1),
+        Expiring("no-deadline", cooling=False, ttl_deadline=None, cooling_deadline=None),
+    ]
+    expiry = expire(models, now, grace_seconds=10)
+    assert expiry.cool == ["expired"]
+    assert expiry.unload == ["done"]
+    assert expiry.next_due == 5, "the cooling model's grace ends first"
+
+
+def test_expiry_with_no_grace_unloads_in_the_same_pass() -> None:
+    models = [Expiring("m", cooling=False, ttl_deadline=9.0, cooling_deadline=None)]
+    expiry = expire(models, now=10.0, grace_seconds=0)
+    assert expiry.cool == ["m"] and expiry.unload == ["m"]
+    assert expire([], now=10.0, grace_seconds=0).next_due == math.inf
