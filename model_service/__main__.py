@@ -1,7 +1,7 @@
 """Run one worker: `python -m model_service --model-path FILE.gguf --port 8060`.
 
 The pool manager starts workers with `--control-fd`, one end of a Unix socketpair, by way
-of `python -m model_service.sandbox` (which sandboxes the process first). Such
+of `python -m model_service.spare` (which sandboxes the process first). Such
 a worker imports everything, reports `spare`, and waits for a `load` command carrying
 the model's settings and a listening socket the manager already bound. Later commands
 are `drain` and `abort`; EOF means the manager is gone, and the worker shuts down.
@@ -431,6 +431,28 @@ def _apply_memory_ceiling(ceiling: Mapping[str, Any] | None) -> None:
     log.debug("memory ceiling set", extra={"address_space_mb": limit >> 20})
 
 
+def _exit_when_a_thread_runs_out_of_memory() -> None:
+    """A MemoryError that ends a thread (one of ours or the bootstrap of a new one) ends
+    the worker with EXIT_OUT_OF_MEMORY at once: whoever waited on that thread would wait
+    until the manager's load or hang timeout, and the manager reads the exit code as
+    the memory ceiling's doing. Nothing is allocated on the way out."""
+    threading_hook = threading.excepthook
+    unraisable_hook = sys.unraisablehook
+
+    def on_thread_error(args: threading.ExceptHookArgs) -> None:
+        if issubclass(args.exc_type, MemoryError):
+            os._exit(sandbox.EXIT_OUT_OF_MEMORY)
+        threading_hook(args)
+
+    def on_unraisable(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, MemoryError):
+            os._exit(sandbox.EXIT_OUT_OF_MEMORY)
+        unraisable_hook(unraisable)
+
+    threading.excepthook = on_thread_error
+    sys.unraisablehook = on_unraisable
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     setup_logging("worker", args.log_level, file_suffix="-workers")
@@ -449,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         settings, listen_fd = assignment
         sock = socket.socket(fileno=listen_fd)
         _apply_memory_ceiling(settings.get("memory_ceiling"))
+        _exit_when_a_thread_runs_out_of_memory()
         preloaded = link.preloader.take(settings.get("served_model_path"))
     else:
         settings = _standalone_settings(args)

@@ -13,9 +13,11 @@ glibc only; elsewhere both calls do nothing.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,20 @@ def reserve(megabytes: int) -> bool:
     ctypes.memset(block, 0, size)  # the writes are what map the pages
     libc.free(block)
     return True
+
+
+@contextlib.contextmanager
+def one_arena() -> Iterator[None]:
+    """Threads started meanwhile allocate from the main heap, not from an arena of their
+    own (glibc gives each new thread one, and keeps it after the thread ends)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, 1)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_ARENA_MAX, _DEFAULT_ARENA_MAX)
 
 
 def release_unused() -> None:

@@ -7,7 +7,8 @@
   namespace they were made in). `unshare(CLONE_NEWNET)` needs root or CAP_SYS_ADMIN;
   otherwise a new user namespace comes with it (unprivileged user namespaces).
   Namespaces belong to threads and importing llama.cpp starts one, so this happens
-  first, in `python -m model_service.sandbox`, before the worker imports anything.
+  first, in `python -m model_service.spare --sandbox`, before the worker imports
+  anything.
   Remote-backend workers (openai, ollama) keep the network: they need it.
 - **`no_new_privs`**: exec'ing a setuid program gains nothing.
 - **Open files** at most `OPEN_FILES`; **no core dumps** (a dump would write the model's
@@ -168,6 +169,14 @@ def address_space_limited() -> bool:
     return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
 
 
+def address_space_left() -> int | None:
+    """Bytes the address space may still grow by under RLIMIT_AS; None with no ceiling."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(0, soft - address_space_bytes())
+
+
 def _ceiling_text(ceiling: Mapping[str, Any] | None) -> str:
     if not ceiling:
         return "no memory left"
@@ -265,30 +274,18 @@ def _cgroup2_mount() -> Path | None:
     return None
 
 
-# --- the worker's entry point --------------------------------------------------------------
+# --- the probe ----------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m model_service.sandbox [--network] WORKER-ARGS`: sandbox, then run the worker.
-
-    `--probe` prints what could be entered, as JSON, and exits (the manager asks at start).
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m model_service.sandbox", add_help=False, allow_abbrev=False
-    )
+    """`python -m model_service.sandbox [--network]`: enter the sandbox and print what
+    could be entered, as JSON (the manager asks at start). Workers enter it by way of
+    `python -m model_service.spare --sandbox` (model_service/spare.py)."""
+    parser = argparse.ArgumentParser(prog="python -m model_service.sandbox", allow_abbrev=False)
     parser.add_argument("--network", action="store_true", help="keep the network (remote)")
-    parser.add_argument("--probe", action="store_true", help="print the report and exit")
-    own, worker_args = parser.parse_known_args(argv)
-    report = enter(network=own.network)
-    if own.probe:
-        print(json.dumps(report))
-        return 0
-    from model_service.__main__ import main as worker_main  # only now: it starts threads
-
-    try:
-        return worker_main(worker_args)
-    except MemoryError:
-        return EXIT_OUT_OF_MEMORY
+    own = parser.parse_args(argv)
+    print(json.dumps(enter(network=own.network)))
+    return 0
 
 
 if __name__ == "__main__":

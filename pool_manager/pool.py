@@ -85,7 +85,6 @@ LOAD_RETRY_MAX_SECONDS = 8.0
 MAX_FAILURE_COOLDOWN_SECONDS = 3600.0
 CRASH_WINDOW_SECONDS = 60.0  # max_load_failures crashes within this window mean FAILED
 FILE_CHECK_SECONDS = 1.0
-SPARE_REFILL_DELAY_SECONDS = 2.0
 FORCED_STOP_SECONDS = 2.0
 HANG_CHECK_SECONDS = 1.0
 ADMISSION_RECHECK_SECONDS = 1.0  # how long a forced unload lets requests hear why they end
@@ -749,9 +748,6 @@ class ModelPool:
         record.last_used_mono = time.monotonic()
         record.ttl_deadline = time.monotonic() + self.ttl_seconds(record)
         self._set_state(record, S.HOT)
-        # Replace the spare this load used, a moment later: starting a process now would
-        # slow the model's first requests on a small machine.
-        self._spares.refill(delay=SPARE_REFILL_DELAY_SECONDS)
         self.metrics.load_finished(record.model_id, "ok", record.load_seconds)
         log.info(
             "model loaded",

@@ -74,23 +74,23 @@ class SparePool:
         return min(alive, key=lambda w: not w.is_warm_spare, default=None)
 
     async def take(self) -> WorkerProcess:
-        """A spare (warm ones first), or a newly started process when none is left.
-
-        The caller refills (`refill`) once its model is up: starting a new process while
-        the taken one loads would slow that load down on a small machine.
-        """
+        """A spare (warm ones first), or a newly started process when none is left; its
+        replacement starts at once. That slows neither this load nor the requests after
+        it: a spare imports at nice 19 (model_service/spare.py), so the next load, a
+        second later, finds one ready or nearly."""
         spare = self._next()
         self._spares = [w for w in self._spares if w.returncode is None and w is not spare]
-        return spare if spare is not None else await self._start_spare()
+        taken = spare if spare is not None else await self._start_spare()
+        self.refill()
+        return taken
 
-    def refill(self, delay: float = 0.0) -> None:
-        """Start spares in the background, after `delay` s, until there are `size`."""
+    def refill(self) -> None:
+        """Start spares in the background until there are `size`."""
         if self._closed or (self._refill is not None and not self._refill.done()):
             return
-        self._refill = asyncio.create_task(self._fill(delay), name="spares")
+        self._refill = asyncio.create_task(self._fill(), name="spares")
 
-    async def _fill(self, delay: float) -> None:
-        await asyncio.sleep(delay)
+    async def _fill(self) -> None:
         while not self._closed and len(self._spares) < self.size:
             try:
                 spare = await self._start_spare()

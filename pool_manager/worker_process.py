@@ -162,14 +162,10 @@ class WorkerProcess:
         unless `network` (for a remote backend).
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        if sandbox:
-            entry = ["model_service.sandbox", *(["--network"] if network else [])]
-        else:
-            entry = ["model_service"]
+        sandboxing = ["--sandbox", *(["--network"] if network else [])] if sandbox else []
         command = [
-            sys.executable,
-            "-m",
-            *entry,
+            *(sys.executable, "-m", "model_service.spare"),
+            *sandboxing,
             "--control-fd",
             str(theirs.fileno()),
             "--graceful-seconds",
@@ -379,7 +375,6 @@ async def probe_sandbox() -> tuple[Report, MemoryCgroups | None]:
             sys.executable,
             "-m",
             "model_service.sandbox",
-            "--probe",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             env=worker_environment(),

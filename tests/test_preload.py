@@ -92,6 +92,22 @@ def test_a_cold_model_loads_from_weights_a_spare_loaded_ahead(
     )
 
 
+def test_a_spare_taken_by_a_load_is_replaced_at_once(start_manager: ManagerFactory) -> None:
+    """The replacement starts when the load takes the spare, not after the load (it
+    imports at nice 19, so it does not slow the load): cold starts of different models a
+    second apart then each find a spare."""
+    manager = start_manager(models=[model_entry("a:1"), model_entry("b:1")])
+    wait_for(lambda: _health(manager)["spare_workers"] == 1, 60, message="the first spare")
+    a = manager.load("a:1")
+    assert _health(manager)["spare_workers"] == 1, "a replacement is already under way"
+    assert manager.process is not None
+    children = {c.pid for c in psutil.Process(manager.process.pid).children()}
+    assert len(children - {a["pid"]}) == 1, "one spare beside a:1's worker"
+    b = manager.load("b:1")
+    assert b["pid"] in children, "b:1 took the spare that replaced a:1's"
+    assert _health(manager)["spare_workers"] == 1
+
+
 def test_spare_preload_zero_frees_what_spares_hold_and_loads_nothing_ahead(
     start_manager: ManagerFactory,
 ) -> None:

@@ -64,6 +64,9 @@ CHUNK = 256  # tokens per decode when pooling here (see the module's docstring)
 MIN_CELLS = 256  # the smallest context made: short requests do not recreate it
 ROUND_TOKENS = 1024  # a context grows to hold this many tokens of short inputs at once
 MAX_SEQUENCES = 64  # inputs per decode
+# Beyond the KV cache and the outputs, a context's graphs and the heap arena of the thread
+# that makes it (glibc maps 64 MB of address space for each thread's arena).
+CONTEXT_ROOM_MARGIN_BYTES = 80 * 2**20
 
 
 def pooling_of(model: LlamaModel, override: str | None) -> Pooling:
@@ -450,6 +453,7 @@ class LlamaEmbedder:
             if self._pool_in_llama
             else llama_cpp.LLAMA_POOLING_TYPE_NONE
         )
+        self._check_room(cells, n_batch)
         ctx = llama_cpp.llama_init_from_model(self._model.model, params)
         if not ctx:
             message = f"llama.cpp could not create an embeddings context of {cells} tokens"
@@ -464,6 +468,28 @@ class LlamaEmbedder:
             "embeddings context made",
             extra={"tokens": cells, "memory_mb": round(self._memory_bytes() / 2**20, 1)},
         )
+
+    def _check_room(self, cells: int, n_batch: int) -> None:
+        """Raise MemoryError when the worker's address-space ceiling leaves less room than
+        a context of `cells` tokens needs. Checked first because llama.cpp does not fail
+        cleanly there: a buffer it gets, then a small allocation after it that it does
+        not (a ggml context's) aborts the process (GGML_ASSERT) instead of returning NULL."""
+        left = sandbox.address_space_left()
+        if left is None:
+            return
+        model = self._model.model
+        layers = int(llama_cpp.llama_model_n_layer(model))
+        width = int(llama_cpp.llama_model_n_embd(model))
+        heads = max(1, int(llama_cpp.llama_model_n_head(model)))
+        kv_width = width * int(llama_cpp.llama_model_n_head_kv(model)) // heads
+        kv_cache = 0 if self._encoder_only else 2 * layers * cells * kv_width * 2  # f16 K, V
+        outputs = 4 * n_batch * (self.vocab_size + 4 * width)  # as gguf.compute_buffer_bytes
+        need = kv_cache + outputs + CONTEXT_ROOM_MARGIN_BYTES
+        if left < need:
+            raise MemoryError(
+                f"an embeddings context of {cells} tokens needs about {need >> 20} MB and "
+                f"the worker's memory ceiling leaves {left >> 20} MB"
+            )
 
     def _free_context(self) -> None:
         if self._batch is not None:
