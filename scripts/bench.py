@@ -87,7 +87,7 @@ import doc_sections
 import httpx
 import llama_router
 import psutil
-from bench_common import cpu_model, git, launch_manager
+from bench_common import cpu_model, git
 
 from model_service.preload import FREE_DELAY_SECONDS
 from model_service.weights import (
@@ -98,6 +98,7 @@ from model_service.weights import (
     version_key,
     widened_path,
 )
+from pool_manager.launch import launch_manager
 from pool_manager.ports import free_port, free_port_range
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,16 +1,12 @@
-"""What the benchmark and soak scripts share: the commit and the machine they record,
-and starting a manager of their own in a folder."""
+"""What the benchmark and soak scripts record beside their figures: the commit and the
+machine. They start their managers with pool_manager/launch.py, as the tests do."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import platform
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,27 +33,3 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
-
-
-def launch_manager(
-    folder: Path, config: dict[str, Any], models: list[dict[str, Any]], python: str = ""
-) -> subprocess.Popen[bytes]:
-    """Write `config` and the registry of `models` into `folder` and start a manager on
-    them, its output in `folder/manager.log`. The caller's POOL_* variables (keys, paths)
-    are left out: they would change what is measured."""
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "registry.json").write_text(json.dumps({"models": models}, indent=2))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POOL_")}
-    with (folder / "manager.log").open("ab") as out:
-        return subprocess.Popen(
-            [
-                *(python or sys.executable, "-m", "pool_manager"),
-                *("--config", str(folder / "config.json")),
-                *("--registry", str(folder / "registry.json")),
-            ],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )

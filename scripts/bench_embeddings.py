@@ -63,10 +63,11 @@ import httpx
 import llama_router
 import numpy as np
 import psutil
-from bench_common import cpu_model, git, launch_manager
+from bench_common import cpu_model, git
 
 from model_service.model_files import package_file
 from model_service.weights import cache_dir, ensure_served, widened_path
+from pool_manager.launch import launch_manager
 from pool_manager.ports import free_port, free_port_range
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_common import cpu_model, git, launch_manager
+from bench_common import cpu_model, git
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pool_manager.launch import launch_manager  # noqa: E402
 from pool_manager.ports import free_port, port_is_free  # noqa: E402
 
 MODEL = "smollm2:135m"

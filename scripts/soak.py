@@ -88,8 +88,9 @@ from typing import Any
 
 import httpx
 import psutil
-from bench_common import cpu_model, git, launch_manager
+from bench_common import cpu_model, git
 
+from pool_manager.launch import launch_manager
 from pool_manager.ports import free_port, free_port_range
 
 REPO = Path(__file__).resolve().parent.parent

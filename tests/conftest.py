@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +25,13 @@ import httpx
 import psutil
 import pytest
 
+from pool_manager.launch import (
+    CONFIG_FILE,
+    LOG_FILE,
+    REGISTRY_FILE,
+    start_manager_process,
+    write_setup,
+)
 from pool_manager.ports import free_port, port_is_free
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,29 +127,15 @@ class Manager:
 
     @property
     def config_path(self) -> Path:
-        return self.folder / "model_pool_config.json"
+        return self.folder / CONFIG_FILE
 
     @property
     def registry_path(self) -> Path:
-        return self.folder / "model_pool_registry.json"
+        return self.folder / REGISTRY_FILE
 
     def start(self) -> Manager:
-        log = (self.folder / "manager.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pool_manager",
-                "--config",
-                str(self.config_path),
-                "--registry",
-                str(self.registry_path),
-            ],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
-        )
+        """Start the manager on the setup in its folder and wait until it answers."""
+        self.process = start_manager_process(self.folder, env={**os.environ, **self.env})
         wait_for(self._answers, 30, message="manager to answer /health")
         return self
 
@@ -158,7 +149,7 @@ class Manager:
             return False
 
     def log(self) -> str:
-        return (self.folder / "manager.log").read_text(errors="replace")[-6000:]
+        return (self.folder / LOG_FILE).read_text(errors="replace")[-6000:]
 
     # --- REST helpers ---------------------------------------------------------------------
 
@@ -210,14 +201,6 @@ class Manager:
             self.process.kill()
             self.process.wait()
             raise AssertionError(f"manager did not stop within {timeout} s:\n{self.log()}") from exc
-        finally:
-            if self.process.stdout:
-                self.process.stdout.close()
-
-
-def write_setup(folder: Path, config: dict[str, Any], models: list[dict[str, Any]]) -> None:
-    (folder / "model_pool_config.json").write_text(json.dumps(config, indent=2))
-    (folder / "model_pool_registry.json").write_text(json.dumps({"models": models}, indent=2))
 
 
 ManagerFactory = Callable[..., Manager]
