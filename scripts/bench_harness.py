@@ -50,6 +50,15 @@ WORKER_PORTS = 4
 SAMPLING: dict[str, Any] = {"temperature": 0.7, "top_p": 0.95}
 # The worker's sampler chain is top-k 40, top-p, min-p 0.05, temperature; same here.
 INPROCESS_SAMPLING: dict[str, Any] = {**SAMPLING, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
+# What every side runs with, as a run records it (its results' `config.bench`).
+WORKLOAD: dict[str, Any] = {
+    "package_file": PACKAGE_FILE,
+    "n_ctx": N_CTX,
+    "slots": SLOTS,
+    "threads": THREADS,
+    "max_tokens": MAX_TOKENS,
+    "sampling": SAMPLING,
+}
 # The manager and the in-process ceiling share this folder, so both run the very same file
 # (model_service/weights.py: the Q4_1 file on the patched kernel, else its Q8_0 copy).
 WEIGHTS_CACHE = cache_dir()
@@ -290,6 +299,17 @@ class StreamResult:
         span = self.last_text_at - self.first_text_at
         return (self.tokens - 1) / span if span > 0 else None
 
+    def take_choice(self, choice: dict[str, Any], now: float) -> None:
+        """Note one streamed choice seen at `now`: its text (a token), its finish reason."""
+        if (choice.get("delta") or {}).get("content"):
+            self.text_events += 1
+            self.first_text_at = self.first_text_at or now
+            self.last_text_at = now
+            self.first_token_at = self.first_token_at or now
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+            self.first_token_at = self.first_token_at or now
+
     def complete(self, max_tokens: int) -> bool:
         return (
             self.error is None
@@ -338,14 +358,7 @@ def _take_sse_event(result: StreamResult, event: bytes, now: float) -> None:
             details = usage.get("prompt_tokens_details") or {}
             result.cached_tokens = details.get("cached_tokens")
         for choice in message.get("choices") or ():
-            if (choice.get("delta") or {}).get("content"):
-                result.text_events += 1
-                result.first_text_at = result.first_text_at or now
-                result.last_text_at = now
-                result.first_token_at = result.first_token_at or now
-            if choice.get("finish_reason"):
-                result.finish_reason = choice["finish_reason"]
-                result.first_token_at = result.first_token_at or now
+            result.take_choice(choice, now)
 
 
 def chat_body(model: str, messages: list[dict[str, str]], max_tokens: int, seed: int) -> Any:
@@ -407,14 +420,7 @@ def stream_inprocess(
     for chunk in chunks:
         now = time.perf_counter()
         for choice in chunk["choices"]:
-            if choice["delta"].get("content"):
-                result.text_events += 1
-                result.first_text_at = result.first_text_at or now
-                result.last_text_at = now
-                result.first_token_at = result.first_token_at or now
-            if choice.get("finish_reason"):
-                result.finish_reason = choice["finish_reason"]
-                result.first_token_at = result.first_token_at or now
+            result.take_choice(choice, now)
     result.done = True
     result.ended_at = time.perf_counter()
     return result

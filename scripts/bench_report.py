@@ -14,13 +14,8 @@ from typing import Any
 import doc_sections
 from bench_harness import (
     COLD,
-    MAX_TOKENS,
-    N_CTX,
-    PACKAGE_FILE,
     REPO,
-    SAMPLING,
-    SLOTS,
-    THREADS,
+    WORKLOAD,
     dist,
     log,
     median,
@@ -761,17 +756,7 @@ def cold_matrix_table(results: dict[str, Any]) -> str:
 def _setting(results: dict[str, Any], name: str) -> Any:
     """A setting of the run, from its JSON (older files: this script's default)."""
     found = _get(results, "config", "bench", name)
-    if found is not None:
-        return found
-    defaults = {
-        "package_file": PACKAGE_FILE,
-        "n_ctx": N_CTX,
-        "slots": SLOTS,
-        "threads": THREADS,
-        "max_tokens": MAX_TOKENS,
-        "sampling": SAMPLING,
-    }
-    return defaults.get(name)
+    return found if found is not None else WORKLOAD.get(name)
 
 
 def _threads_text(results: dict[str, Any]) -> str:
