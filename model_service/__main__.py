@@ -4,7 +4,8 @@ The pool manager starts workers with `--control-fd`, one end of a Unix socketpai
 of `python -m model_service.spare` (which sandboxes the process first). Such
 a worker imports everything, reports `spare`, and waits for a `load` command carrying
 the model's settings and a listening socket the manager already bound. Later commands
-are `drain` and `abort`; EOF means the manager is gone, and the worker shuts down.
+are `drain` and `abort`; EOF means the manager is gone, and the worker shuts down. What
+the two say to each other is model_service/contract.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -42,6 +42,22 @@ from model_service.backends.llama_cpp import ContextShape, LlamaCppBackend, Prel
 from model_service.backends.llama_embed import EmbeddingModel, LlamaEmbedder, pooling_of
 from model_service.backends.remote import RemoteModel
 from model_service.browsers import BrowserGuard
+from model_service.contract import (
+    AbortCommand,
+    BeatEvent,
+    Command,
+    DrainCommand,
+    FailedEvent,
+    LoadCommand,
+    MemoryCeiling,
+    ModelSettings,
+    PreloadCommand,
+    PreloadedEvent,
+    ReadyEvent,
+    SpareEvent,
+    ThreadsCommand,
+    parse_command,
+)
 from model_service.cpus import usable_cores
 from model_service.embeddings import EmbeddingService
 from model_service.engine import Engine
@@ -96,18 +112,18 @@ class ManagerLink:
         self.engine: Engine | None = None  # set once the model is loaded
         self.embedder: LlamaEmbedder | None = None  # its embeddings context, if local
         self.threads: int | None = None  # the manager's latest share of the cores
-        self._assignment: queue.SimpleQueue[tuple[dict[str, Any], int] | None] = queue.SimpleQueue()
+        self._assignment: queue.SimpleQueue[tuple[ModelSettings, int] | None] = queue.SimpleQueue()
         self.preloader = Preloader(
             Preloaded.open,
             Preloaded.close,
-            on_change=lambda paths: self.events.send("preloaded", paths=paths),
+            on_change=lambda paths: self.events.send(PreloadedEvent(paths=paths)),
             # A context made ahead lives in the heap reserve; with none (spare_reserve_mb
             # 0, to keep spares small) it would be memory nobody budgeted.
             fit_model=Preloaded.fit if reserve_mb > 0 else None,
         )
         threading.Thread(target=self._read_commands, name="manager-link", daemon=True).start()
 
-    def wait_for_model(self) -> tuple[dict[str, Any], int] | None:
+    def wait_for_model(self) -> tuple[ModelSettings, int] | None:
         """Block until the manager assigns a model: (settings, listening socket fd)."""
         return self._assignment.get()
 
@@ -123,36 +139,42 @@ class ManagerLink:
                 received_fds.extend(fds)
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
-                    self._handle(json.loads(line), received_fds)
+                    try:
+                        command = parse_command(line)
+                    except ValueError as exc:
+                        # The manager runs this very code: a line that is no command is a
+                        # bug, and its load (if it was one) would wait for its timeout.
+                        log.error("unreadable command", extra={"reason": str(exc)})
+                        self.events.send(FailedEvent(reason=f"unreadable command: {exc}"))
+                        return
+                    self._handle(command, received_fds)
         finally:
             self._assignment.put(None)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def _handle(self, command: dict[str, Any], fds: list[int]) -> None:
-        name = command.get("cmd")
-        if name == "load" and fds:
-            self._assignment.put((command["settings"], fds.pop(0)))
-        elif name == "preload":
+    def _handle(self, command: Command, fds: list[int]) -> None:
+        if isinstance(command, LoadCommand) and fds:
+            self._assignment.put((command.settings, fds.pop(0)))
+        elif isinstance(command, PreloadCommand):
             # Files of COLD models to load ahead while we wait, likeliest first, and the
             # settings of the likeliest model: its context is made ahead too.
-            paths = [str(path) for path in command.get("paths") or []]
-            first = command.get("first_settings")
+            paths, first = command.paths, command.first_settings
             shape = None
-            if paths and first and first.get("served_model_path") == paths[0]:
+            if paths and first and first.served_model_path == paths[0]:
                 with contextlib.suppress(BackendError):  # its load will say what is wrong
-                    shape = ContextShape.from_settings(first)
+                    shape = ContextShape.from_settings(first.model_dump())
             self.preloader.want(paths, shape)
-        elif name == "drain":
+        elif isinstance(command, DrainCommand):
             # New inference requests get 503; accepted ones finish.
             self.stats.draining = True
-        elif name == "threads":
+        elif isinstance(command, ThreadsCommand):
             # The manager shares the cores among the workers that are generating.
-            self.threads = int(command.get("n") or 0) or None
-            if self.engine is not None and self.threads:
+            self.threads = command.n
+            if self.engine is not None:
                 self.engine.set_threads(self.threads)
-            if self.embedder is not None and self.threads:
+            if self.embedder is not None:
                 self.embedder.set_threads(self.threads)
-        elif name == "abort":
+        elif isinstance(command, AbortCommand):
             # A forced unload: fail what is running with a clear error, then exit.
             self.stats.draining = True
             if self.engine is not None:
@@ -160,18 +182,19 @@ class ManagerLink:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _standalone_settings(args: argparse.Namespace) -> dict[str, Any]:
+def _standalone_settings(args: argparse.Namespace) -> ModelSettings:
     if not args.model_path:
         raise SystemExit("give --model-path (or run under the pool manager)")
-    return {
-        "model_id": args.model_id or os.path.basename(args.model_path),
-        "backend": "llama_cpp",
-        "model_path": args.model_path,
-        "n_ctx": args.n_ctx,
-        "max_concurrent": args.parallel or 4,
-        "n_threads": args.threads,
-        "weights": args.weights,
-    }
+    given = {"n_ctx": args.n_ctx, "max_concurrent": args.parallel, "n_threads": args.threads}
+    return ModelSettings.model_validate(
+        {
+            "model_id": args.model_id or os.path.basename(args.model_path),
+            "model_path": args.model_path,
+            "weights": args.weights,
+            "max_request_bytes": DEFAULT_MAX_REQUEST_BYTES,
+            **{name: value for name, value in given.items() if value is not None},
+        }
+    )
 
 
 def _standalone_socket(args: argparse.Namespace) -> socket.socket:
@@ -202,7 +225,7 @@ def _load_reporting_failure(
     model_id: str,
     channel: StatusChannel,
     make: Callable[[], LoadableT],
-    ceiling: Mapping[str, Any] | None = None,
+    ceiling: MemoryCeiling | None = None,
 ) -> tuple[LoadableT, LoadReport] | None:
     """Build and load the model; on failure tell the manager why and return None.
 
@@ -214,9 +237,10 @@ def _load_reporting_failure(
         model = make()
         model.load()
     except (BackendError, MemoryError) as exc:
-        reason = sandbox.out_of_memory_reason(exc, ceiling) or str(exc)
+        limit = ceiling.model_dump() if ceiling else None
+        reason = sandbox.out_of_memory_reason(exc, limit) or str(exc)
         log.error("model failed to load", extra={"model": model_id, "reason": reason})
-        channel.send("failed", reason=reason)
+        channel.send(FailedEvent(reason=reason))
         return None
     finished = time.perf_counter()
     phases = getattr(model, "load_phases", None) or {"load_model": finished - started}
@@ -225,25 +249,22 @@ def _load_reporting_failure(
     return model, LoadReport(finished - started, finished, phases, preloaded, context)
 
 
-def _admission(settings: dict[str, Any]) -> Admission:
+def _admission(settings: ModelSettings) -> Admission:
     """The model's request limit: max_concurrent running, max_queue waiting."""
-    return Admission(
-        max_active=int(settings.get("max_concurrent") or 4),
-        max_queued=int(settings.get("max_queue", 32)),
-    )
+    return Admission(max_active=settings.max_concurrent, max_queued=settings.max_queue)
 
 
 def _serve_remote(
-    settings: dict[str, Any],
+    settings: ModelSettings,
     args: argparse.Namespace,
     sock: socket.socket,
     stats: WorkerStats,
     channel: StatusChannel,
 ) -> int:
     """Run a worker for a model another server runs (openai / ollama backends)."""
-    model_id = str(settings["model_id"])
+    model_id = settings.model_id
     loaded = _load_reporting_failure(
-        model_id, channel, lambda: RemoteModel(settings), settings.get("memory_ceiling")
+        model_id, channel, lambda: RemoteModel(settings.model_dump()), settings.memory_ceiling
     )
     if loaded is None:
         return EXIT_LOAD_FAILED
@@ -261,8 +282,8 @@ def _serve_remote(
         channel,
         port=port,
         keys=ApiKeys.from_env(),
-        max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
-        aliases=frozenset(settings.get("aliases") or ()),
+        max_request_bytes=settings.max_request_bytes,
+        aliases=frozenset(settings.aliases),
         chat=not is_embedding_model(settings),
     )
     _serve(app, sock, args, settings, load, channel)
@@ -274,11 +295,11 @@ def _serve_remote(
 # --- embeddings --------------------------------------------------------------------------------
 
 
-def is_embedding_model(settings: dict[str, Any]) -> bool:
-    return settings.get("model_type") == "embedding"
+def is_embedding_model(settings: ModelSettings) -> bool:
+    return settings.model_type == "embedding"
 
 
-def _side_embedder(settings: dict[str, Any], backend: Any) -> LlamaEmbedder | None:
+def _side_embedder(settings: ModelSettings, backend: Any) -> LlamaEmbedder | None:
     """A generative llama.cpp model's pooled embeddings: a second, small context on the
     same weights, made on the first /v1/embeddings request (llama_embed.py)."""
     if not isinstance(backend, LlamaCppBackend):
@@ -286,26 +307,26 @@ def _side_embedder(settings: dict[str, Any], backend: Any) -> LlamaEmbedder | No
     return LlamaEmbedder(
         backend.model,
         limit=backend.context_length,
-        threads=int(settings.get("n_threads") or usable_cores()),
-        pooling=pooling_of(backend.model, settings.get("pooling")),
+        threads=settings.n_threads or usable_cores(),
+        pooling=pooling_of(backend.model, settings.pooling),
         pool_in_llama=False,
     )
 
 
 def _embedding_service(
-    settings: dict[str, Any], embedder: LlamaEmbedder, admission: Admission
+    settings: ModelSettings, embedder: LlamaEmbedder, admission: Admission
 ) -> EmbeddingService:
     return EmbeddingService(
-        str(settings["model_id"]),
+        settings.model_id,
         embedder,
         admission,
-        timeout_seconds=float(settings.get("timeout_seconds") or 30),
-        aliases=frozenset(settings.get("aliases") or ()),
+        timeout_seconds=settings.timeout_seconds,
+        aliases=frozenset(settings.aliases),
     )
 
 
 def _serve_embedding_model(
-    settings: dict[str, Any],
+    settings: ModelSettings,
     args: argparse.Namespace,
     sock: socket.socket,
     stats: WorkerStats,
@@ -314,12 +335,12 @@ def _serve_embedding_model(
     link: ManagerLink | None,
 ) -> int:
     """Run a worker for a llama.cpp embedding model (`model_type: "embedding"`)."""
-    model_id = str(settings["model_id"])
+    model_id = settings.model_id
     loaded = _load_reporting_failure(
         model_id,
         channel,
-        lambda: EmbeddingModel(settings, preloaded=preloaded),
-        settings.get("memory_ceiling"),
+        lambda: EmbeddingModel(settings.model_dump(), preloaded=preloaded),
+        settings.memory_ceiling,
     )
     if loaded is None:
         return EXIT_LOAD_FAILED
@@ -341,7 +362,7 @@ def _serve_embedding_model(
         channel,
         port=sock.getsockname()[1],
         keys=ApiKeys.from_env(),
-        max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
+        max_request_bytes=settings.max_request_bytes,
     )
     _serve(app, sock, args, settings, load, channel)
     model.unload()
@@ -353,19 +374,19 @@ def _serve(
     app: Any,
     sock: socket.socket,
     args: argparse.Namespace,
-    settings: dict[str, Any],
+    settings: ModelSettings,
     load: LoadReport,
     channel: StatusChannel,
     step_seconds: Callable[[], float] = lambda: 0.0,
 ) -> None:
     """Serve `app` on `sock` until told to stop; report `ready` once accepting, then a
     heartbeat each second (with `step_seconds`, how long the engine's step has run)."""
-    model_id = str(settings["model_id"])
+    model_id = settings.model_id
     # A web page may not reach a worker's port either (see model_service/browsers.py).
     app.add_middleware(
         BrowserGuard,
-        allowed_hosts=settings.get("allowed_hosts") or (),
-        allowed_origins=settings.get("allowed_origins") or (),
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=settings.allowed_origins,
     )
     port = sock.getsockname()[1]
     config = uvicorn.Config(
@@ -392,13 +413,14 @@ def _serve(
             },
         )
         channel.send(
-            "ready",
-            pid=os.getpid(),
-            port=port,
-            load_seconds=load_seconds,
-            load_phases=phases,
-            weights_preloaded=load.weights_preloaded,
-            context_preloaded=load.context_preloaded,
+            ReadyEvent(
+                pid=os.getpid(),
+                port=port,
+                load_seconds=load_seconds,
+                load_phases=phases,
+                weights_preloaded=load.weights_preloaded,
+                context_preloaded=load.context_preloaded,
+            )
         )
 
     beats: list[asyncio.Task[None]] = []  # held, so the task is not collected
@@ -414,17 +436,17 @@ async def _heartbeat(channel: StatusChannel, step_seconds: Callable[[], float]) 
     """Sent from the event loop: a loop that is blocked (or a process stopped) goes
     silent, and the manager kills the worker (pool_manager.pool._kill_hung_workers)."""
     while True:
-        channel.send("beat", step_seconds=round(step_seconds(), 1))
+        channel.send(BeatEvent(step_seconds=round(step_seconds(), 1)))
         await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
-def _apply_memory_ceiling(ceiling: Mapping[str, Any] | None) -> None:
+def _apply_memory_ceiling(ceiling: MemoryCeiling | None) -> None:
     """The manager's memory ceiling for this model, where the worker enforces it itself
     (RLIMIT_AS; a cgroup's the manager set up already). See model_service/sandbox.py."""
-    if not ceiling or ceiling.get("by") != "address_space":
+    if ceiling is None or ceiling.by != "address_space":
         return
     try:
-        limit = sandbox.limit_address_space(int(ceiling["bytes"]))
+        limit = sandbox.limit_address_space(ceiling.bytes)
     except (OSError, ValueError) as exc:
         log.warning("no memory ceiling", extra={"reason": str(exc)})
         return
@@ -464,33 +486,33 @@ def main(argv: list[str] | None = None) -> int:
         heap.reserve(args.reserve_mb)
         if can_preload():
             link.preloader.start()
-        link.events.send("spare", pid=os.getpid())
+        link.events.send(SpareEvent(pid=os.getpid()))
         assignment = link.wait_for_model()
         if assignment is None:
             return 0  # the manager went away before giving us a model
         settings, listen_fd = assignment
         sock = socket.socket(fileno=listen_fd)
-        _apply_memory_ceiling(settings.get("memory_ceiling"))
+        _apply_memory_ceiling(settings.memory_ceiling)
         _exit_when_a_thread_runs_out_of_memory()
-        preloaded = link.preloader.take(settings.get("served_model_path"))
+        preloaded = link.preloader.take(settings.served_model_path)
     else:
         settings = _standalone_settings(args)
         sock = _standalone_socket(args)
         preloaded = None
     channel = link.events if link else StatusChannel(None)
-    model_id = str(settings["model_id"])
+    model_id = settings.model_id
     # With POOL_LOG_FILE, each model's worker logs to its own file next to the manager's.
     setup_logging("worker", args.log_level, file_suffix="-" + re.sub(r"[^\w.-]", "_", model_id))
 
-    if not kind_of(str(settings.get("backend") or "llama_cpp")).local:
+    if not kind_of(settings.backend).local:
         return _serve_remote(settings, args, sock, stats, channel)
     if is_embedding_model(settings):
         return _serve_embedding_model(settings, args, sock, stats, channel, preloaded, link)
     local = _load_reporting_failure(
         model_id,
         channel,
-        lambda: create_backend(settings, preloaded=preloaded),
-        settings.get("memory_ceiling"),
+        lambda: create_backend(settings.model_dump(), preloaded=preloaded),
+        settings.memory_ceiling,
     )
     if local is None:
         return EXIT_LOAD_FAILED
@@ -509,11 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     service = InferenceService(
         model_id,
         engine,
-        ModelDefaults.from_settings(settings.get("defaults")),
+        ModelDefaults.from_settings(settings.defaults),
         metrics,
         admission,
-        timeout_seconds=float(settings.get("timeout_seconds") or 30),
-        aliases=frozenset(settings.get("aliases") or ()),
+        timeout_seconds=settings.timeout_seconds,
+        aliases=frozenset(settings.aliases),
     )
     port = sock.getsockname()[1]
     embedder = _side_embedder(settings, backend)
@@ -529,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         channel,
         port=port,
         keys=ApiKeys.from_env(),
-        max_request_bytes=int(settings.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES),
+        max_request_bytes=settings.max_request_bytes,
         embeddings=embeddings,
     )
     _serve(app, sock, args, settings, load, channel, lambda: engine.step_seconds)

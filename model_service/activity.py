@@ -1,13 +1,12 @@
 """What the worker tells its manager, and the counters behind its /health.
 
-The manager learns about every inference request through a pipe (one JSON line at the
-start and one at the end), so it knows in-flight counts and last use without polling,
+The manager learns about every inference request through the control socket (a `start`
+event and an `end` event), so it knows in-flight counts and last use without polling,
 including for requests sent straight to the worker's port.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -15,6 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from model_service.contract import EndEvent, Event, StartEvent
 from model_service.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -36,17 +36,17 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class StatusChannel:
-    """Writes one-line JSON events to the manager; a no-op when run standalone."""
+    """Writes events to the manager (model_service/contract.py); a no-op when run
+    standalone."""
 
     def __init__(self, fd: int | None) -> None:
         self._fd = fd
 
-    def send(self, event: str, **fields: Any) -> None:
+    def send(self, event: Event) -> None:
         if self._fd is None:
             return
-        line = json.dumps({"event": event, **fields}, separators=(",", ":")) + "\n"
         try:
-            os.write(self._fd, line.encode())
+            os.write(self._fd, event.encode())
         except OSError:
             # The manager is gone; the control-socket reader will shut us down.
             self._fd = None
@@ -88,7 +88,7 @@ class ActivityMiddleware:
             await UNLOADING_ERROR.response()(scope, receive, send)
             return
         stats.in_flight += 1
-        self._channel.send("start")
+        self._channel.send(StartEvent())
         status = 500
 
         async def noting_status(message: Message) -> None:
@@ -103,6 +103,6 @@ class ActivityMiddleware:
             stats.in_flight -= 1
             stats.requests_served += 1
             stats.last_request_at = time.time()
-            self._channel.send("end")
+            self._channel.send(EndEvent())
             if self._on_finished is not None:
                 self._on_finished(scope["path"], status)

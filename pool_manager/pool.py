@@ -29,6 +29,7 @@ import psutil
 import tenacity
 
 from model_service.backends.base import BackendError
+from model_service.contract import MemoryCeiling, ModelSettings
 from model_service.cpus import usable_cores
 from model_service.gguf import PROCESS_OVERHEAD_BYTES, estimate_memory_bytes
 from model_service.model_files import resolve_model_file
@@ -285,7 +286,7 @@ class ModelPool:
             return await self._start_spare(network=True)
         return await self._spares.take()
 
-    def _memory_ceiling(self, record: ModelRecord) -> dict[str, int] | None:
+    def _memory_ceiling(self, record: ModelRecord) -> MemoryCeiling | None:
         """The memory the model's worker may add once handed it (model_service/sandbox.py),
         and what the model needs of that: the estimate less the process's own part."""
         if not self._sandboxed:
@@ -293,7 +294,7 @@ class ModelPool:
         spec = record.spec
         estimate = record.memory_estimate
         budget = spec.memory_max_mb * MB if spec.memory_max_mb else default_ceiling_bytes(estimate)
-        return {"bytes": budget, "need": max(0, estimate - PROCESS_OVERHEAD_BYTES)}
+        return MemoryCeiling(bytes=budget, need=max(0, estimate - PROCESS_OVERHEAD_BYTES))
 
     async def _spare_reserve_mb(self) -> int:
         """spare_reserve_mb, or by default what the largest local model allocates.
@@ -702,9 +703,7 @@ class ModelPool:
         port = sock.getsockname()[1]
         started = time.perf_counter()
         try:
-            settings = self._worker_settings(record.spec)
-            if (ceiling := self._memory_ceiling(record)) is not None:
-                settings["memory_ceiling"] = ceiling
+            settings = self._worker_settings(record.spec, self._memory_ceiling(record))
             worker = await self._take_worker(record)
         except (InvalidModel, OSError) as exc:
             sock.close()
@@ -713,13 +712,7 @@ class ModelPool:
             raise WorkerStartError(str(exc), permanent=True) from exc
         record.worker = worker
         try:
-            worker.assign(
-                record.model_id,
-                settings,
-                sock,
-                partial(self._on_activity, record),
-                self._cgroups,
-            )
+            worker.assign(settings, sock, partial(self._on_activity, record), self._cgroups)
         except OSError as exc:  # the spare died meanwhile: worth another try
             worker.kill()
             await worker.wait_exit()
@@ -760,8 +753,13 @@ class ModelPool:
         )
         self._spawn_background(self._watch_worker(record, worker), f"watch:{record.model_id}")
 
-    def _worker_settings(self, spec: ModelSpec) -> dict[str, Any]:
-        settings = spec.model_dump(mode="json")
+    def _worker_settings(
+        self, spec: ModelSpec, ceiling: MemoryCeiling | None = None
+    ) -> ModelSettings:
+        """The `load` settings of `spec`'s worker: the registry entry's fields a worker
+        reads, the model's files or key, the pool's own limits and `ceiling`. Raises
+        InvalidModel when its file or its key cannot be found."""
+        settings = spec.model_dump(mode="json", include=set(ModelSettings.model_fields))
         if spec.is_local:
             source = Path(self._model_file(spec))
             settings["model_path"] = str(source)
@@ -774,14 +772,14 @@ class ModelPool:
         else:
             # Workers hold no secrets of their own: the manager lends this model its key.
             try:
-                settings["api_key"] = read_api_key(settings)
+                settings["api_key"] = read_api_key(spec.model_dump())
             except SecretError as exc:
                 raise InvalidModel(str(exc)) from None
         settings["ollama_base_url"] = self.config.ollama_base_url
         settings["max_request_bytes"] = self.config.max_request_bytes
         settings["allowed_hosts"] = self.config.allowed_hosts
         settings["allowed_origins"] = self.config.allowed_origins
-        return settings
+        return ModelSettings.model_validate({**settings, "memory_ceiling": ceiling})
 
     def _count_load_failure(self, record: ModelRecord, reason: str) -> None:
         self._spares.refill()

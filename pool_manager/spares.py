@@ -11,10 +11,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import psutil
 
+from model_service.contract import ModelSettings
 from pool_manager.memory import SpareMemory
 from pool_manager.worker_process import WorkerProcess
 
@@ -31,7 +31,7 @@ class SparePool:
         self._start_spare = start_spare
         self._spares: list[WorkerProcess] = []
         self._preload: list[str] = []  # model files spares should load ahead
-        self._first_settings: dict[str, Any] | None = None  # the likeliest model's
+        self._first_settings: ModelSettings | None = None  # the likeliest model's
         self._refill: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -44,7 +44,7 @@ class SparePool:
         """Files some spare has loaded ahead."""
         return {path for w in self._spares if w.returncode is None for path in w.preloaded}
 
-    def preload(self, paths: list[str], first_settings: dict[str, Any] | None = None) -> None:
+    def preload(self, paths: list[str], first_settings: ModelSettings | None = None) -> None:
         """Have every spare, now and later, keep these model files loaded ahead, and a
         context for the first one's model made with `first_settings`."""
         self._preload = list(paths)

@@ -5,9 +5,10 @@ it a model sends the model's settings and a listening socket the manager already
 (so nothing can take the port in between) over the control socket; the worker loads the
 weights and reports `ready` the moment it serves. Manager and worker share:
 - the control socket (a Unix socketpair): commands to the worker (`preload`, `load`
-  with the listening socket attached, `threads`, `drain`, `abort`) and JSON-line events
-  from it (`spare`, `preloaded`, `ready`, `failed`, `start`, `end`). When the manager
-  dies, the worker reads EOF and shuts itself down (no orphans);
+  with the listening socket attached, `threads`, `drain`, `abort`) and events from it
+  (`spare`, `preloaded`, `ready`, `failed`, `start`, `end`, `beat`), JSON lines both
+  ways, as model_service/contract.py defines them. When the manager dies, the worker
+  reads EOF and shuts itself down (no orphans);
 - the listening socket, once assigned.
 Nothing is polled: process exit is noticed by waiting on the process.
 """
@@ -24,11 +25,27 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from model_service.auth import ADMIN_KEY_ENV
+from model_service.contract import (
+    AbortCommand,
+    BeatEvent,
+    Command,
+    DrainCommand,
+    EndEvent,
+    FailedEvent,
+    LoadCommand,
+    ModelSettings,
+    PreloadCommand,
+    PreloadedEvent,
+    ReadyEvent,
+    SpareEvent,
+    StartEvent,
+    ThreadsCommand,
+    parse_event,
+)
 from model_service.sandbox import (
     EXIT_OUT_OF_MEMORY,
     OUT_OF_MEMORY,
@@ -42,16 +59,6 @@ log = logging.getLogger(__name__)
 
 # Called with the worker and "start" or "end" for every inference request it serves.
 ActivityCallback = Callable[["WorkerProcess", str], None]
-
-
-@dataclass(frozen=True)
-class WorkerReady:
-    pid: int
-    port: int
-    load_seconds: float
-    load_phases: dict[str, float]  # the worker's own steps, seconds each
-    weights_preloaded: bool  # the spare had loaded the weights ahead
-    context_preloaded: bool = False  # ...and made the context ahead
 
 
 class WorkerStartError(Exception):
@@ -98,14 +105,14 @@ class WorkerProcess:
         self.port: int = 0
         self.reserved_bytes = 0  # heap mapped ahead while a spare (see model_service.heap)
         self.threads: int | None = None  # the share of the cores last sent
-        self.preload_sent: dict[str, Any] | None = None  # the last `preload` command
+        self.preload_sent: PreloadCommand | None = None  # the last one sent
         self.preloaded: list[str] = []  # files a spare reports loaded ahead
         self._process = process
         self._control = control  # we send on it; a duplicate feeds the event reader
         self._on_activity: ActivityCallback | None = None
         loop = asyncio.get_running_loop()
         self._spare_ready: asyncio.Future[None] = loop.create_future()
-        self._ready: asyncio.Future[WorkerReady] = loop.create_future()
+        self._ready: asyncio.Future[ReadyEvent] = loop.create_future()
         self._failure_reason: str | None = None
         self._exit_task = asyncio.create_task(process.wait(), name=f"wait:{process.pid}")
         self._exit_task.add_done_callback(lambda _: self._close_control())
@@ -201,34 +208,32 @@ class WorkerProcess:
 
     def assign(
         self,
-        model_id: str,
-        settings: dict[str, Any],
+        settings: ModelSettings,
         sock: socket.socket,
         on_activity: ActivityCallback,
         cgroups: MemoryCgroups | None = None,
     ) -> None:
         """Hand the worker a model and its listening socket (closed here afterwards).
 
-        A `memory_ceiling` in `settings` ({"bytes", "need"}) is put in force in a cgroup
-        of its own when `cgroups` allows, else the worker sets it as RLIMIT_AS; "by" tells
-        the worker which.
+        The `memory_ceiling` in `settings`, if any, is put in force in a cgroup of its own
+        when `cgroups` allows, else the worker sets it as RLIMIT_AS; its `by` tells the
+        worker which.
         """
-        self.model_id = model_id
+        self.model_id = settings.model_id
         self.port = sock.getsockname()[1]
         self._on_activity = on_activity
-        ceiling = settings.get("memory_ceiling")
-        if ceiling is not None:
-            ceiling["by"] = "address_space"
-            if cgroups is not None:
-                try:
-                    self._cgroup = cgroups.attach(self.pid, int(ceiling["bytes"]))
-                    ceiling["by"] = "cgroup"
-                except OSError as exc:
-                    log.warning(
-                        "no memory cgroup for the worker; RLIMIT_AS instead",
-                        extra={"pid": self.pid, "reason": str(exc)},
-                    )
-        line = json.dumps({"cmd": "load", "settings": settings}).encode() + b"\n"
+        ceiling = settings.memory_ceiling
+        if ceiling is not None and cgroups is not None:
+            try:
+                self._cgroup = cgroups.attach(self.pid, ceiling.bytes)
+                ceiling = ceiling.model_copy(update={"by": "cgroup"})
+                settings = settings.model_copy(update={"memory_ceiling": ceiling})
+            except OSError as exc:
+                log.warning(
+                    "no memory cgroup for the worker; RLIMIT_AS instead",
+                    extra={"pid": self.pid, "reason": str(exc)},
+                )
+        line = LoadCommand(settings=settings).encode()
         try:
             socket.send_fds(self._control, [line], [sock.fileno()])
         finally:
@@ -241,40 +246,27 @@ class WorkerProcess:
     async def _handle_events(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
             try:
-                message = json.loads(line)
-            except ValueError:
-                log.warning("unreadable worker event", extra={"pid": self.pid})
+                event = parse_event(line)
+            except ValueError as exc:
+                log.warning("unreadable worker event", extra={"pid": self.pid, "reason": str(exc)})
                 continue
-            event = message.get("event")
-            if event in ("start", "end"):
+            if isinstance(event, StartEvent | EndEvent):
                 if self._on_activity is not None:
-                    self._on_activity(self, event)
-            elif event == "beat":
+                    self._on_activity(self, event.event)
+            elif isinstance(event, BeatEvent):
                 self.last_beat = time.monotonic()
-                self.step_seconds = float(message.get("step_seconds") or 0.0)
-            elif event == "ready" and not self._ready.done():
+                self.step_seconds = event.step_seconds
+            elif isinstance(event, ReadyEvent) and not self._ready.done():
                 self.last_beat = time.monotonic()
-                phases = message.get("load_phases")
-                self._ready.set_result(
-                    WorkerReady(
-                        self.pid,
-                        self.port,
-                        float(message.get("load_seconds", 0.0)),
-                        {str(k): float(v) for k, v in phases.items()}
-                        if isinstance(phases, dict)
-                        else {},
-                        bool(message.get("weights_preloaded")),
-                        bool(message.get("context_preloaded")),
-                    )
-                )
-            elif event == "preloaded":
-                self.preloaded = [str(path) for path in message.get("paths") or []]
-            elif event == "spare" and not self._spare_ready.done():
+                self._ready.set_result(event)
+            elif isinstance(event, PreloadedEvent):
+                self.preloaded = event.paths
+            elif isinstance(event, SpareEvent) and not self._spare_ready.done():
                 self._spare_ready.set_result(None)
-            elif event == "failed":
-                self._failure_reason = str(message.get("reason", "unknown reason"))
+            elif isinstance(event, FailedEvent):
+                self._failure_reason = event.reason
 
-    async def wait_ready(self, timeout: float) -> WorkerReady:
+    async def wait_ready(self, timeout: float) -> ReadyEvent:
         """Block until the worker serves. Raises WorkerStartError (and kills it) otherwise."""
         waits: set[asyncio.Future[Any]] = {self._ready, self._exit_task}
         done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -305,35 +297,32 @@ class WorkerProcess:
         """Tell the worker how many threads it may compute with now (sent on change)."""
         if threads != self.threads:
             self.threads = threads
-            self._command_json({"cmd": "threads", "n": threads})
+            self._command(ThreadsCommand(n=threads))
 
-    def preload(self, paths: list[str], first_settings: dict[str, Any] | None = None) -> None:
+    def preload(self, paths: list[str], first_settings: ModelSettings | None = None) -> None:
         """Tell a spare which models' files to load ahead, likeliest first, and the first
         one's settings (its context is made ahead too). Sent on change."""
-        plan = {"cmd": "preload", "paths": list(paths), "first_settings": first_settings}
+        plan = PreloadCommand(paths=paths, first_settings=first_settings)
         if plan != self.preload_sent:
             self.preload_sent = plan
-            self._command_json(plan)
+            self._command(plan)
 
     def begin_drain(self) -> None:
         """Tell the worker to refuse new requests (503) while it finishes the others."""
-        self._command("drain")
+        self._command(DrainCommand())
 
     async def abort(self, timeout: float) -> int:
         """Fail the worker's requests with a clear error and stop it; SIGKILL after `timeout`."""
-        self._command("abort")
+        self._command(AbortCommand())
         try:
             return await asyncio.wait_for(self.wait_exit(), timeout)
         except TimeoutError:
             self.kill()
             return await self.wait_exit()
 
-    def _command(self, word: str) -> None:
-        self._command_json({"cmd": word})
-
-    def _command_json(self, command: dict[str, Any]) -> None:
+    def _command(self, command: Command) -> None:
         with contextlib.suppress(OSError):  # a worker that is gone needs no command
-            self._control.send(json.dumps(command).encode() + b"\n")
+            self._control.send(command.encode())
 
     async def stop(self, timeout: float) -> int:
         """SIGTERM (the worker drains), then SIGKILL after `timeout` seconds."""
