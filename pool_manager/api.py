@@ -78,6 +78,8 @@ def model_view(pool: ModelPool, record: ModelRecord, *, admin: bool = True) -> d
         "ttl_remaining_seconds": _round(pool.ttl_remaining(record)),
         "cooling_remaining_seconds": _round(pool.cooling_remaining(record)),
         "in_flight": record.in_flight,
+        # Marked to make room for a waiting load: takes no new requests until evicted.
+        "evicting": record.evicting,
         "requests_total": record.requests_total,
         # Requests, halving every 10 minutes: what eviction and loading ahead weigh.
         "demand": round(record.demand.value(time.monotonic()), 3),

@@ -177,6 +177,11 @@ class ModelRecord:
     # Gateway requests on their way to it (loading it, or being sent): it is not idle.
     reserved: int = 0
     load_callers: int = 0  # callers of `load` waiting for the load under way
+    # Chosen to make room for a waiting load while busy: it takes no new gateway request
+    # (they wait, `parked`) and is evicted once the requests it has end. Bounds how long
+    # a load waits behind models that never go idle under traffic.
+    evicting: bool = False
+    parked: int = 0  # of `reserved`, the requests waiting for it to be evicted
     demand: Demand = field(default_factory=Demand)  # how often and lately it was asked for
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -186,6 +191,11 @@ class ModelRecord:
     @property
     def model_id(self) -> str:
         return self.spec.model_id
+
+    @property
+    def unused(self) -> bool:
+        """No request runs on it or is on its way to it (parked ones are not)."""
+        return self.in_flight == 0 and self.reserved == self.parked
 
 
 class ModelPool:
@@ -631,8 +641,11 @@ class ModelPool:
                 raise ShuttingDown("the pool manager is shutting down")
             if record.removed:
                 raise ModelNotFound(f"model '{model_id}' is not registered")
-            if record.state in SERVING:
+            if record.state in SERVING and not record.evicting:
                 return record
+            if record.evicting:
+                await self._wait_evicted(record)
+                continue
             if record.unload_task is not None:
                 await asyncio.shield(record.unload_task)
                 continue
@@ -653,6 +666,18 @@ class ModelPool:
                     # Nobody waits for it any more, and it is still waiting for room.
                     log.info("load given up: no caller left", extra={"model": model_id})
                     load_task.cancel()
+
+    async def _wait_evicted(self, record: ModelRecord) -> None:
+        """Wait until `record` is no longer being evicted (it was, or that was called
+        off); meanwhile this caller's reservation does not keep it busy."""
+        record.parked += 1
+        try:
+            if record.unused:
+                self._capacity_changed()
+            while record.evicting:
+                await self._capacity_event.wait()
+        finally:
+            record.parked -= 1
 
     async def _load(self, record: ModelRecord) -> None:
         try:
@@ -856,6 +881,8 @@ class ModelPool:
                     await asyncio.wait_for(changed.wait(), min(left, ADMISSION_RECHECK_SECONDS))
         finally:
             self._admission.leave(ticket)
+            if not len(self._admission):
+                self._call_off_evictions()
             self._capacity_changed()  # the next in line tries
 
     @contextlib.contextmanager
@@ -867,7 +894,7 @@ class ModelPool:
             yield
         finally:
             record.reserved -= 1
-            if record.reserved == 0:
+            if record.unused:
                 self._capacity_changed()
 
     async def wait_released(
@@ -941,7 +968,45 @@ class ModelPool:
                     "is pinned (warmup)",
                     retry_after=RETRY_AFTER_FULL_SECONDS,
                 )
-            return reason  # a busy model will be idle, evictable, once its requests end
+            if not any(r.evicting for r in occupying):
+                self._evict_when_done(occupying, record, short_of_memory=short_of_memory)
+            return reason  # a busy model will be evictable once its requests end
+
+    def _evict_when_done(
+        self, occupying: list[ModelRecord], waiting: ModelRecord, *, short_of_memory: bool
+    ) -> None:
+        """Every loaded model is busy: mark the one least worth keeping (not pinned, not
+        of a higher priority than `waiting`) to take no new requests, so that it is idle,
+        and evicted, once the requests it has end. Under steady traffic a model may never
+        be idle otherwise, and the waiting load would wait out its deadline."""
+        now = time.monotonic()
+        rank = rank_of(waiting.spec.priority, False)
+        busy = [
+            _resident(r, now)
+            for r in occupying
+            if r.state in SERVING
+            and not self.is_pinned(r)
+            and r.unload_task is None
+            and rank_of(r.spec.priority, False) >= rank
+        ]
+        chosen = choose_victim(busy, short_of_memory=short_of_memory)
+        if chosen is None:
+            return
+        victim = self._records[chosen.model_id]
+        victim.evicting = True
+        log.info(
+            "the busy model least worth keeping takes no new requests until it is evicted",
+            extra={
+                "model": victim.model_id,
+                "for_model": waiting.model_id,
+                "in_flight": victim.in_flight,
+            },
+        )
+
+    def _call_off_evictions(self) -> None:
+        """No load waits for room any more: models marked to be evicted serve again."""
+        for record in self._records.values():
+            record.evicting = False
 
     def _models_estimate(self) -> int:
         """The estimates of the models holding a worker, in bytes."""
@@ -989,22 +1054,16 @@ class ModelPool:
         """The idle, unpinned model to evict (pool_manager.policies.choose_victim: weighs
         demand, reload cost and, when memory is short, size)."""
         now = time.monotonic()
-        idle = {
-            r.model_id: Resident(
-                r.model_id,
-                r.demand.value(now),
-                r.last_used_mono,
-                reload_seconds(r.load_seconds, r.memory_estimate),
-                r.memory_estimate,
-            )
+        idle = [
+            r
             for r in occupying
-            if r.state in SERVING
-            and r.in_flight == 0
-            and r.reserved == 0
-            and not self.is_pinned(r)
-            and r.unload_task is None
-        }
-        victim = choose_victim(idle.values(), short_of_memory=short_of_memory)
+            if r.state in SERVING and r.unused and not self.is_pinned(r) and r.unload_task is None
+        ]
+        # One marked for a waiting load while it was busy goes first, now that it is idle.
+        marked = next((r for r in idle if r.evicting), None)
+        if marked is not None:
+            return marked
+        victim = choose_victim([_resident(r, now) for r in idle], short_of_memory=short_of_memory)
         return None if victim is None else self._records[victim.model_id]
 
     # --- unload -----------------------------------------------------------------------------
@@ -1074,6 +1133,7 @@ class ModelPool:
             self._ports.release(record.worker.port)
         record.worker = None
         record.in_flight = 0
+        record.evicting = False
         record.idle.set()
         record.ttl_deadline = None
         record.cooling_deadline = None
@@ -1315,6 +1375,17 @@ class ModelPool:
             # COLD models are the ones spares load ahead. Not yet when one starts loading:
             # the spare about to be handed it would drop its weights first.
             self._refresh_preload()
+
+
+def _resident(record: ModelRecord, now: float) -> Resident:
+    """A loaded model as the eviction policy sees it."""
+    return Resident(
+        record.model_id,
+        record.demand.value(now),
+        record.last_used_mono,
+        reload_seconds(record.load_seconds, record.memory_estimate),
+        record.memory_estimate,
+    )
 
 
 def _why_not_saved(exc: BaseException) -> str:

@@ -52,8 +52,9 @@ def _long_stream(url: str, into: list[str]) -> None:
 
 
 def _chat(url: str, model: str) -> httpx.Response:
+    """A short chat; it may wait as long as the busy model's long stream runs."""
     body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
 
 
 def _busy_pool(
@@ -130,3 +131,31 @@ def test_a_load_whose_client_left_is_given_up(start_manager: ManagerFactory) -> 
     models = manager.models()
     assert models[BUSY]["state"] == "HOT" and models[WAITING]["state"] == "COLD"
     assert "load given up: no caller left" in manager.log()
+
+
+def test_a_busy_model_is_evicted_once_its_requests_end_and_takes_no_new_ones(
+    start_manager: ManagerFactory,
+) -> None:
+    """Under steady traffic a loaded model may never be idle: a load that waits for room
+    marks it instead. It finishes what it has, takes nothing new (a later request for it
+    waits, then loads it again), and the waiting load goes first."""
+    manager, lines, stream = _busy_pool(start_manager, admission_timeout_seconds=300)
+    first_pid = manager.model(BUSY)["pid"]
+    finished: list[tuple[str, httpx.Response]] = []
+
+    def ask(model: str) -> None:
+        finished.append((model, _chat(manager.url, model)))
+
+    waiting = threading.Thread(target=ask, args=(WAITING,))
+    waiting.start()
+    wait_for(lambda: manager.model(BUSY)["evicting"], 30, message="the busy model to be marked")
+    later = threading.Thread(target=ask, args=(BUSY,))
+    later.start()  # while the long stream runs: without the mark, served beside it at once
+    for thread in (waiting, later, stream):
+        thread.join(300)
+    assert [model for model, _ in finished] == [WAITING, BUSY], "the waiting load went first"
+    assert all(reply.status_code == 200 for _, reply in finished), finished
+    assert lines[-1] == "data: [DONE]", "the busy model's request finished whole"
+    busy = manager.model(BUSY)
+    assert busy["state"] == "HOT" and busy["pid"] != first_pid, "loaded again for the later one"
+    assert busy["evicting"] is False
