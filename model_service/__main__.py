@@ -429,7 +429,10 @@ def _serve(
         on_started()
         beats.append(asyncio.get_running_loop().create_task(_heartbeat(channel, step_seconds)))
 
-    GracefulServer(config, on_serving).run(sockets=[sock])
+    def on_idle_exit() -> None:
+        log.info("worker stopped", extra={"model": model_id, "idle": True})
+
+    GracefulServer(config, on_serving, on_idle_exit=on_idle_exit).run(sockets=[sock])
 
 
 async def _heartbeat(channel: StatusChannel, step_seconds: Callable[[], float]) -> None:

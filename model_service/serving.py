@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process at once, its logs flushed: no interpreter teardown, which frees,
+    one object at a time, what the kernel frees anyway (0.3-0.6 s for a worker: time a
+    swap waits on before the next model's load). Only where no connection has a reply
+    in flight: one the client has not read yet may be lost with the process."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class GracefulServer(uvicorn.Server):
@@ -27,13 +41,22 @@ class GracefulServer(uvicorn.Server):
         config: uvicorn.Config,
         on_started: Callable[[], None] | None = None,
         on_exit_requested: Callable[[], None] | None = None,
+        on_idle_exit: Callable[[], None] | None = None,
     ):
+        """`on_idle_exit`: when set, a signal that finds no request being served runs it
+        and ends the process at once (`exit_now`)."""
         super().__init__(config)
         self._on_started = on_started
         self._on_exit_requested = on_exit_requested
+        self._on_idle_exit = on_idle_exit
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
+        if self._on_idle_exit is not None and not self.server_state.tasks:
+            # No request is being served (a drained worker): uvicorn's graceful shutdown
+            # would spend ~0.2 s on ticks and sleeps that wait for nothing.
+            self._on_idle_exit()
+            exit_now(0)
         # Lets endless responses (event streams) end, so the graceful shutdown can finish.
         if self._on_exit_requested is not None:
             self._on_exit_requested()
