@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -126,12 +127,146 @@ def embeddings_section(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cell(value: Any, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:,}{suffix}"
+
+
+def swap_section(run: dict[str, Any]) -> str:
+    """docs/bench_swap.json (scripts/bench_swap.py) as the swap section."""
+    work = run["workload"]
+    swap, sides = run["swap"], list(run["swap"])
+    labels = {
+        "pool": "pool (through 8050)",
+        "router_t1": "llama-server, 1 thread/instance",
+        "router_t2": "llama-server, 2 threads/instance",
+    }
+    router = run.get("router") or {}
+    lines = [
+        "## Swapping: more models than slots, traffic that jumps between them",
+        "",
+        f"Run on commit {_commit(run['commit'], run['dirty'])}, {run['machine']['cpu']}, "
+        f"{run['machine']['cores']} cores. {work['models']} models, each on its own copy of "
+        f"SmolLM2's file, at most {work['slots']} loaded; {work['clients']} clients send "
+        f"{work['requests']} streamed chat completions (`max_tokens` {work['max_tokens']}), "
+        f"the model of each drawn from a Zipf popularity (s = {work['zipf_s']}; the same "
+        f"seeded sequence on every side: {run['sequence_counts']}), each client sending its "
+        "next request when its last one ended. "
+        f"{work['rounds']} round(s), the sides interleaved in rotating order; figures are "
+        "medians over rounds. Both sides hold "
+        f"{work['sequences_per_model']} sequences of {work['n_ctx_per_sequence']:,} tokens "
+        "per model. The pool: `max_concurrent_models` "
+        f"{work['slots']}, {work['pool_threads_per_worker']} threads per worker (shared "
+        "between busy workers), one spare worker, measured through the manager's "
+        "`/v1/chat/completions`. llama-server: "
+        + (
+            f"{router.get('version', '')}, built with the same kernel patches "
+            f"({', '.join(router.get('patches', [])) or 'none'}), router mode with "
+            "`--models-max` as the pool's slots, one and two threads per instance."
+            if router
+            else "not run."
+        ),
+        "",
+        "| | " + " | ".join(labels.get(k, k) for k in sides) + " |",
+        "| --- |" + " --- |" * len(sides),
+    ]
+    rows = [
+        ("completed requests / s", "completed_per_s", ""),
+        ("wall time (s)", "wall_s", ""),
+        ("latency p50 (ms)", "latency_p50_ms", ""),
+        ("latency p95 (ms)", "latency_p95_ms", ""),
+        ("latency p99 (ms)", "latency_p99_ms", ""),
+        ("time to first token p50 (ms)", "ttft_p50_ms", ""),
+        ("loads", "loads", ""),
+        ("evictions", "evictions", ""),
+        ("requests not completed", "failed", ""),
+    ]
+    for label, key, suffix in rows:
+        lines.append(
+            f"| {label} | " + " | ".join(_cell(swap[k][key], suffix) for k in sides) + " |"
+        )
+    kinds = {k: Counter[str]() for k in sides}
+    for key in sides:
+        for one in swap[key]["runs"]:
+            kinds[key].update(one["failed_by_kind"])
+    if any(kinds.values()):
+        lines.append(
+            "| not completed, by kind | "
+            + " | ".join(
+                ", ".join(f"{n} {c}" for c, n in kinds[k].items()) or "none" for k in sides
+            )
+            + " |"
+        )
+    succession = run["succession"]
+    lines += [
+        "",
+        f"**Cold starts in succession**: every model COLD, then {work['succession']} requests "
+        f"(`max_tokens` 1), each for another model, {work['succession_gap_s']:g} s apart, "
+        "none waiting for the earlier ones; time to first token of each, ms (the pool "
+        "with room for all of them, llama-server with `--models-max` as many):",
+        "",
+    ]
+    for key, found in succession.items():
+        each = "; ".join(", ".join(_cell(t) for t in r["ttft_ms"]) for r in found["runs"])
+        lines.append(
+            f"- {labels.get(key, key)}: median {_cell(found['ttft_ms_median'])} ms "
+            f"(each round: {each}); not completed: {found['failed']}"
+        )
+    memory = run["memory"]
+    lines += [
+        "",
+        f"**Memory** with {', '.join(memory['loaded'])} loaded and idle, one side at a time "
+        "(PSS: shared pages split between the processes that map them; RSS beside it):",
+        "",
+        "| processes | PSS (MB) | RSS (MB) |",
+        "| --- | --- | --- |",
+        f"| pool: manager + {memory['workers']} workers | {memory['pool']['pss_mb']} | "
+        f"{memory['pool']['rss_mb']} |",
+        f"| pool's spare worker, no weights ahead | {memory['spares_no_weights_ahead']['pss_mb']} "
+        f"| {memory['spares_no_weights_ahead']['rss_mb']} |",
+        f"| pool's spare worker, weights of the likeliest COLD models ahead "
+        f"| {memory['spares_with_weights_ahead']['pss_mb']} "
+        f"| {memory['spares_with_weights_ahead']['rss_mb']} |",
+    ]
+    if "router" in memory:
+        lines.append(
+            f"| llama-server: router + {memory['instances']} instances | "
+            f"{memory['router']['pss_mb']} | {memory['router']['rss_mb']} |"
+        )
+    lines += [
+        "",
+        "Against the targets of issue 16 (ratios to llama-server with one thread per instance):",
+        "",
+        "| check | value | target | |",
+        "| --- | --- | --- | --- |",
+    ]
+    for check in run["checks"]:
+        verdict = {True: "PASS", False: "FAIL", None: "not run"}[check["ok"]]
+        lines.append(
+            f"| {check['name']} | {_cell(check['value'])} | {check['target']} | {verdict} |"
+        )
+    lines += [
+        "",
+        "`.venv/bin/python scripts/bench_swap.py --build-router --write-docs` reproduces it "
+        "(it builds llama-server once, about 6 minutes; the run itself takes about "
+        "10 minutes), and `.venv/bin/python scripts/doc_sections.py` renders this section "
+        "from `docs/bench_swap.json` again.",
+    ]
+    if run["problems"]:
+        lines += ["", "Problems seen: " + "; ".join(map(str, run["problems"]))]
+    return "\n".join(lines)
+
+
 def main() -> int:
     docs = REPO / "docs"
     write_section("tools", tools_section(json.loads((docs / "bench_tools.json").read_text())))
     embeddings = json.loads((docs / "bench_embeddings.json").read_text())
     write_section("embeddings", embeddings_section(embeddings))
-    print(f"wrote the tools and embeddings sections of {BENCHMARKS_MD.relative_to(REPO)}")
+    written = ["tools", "embeddings"]
+    swap_json = docs / "bench_swap.json"
+    if swap_json.exists():
+        write_section("swap", swap_section(json.loads(swap_json.read_text())))
+        written.append("swap")
+    print(f"wrote the {', '.join(written)} sections of {BENCHMARKS_MD.relative_to(REPO)}")
     return 0
 
 

@@ -122,7 +122,14 @@ def version(binary: Path) -> str:
 class Router:
     """One `llama-server` router process on a loopback port, and its model instances."""
 
-    def __init__(self, binary: Path, folder: Path, port: int, models: dict[str, Path]) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        folder: Path,
+        port: int,
+        models: dict[str, Path],
+        args: tuple[str, ...] = ROUTER_ARGS,
+    ) -> None:
         self.binary = binary
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -130,7 +137,7 @@ class Router:
         self.log_path = folder / "llama-server.log"
         self.models = models  # name -> GGUF file
         self.process: subprocess.Popen[bytes] | None = None
-        self.args = ["--models-dir", str(self.models_dir), *ROUTER_ARGS]
+        self.args = ["--models-dir", str(self.models_dir), *args]
         self.api = httpx.AsyncClient(base_url=self.url, timeout=30.0, trust_env=False)
 
     async def start(self) -> None:
@@ -167,6 +174,12 @@ class Router:
         if await self.status(name) != "unloaded":
             await self.api.post("/models/unload", json={"model": name})
         await self._wait_status(name, "unloaded")
+
+    async def load(self, name: str) -> None:
+        """Load `name` and wait until the router says it is loaded."""
+        if await self.status(name) != "loaded":
+            await self.api.post("/models/load", json={"model": name})
+        await self._wait_status(name, "loaded")
 
     async def _wait_status(self, name: str, wanted: str) -> None:
         deadline = time.monotonic() + STATUS_TIMEOUT_S
