@@ -227,25 +227,65 @@ def kv_cache_bytes(metadata: dict[str, Any], cells: int) -> int:
 
 
 def compute_buffer_bytes(metadata: dict[str, Any], n_vocab: int, n_ubatch: int) -> int:
-    """llama.cpp's compute buffer, sized for its worst case: the logits of a full ubatch
-    (n_vocab x n_ubatch floats) and the activations beside them. SmolLM2 at n_ubatch 512:
-    98 MiB to 103 MiB by context shape, as llama.cpp reports it. It is resident: a worker
-    carves it from the heap its spare wrote ahead (model_service/heap.py)."""
-    arch = metadata.get("general.architecture", "llama")
-    width = int(metadata.get(f"{arch}.embedding_length", 0))
+    """llama.cpp's compute buffer as it allocates it, for its worst case: the logits of a
+    full ubatch (n_vocab x n_ubatch floats) and the activations beside them. SmolLM2 at
+    n_ubatch 512: 98 MiB to 103 MiB by context shape, as llama.cpp reports it. Only what
+    a request's graphs use of it is ever written (`compute_written_bytes`)."""
+    width = _width(metadata)
     return 4 * n_ubatch * (n_vocab + 4 * width)
 
 
-def estimate_memory_bytes(
+def compute_written_bytes(
+    metadata: dict[str, Any], n_vocab: int, n_ubatch: int, n_ctx: int, n_seq: int
+) -> int:
+    """What a worker's requests write of the compute buffer, and so keep resident: a
+    full ubatch's attention scores against one sequence's context (n_ubatch x n_ctx x
+    heads floats) and activations, and the logits of one token per sequence (the engine
+    asks for no more). The worst case's logits of a whole ubatch are never written."""
+    arch = metadata.get("general.architecture", "llama")
+    heads = int(metadata.get(f"{arch}.attention.head_count", 0) or 1)
+    return 4 * (n_ubatch * n_ctx * heads + n_ubatch * 4 * _width(metadata) + n_seq * n_vocab)
+
+
+def _width(metadata: dict[str, Any]) -> int:
+    arch = metadata.get("general.architecture", "llama")
+    return int(metadata.get(f"{arch}.embedding_length", 0))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What a worker serving one model holds (RSS), by part, in bytes."""
+
+    weights: int  # resident: the mapped file, and `repacked`
+    repacked: int  # of `weights`, the copies llama.cpp repacks onto the heap
+    kv_cache: int
+    compute: int  # what requests write of the compute buffer
+    process: int = PROCESS_OVERHEAD_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute + self.process
+
+    @property
+    def written_at_load(self) -> int:
+        """Heap a load writes whole: the repacked weights and the KV cache (zeroed). A
+        spare maps this much ahead (model_service/heap.py) so the load faults none of it."""
+        return self.repacked + self.kv_cache
+
+
+def estimate_memory(
     path: Path,
     cells: int,
+    n_seq: int = 1,
     weights_bytes: int | None = None,
+    repacked_bytes: int = 0,
     n_ubatch: int = 512,
     n_vocab: int | None = None,
-) -> int:
-    """RSS of a worker serving the model in `path`: its weights (`weights_bytes`, by
-    default the file's size) + an f16 KV cache of `cells` tokens (n_ctx x slots) + the
-    compute buffer for `n_ubatch` tokens + the process (PROCESS_OVERHEAD_BYTES).
+) -> MemoryEstimate:
+    """The RSS of a worker serving the model in `path`, by part: its weights
+    (`weights_bytes`, by default the file's size, of which `repacked_bytes` on the heap),
+    an f16 KV cache of `cells` tokens (n_ctx x `n_seq` slots), what requests write of
+    the compute buffer, and the process (PROCESS_OVERHEAD_BYTES).
 
     Within 15 % of measured RSS for the shapes tests/test_memory.py loads. `n_vocab`:
     the vocabulary's size when `path` is not the file served (a widened copy not made
@@ -257,9 +297,10 @@ def estimate_memory_bytes(
         weights_bytes = path.stat().st_size
     if n_vocab is None:
         n_vocab = vocab_size(path)
-    return (
-        weights_bytes
-        + kv_cache_bytes(metadata, cells)
-        + compute_buffer_bytes(metadata, n_vocab, n_ubatch)
-        + PROCESS_OVERHEAD_BYTES
+    n_seq = max(1, n_seq)
+    return MemoryEstimate(
+        weights=weights_bytes,
+        repacked=repacked_bytes,
+        kv_cache=kv_cache_bytes(metadata, cells),
+        compute=compute_written_bytes(metadata, n_vocab, n_ubatch, cells // n_seq, n_seq),
     )

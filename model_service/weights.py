@@ -118,19 +118,21 @@ def served_path(source: Path, mode: WeightsMode, folder: Path) -> Path:
     return widened_path(source, folder) if needs_widening(source, mode) else source
 
 
-def served_size(source: Path, mode: WeightsMode, folder: Path) -> int:
-    """Bytes the weights a worker loads for `source` keep resident (the memory estimate).
+def served_size(source: Path, mode: WeightsMode, folder: Path) -> tuple[int, int]:
+    """Bytes the weights a worker loads for `source` keep resident (the memory estimate),
+    and of those, the bytes on the heap.
 
     The served file stays mapped, all of it; the matrices llama.cpp repacks at load
     (Q4_0 and Q4_K, and Q4_1 on the patched kernel) are resident twice, mapped and
-    repacked (model_service.gguf.resident_weights_bytes). A widened copy not made yet
-    counts the most it can take (Q8_0 is not repacked).
+    repacked on the heap (model_service.gguf.resident_weights_bytes). A widened copy not
+    made yet counts the most it can take (Q8_0 is not repacked).
     """
     target = served_path(source, mode, folder)
     if not target.exists():
-        return int(source.stat().st_size * WIDENED_SIZE_FACTOR)
+        return int(source.stat().st_size * WIDENED_SIZE_FACTOR), 0
     repacked = STOCK_REPACKED_TYPES | ({GGML_Q4_1} if fast_q4_1() else set())
-    return resident_weights_bytes(target, frozenset(repacked))
+    resident = resident_weights_bytes(target, frozenset(repacked))
+    return resident, resident - target.stat().st_size
 
 
 def ensure_served(source: Path, target: Path) -> Path:

@@ -27,6 +27,15 @@ def write_setup(folder: Path, config: dict[str, Any], models: list[dict[str, Any
     (folder / REGISTRY_FILE).write_text(json.dumps({"models": models}, indent=2))
 
 
+def manager_command(config: Path, registry: Path, python: str = "") -> list[str]:
+    """The command line of a manager on these files (run it with `cwd=PACKAGE_ROOT`)."""
+    return [
+        *(python or sys.executable, "-m", "pool_manager"),
+        *("--config", str(config)),
+        *("--registry", str(registry)),
+    ]
+
+
 def start_manager_process(
     folder: Path, env: Mapping[str, str] | None = None, python: str = ""
 ) -> subprocess.Popen[bytes]:
@@ -41,11 +50,7 @@ def start_manager_process(
         env = {k: v for k, v in os.environ.items() if not k.startswith("POOL_")}
     with (folder / LOG_FILE).open("ab") as out:
         return subprocess.Popen(
-            [
-                *(python or sys.executable, "-m", "pool_manager"),
-                *("--config", str(folder / CONFIG_FILE)),
-                *("--registry", str(folder / REGISTRY_FILE)),
-            ],
+            manager_command(folder / CONFIG_FILE, folder / REGISTRY_FILE, python),
             cwd=PACKAGE_ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,

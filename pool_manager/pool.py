@@ -31,7 +31,7 @@ import tenacity
 from model_service.backends.base import BackendError
 from model_service.contract import MemoryCeiling, ModelSettings
 from model_service.cpus import usable_cores
-from model_service.gguf import PROCESS_OVERHEAD_BYTES, estimate_memory_bytes
+from model_service.gguf import PROCESS_OVERHEAD_BYTES, MemoryEstimate, estimate_memory
 from model_service.model_files import resolve_model_file
 from model_service.sandbox import OUT_OF_MEMORY, MemoryCgroups, Report, default_ceiling_bytes
 from model_service.secrets import SecretError, read_api_key
@@ -307,7 +307,10 @@ class ModelPool:
         return MemoryCeiling(bytes=budget, need=max(0, estimate - PROCESS_OVERHEAD_BYTES))
 
     async def _spare_reserve_mb(self) -> int:
-        """spare_reserve_mb, or by default what the largest local model allocates.
+        """spare_reserve_mb, or by default what the largest local model's load writes on
+        the heap (its repacked weights and KV cache, MemoryEstimate.written_at_load): not
+        the compute buffer, of which requests write only a part, so that a worker holds
+        no more than it uses.
 
         Never more than a quarter of the free memory: an idle spare must not crowd out
         the models themselves; nor more than memory_limit_mb leaves (pool_manager.memory).
@@ -315,8 +318,8 @@ class ModelPool:
         if self.config.spare_reserve_mb is not None:
             return self.config.spare_reserve_mb
         local = [r for r in self._records.values() if r.spec.is_local]
-        estimates = [await self._estimate_memory(r) for r in local]
-        largest = max(estimates, default=PROCESS_OVERHEAD_BYTES) - PROCESS_OVERHEAD_BYTES
+        written = [(await self._estimate_memory(r)).written_at_load for r in local]
+        largest = max(written, default=0)
         room = room_under_limit(
             self.config.memory_limit_mb * MB, self._models_estimate(), self._spares.memory()
         )
@@ -926,7 +929,7 @@ class ModelPool:
         Raises PoolFull or InsufficientMemory when waiting cannot help: the model is
         bigger than memory_limit_mb, or every loaded model is pinned.
         """
-        need = record.memory_estimate = await self._estimate_memory(record)
+        need = record.memory_estimate = (await self._estimate_memory(record)).total
         limit = self.config.memory_limit_mb * MB
         if need > limit:
             raise InsufficientMemory(
@@ -1029,11 +1032,13 @@ class ModelPool:
             reusable=self._spares.reserved_bytes if takes_spare else 0,
         )
 
-    async def _estimate_memory(self, record: ModelRecord) -> int:
-        """Bytes the model's worker will hold once loaded: resident weights + KV cache +
-        compute buffer + process (model_service.gguf.estimate_memory_bytes)."""
+    async def _estimate_memory(self, record: ModelRecord) -> MemoryEstimate:
+        """What the model's worker will hold once loaded, by part: resident weights, KV
+        cache, what requests write of the compute buffer, the process
+        (model_service.gguf.estimate_memory)."""
+        nothing_local = MemoryEstimate(weights=0, repacked=0, kv_cache=0, compute=0)
         if not record.spec.is_local:
-            return PROCESS_OVERHEAD_BYTES  # the weights live on another server
+            return nothing_local  # the weights live on another server
         try:
             spec = record.spec
             path = Path(self._model_file(spec))
@@ -1042,11 +1047,13 @@ class ModelPool:
             # As model_service.backends.llama_cpp.ContextShape sizes the batch.
             n_ubatch = min(512, max(spec.n_batch, spec.max_concurrent))
             folder = self._weights_folder
-            weights = await asyncio.to_thread(served_size, path, spec.weights, folder)
-            return await asyncio.to_thread(estimate_memory_bytes, path, cells, weights, n_ubatch)
+            weights, repacked = await asyncio.to_thread(served_size, path, spec.weights, folder)
+            return await asyncio.to_thread(
+                estimate_memory, path, cells, spec.max_concurrent, weights, repacked, n_ubatch
+            )
         except (InvalidModel, BackendError):
             # The worker's load will report what is wrong with the file, clearly.
-            return PROCESS_OVERHEAD_BYTES
+            return nothing_local
 
     def _eviction_candidate(
         self, occupying: list[ModelRecord], *, short_of_memory: bool

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +25,8 @@ from pydantic import ValidationError
 from model_service.limits import MAX_JSON_DEPTH, json_depth
 from model_service.protocol import MAX_MESSAGES
 from pool_manager.config import MAX_N_BATCH, ModelSpec
-from tests.conftest import DEFAULT_MODEL, REPO, Manager
+from pool_manager.launch import PACKAGE_ROOT, manager_command
+from tests.conftest import DEFAULT_MODEL, Manager
 
 STALL_DEADLINE = 2.0  # seconds for /health or a 1-token chat while a big request runs
 USER = [{"role": "user", "content": "hi"}]
@@ -394,10 +394,9 @@ def test_a_bad_file_stops_the_manager_with_one_clear_line(
         bad.write_text('{"x": ' + "[" * 5000 + "]" * 5000 + "}")
     else:
         bad.write_text("{")
-    command = [sys.executable, "-m", "pool_manager", "--config", str(config)]
     done = subprocess.run(
-        [*command, "--registry", str(registry)],
-        cwd=REPO,
+        manager_command(config, registry),
+        cwd=PACKAGE_ROOT,
         capture_output=True,
         text=True,
         timeout=60,

@@ -11,7 +11,7 @@ import pytest
 
 from model_service.gguf import (
     GGML_Q4_1,
-    estimate_memory_bytes,
+    estimate_memory,
     read_metadata,
     resident_weights_bytes,
     vocab_size,
@@ -37,10 +37,11 @@ from tests.conftest import (
 )
 
 
-def _estimate_bytes(cells: int) -> int:
+def _estimate_bytes(n_ctx: int, slots: int) -> int:
     """The manager's estimate for the shipped file, as served (model_service/weights.py)."""
     source = package_file(SMOLLM2_FILE)
-    return estimate_memory_bytes(source, cells, served_size(source, "auto", cache_dir()))
+    weights, repacked = served_size(source, "auto", cache_dir())
+    return estimate_memory(source, n_ctx * slots, slots, weights, repacked).total
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_model_bigger_than_the_limit_is_refused_without_starting(
 
 
 def test_memory_limit_evicts_least_recently_used(start_manager: ManagerFactory) -> None:
-    per_model = _estimate_bytes(1024 * 4) // 2**20
+    per_model = _estimate_bytes(1024, 4) // 2**20
     manager = start_manager(
         config={"memory_limit_mb": int(per_model * 2.5), "max_concurrent_models": 5},
         models=[model_entry("a:1"), model_entry("b:1"), model_entry("c:1")],

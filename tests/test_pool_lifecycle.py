@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from pool_manager.launch import PACKAGE_ROOT, manager_command
 from tests.conftest import (
     DEFAULT_MODEL,
     ManagerFactory,
@@ -421,20 +422,12 @@ def test_force_unload_ends_a_stream_with_an_error_not_a_hang(
 
 def test_taken_manager_port_fails_fast_and_starts_nothing(start_manager: ManagerFactory) -> None:
     import subprocess
-    import sys
 
     manager = start_manager(models=[model_entry(DEFAULT_MODEL, warmup=True)])
     manager.wait_state(DEFAULT_MODEL, "HOT")
     second = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pool_manager",
-            "--config",
-            str(manager.config_path),
-            "--registry",
-            str(manager.registry_path),
-        ],
+        manager_command(manager.config_path, manager.registry_path),
+        cwd=PACKAGE_ROOT,
         capture_output=True,
         text=True,
         timeout=60,
