@@ -4,8 +4,10 @@ The pool manager starts workers with `--control-fd`, one end of a Unix socketpai
 of `python -m model_service.spare` (which sandboxes the process first). Such
 a worker imports everything, reports `spare`, and waits for a `load` command carrying
 the model's settings and a listening socket the manager already bound. Later commands
-are `drain` and `abort`; EOF means the manager is gone, and the worker shuts down. What
-the two say to each other is model_service/contract.py.
+are `drain` and `abort`, and `recycle`: a drained worker of a local chat model stops
+serving, frees its model's context, keeps the weights loaded ahead and is a spare again,
+so that a swap needs no new process. EOF means the manager is gone, and the worker
+shuts down. What the two say to each other is model_service/contract.py.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from model_service.contract import (
     PreloadCommand,
     PreloadedEvent,
     ReadyEvent,
+    RecycleCommand,
     SpareEvent,
     ThreadsCommand,
     parse_command,
@@ -105,23 +108,32 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 class ManagerLink:
     """The worker's end of the control socket: commands in (on a thread), events out."""
 
-    def __init__(self, fd: int, stats: WorkerStats, reserve_mb: int) -> None:
+    def __init__(self, fd: int, reserve_mb: int) -> None:
         self.sock = socket.socket(fileno=fd)
         self.events = StatusChannel(fd)
-        self.stats = stats
-        self.engine: Engine | None = None  # set once the model is loaded
-        self.embedder: LlamaEmbedder | None = None  # its embeddings context, if local
+        self._reserve_mb = reserve_mb
         self.threads: int | None = None  # the manager's latest share of the cores
         self._assignment: queue.SimpleQueue[tuple[ModelSettings, int] | None] = queue.SimpleQueue()
+        self.be_spare()
+        threading.Thread(target=self._read_commands, name="manager-link", daemon=True).start()
+
+    def be_spare(self) -> None:
+        """Wait for a model: at start, and again once handed back to the spares."""
+        self.stats = WorkerStats()
+        self.engine: Engine | None = None  # set once the model is loaded
+        self.embedder: LlamaEmbedder | None = None  # its embeddings context, if local
+        self.server: GracefulServer | None = None  # set while it serves
+        self.recycling = False  # told to go back to the spares once it stops serving
+        # What a recycled worker keeps: its served file and the model loaded from it.
+        self.kept: tuple[str, Preloaded] | None = None
         self.preloader = Preloader(
             Preloaded.open,
             Preloaded.close,
             on_change=lambda paths: self.events.send(PreloadedEvent(paths=paths)),
             # A context made ahead lives in the heap reserve; with none (spare_reserve_mb
             # 0, to keep spares small) it would be memory nobody budgeted.
-            fit_model=Preloaded.fit if reserve_mb > 0 else None,
+            fit_model=Preloaded.fit if self._reserve_mb > 0 else None,
         )
-        threading.Thread(target=self._read_commands, name="manager-link", daemon=True).start()
 
     def wait_for_model(self) -> tuple[ModelSettings, int] | None:
         """Block until the manager assigns a model: (settings, listening socket fd)."""
@@ -180,6 +192,13 @@ class ManagerLink:
             if self.engine is not None:
                 self.engine.abort("The model was force-unloaded while this request ran.")
             os.kill(os.getpid(), signal.SIGTERM)
+        elif isinstance(command, RecycleCommand):
+            # Drained: stop serving; main() then lets the model go and waits as a spare.
+            self.stats.draining = self.recycling = True
+            if self.server is not None:
+                self.server.stop_soon()
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)  # not serving yet: nothing to keep
 
 
 def _standalone_settings(args: argparse.Namespace) -> ModelSettings:
@@ -378,9 +397,11 @@ def _serve(
     load: LoadReport,
     channel: StatusChannel,
     step_seconds: Callable[[], float] = lambda: 0.0,
+    link: ManagerLink | None = None,
 ) -> None:
     """Serve `app` on `sock` until told to stop; report `ready` once accepting, then a
-    heartbeat each second (with `step_seconds`, how long the engine's step has run)."""
+    heartbeat each second (with `step_seconds`, how long the engine's step has run).
+    With `link`, a `recycle` command stops it too."""
     model_id = settings.model_id
     # A web page may not reach a worker's port either (see model_service/browsers.py).
     app.add_middleware(
@@ -432,7 +453,11 @@ def _serve(
     def on_idle_exit() -> None:
         log.info("worker stopped", extra={"model": model_id, "idle": True})
 
-    GracefulServer(config, on_serving, on_idle_exit=on_idle_exit).run(sockets=[sock])
+    server = GracefulServer(config, on_serving, on_idle_exit=on_idle_exit)
+    if link is not None:
+        link.server = server
+    server.run(sockets=[sock])
+    sock.close()  # its port goes back to the manager
 
 
 async def _heartbeat(channel: StatusChannel, step_seconds: Callable[[], float]) -> None:
@@ -481,11 +506,13 @@ def _exit_when_a_thread_runs_out_of_memory() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     setup_logging("worker", args.log_level, file_suffix="-workers")
-    stats = WorkerStats()
-    link: ManagerLink | None = None
-    if args.control_fd is not None:
-        link = ManagerLink(args.control_fd, stats, args.reserve_mb)
-        warm_up_serving()
+    if args.control_fd is None:
+        return _run_model(_standalone_settings(args), _standalone_socket(args), args)
+    link = ManagerLink(args.control_fd, args.reserve_mb)
+    warm_up_serving()
+    _exit_when_a_thread_runs_out_of_memory()
+    while True:
+        # After a recycle the model's freed buffers are mapped already (heap.keep).
         heap.reserve(args.reserve_mb)
         if can_preload():
             link.preloader.start()
@@ -494,15 +521,32 @@ def main(argv: list[str] | None = None) -> int:
         if assignment is None:
             return 0  # the manager went away before giving us a model
         settings, listen_fd = assignment
-        sock = socket.socket(fileno=listen_fd)
         _apply_memory_ceiling(settings.memory_ceiling)
-        _exit_when_a_thread_runs_out_of_memory()
         preloaded = link.preloader.take(settings.served_model_path)
-    else:
-        settings = _standalone_settings(args)
-        sock = _standalone_socket(args)
-        preloaded = None
+        sock = socket.socket(fileno=listen_fd)
+        code = _run_model(settings, sock, args, link, preloaded)
+        kept = link.kept
+        if not link.recycling or kept is None:
+            return code
+        # Handed back to the spares: its model's weights are the first loaded ahead.
+        sandbox.lift_address_space_limit()
+        setup_logging("worker", args.log_level, file_suffix="-workers")
+        link.be_spare()
+        link.preloader.adopt(*kept)
+
+
+def _run_model(
+    settings: ModelSettings,
+    sock: socket.socket,
+    args: argparse.Namespace,
+    link: ManagerLink | None = None,
+    preloaded: Any = None,
+) -> int:
+    """Load `settings`' model and serve it on `sock` until told to stop; the exit code.
+    Told to recycle (`link.recycling`), a local chat model's weights are left in
+    `link.kept` instead of freed."""
     channel = link.events if link else StatusChannel(None)
+    stats = link.stats if link else WorkerStats()
     model_id = settings.model_id
     # With POOL_LOG_FILE, each model's worker logs to its own file next to the manager's.
     setup_logging("worker", args.log_level, file_suffix="-" + re.sub(r"[^\w.-]", "_", model_id))
@@ -557,12 +601,19 @@ def main(argv: list[str] | None = None) -> int:
         max_request_bytes=settings.max_request_bytes,
         embeddings=embeddings,
     )
-    _serve(app, sock, args, settings, load, channel, lambda: engine.step_seconds)
+    _serve(app, sock, args, settings, load, channel, lambda: engine.step_seconds, link)
     engine.stop()
     if embedder is not None:
         embedder.close()  # before the weights it shares go
-    backend.unload()
-    log.info("worker stopped", extra={"model": model_id})
+    recycling = link is not None and link.recycling
+    if link is not None and recycling and isinstance(backend, LlamaCppBackend):
+        heap.keep()  # the context's buffers stay mapped for the next model's
+        model = backend.release_model()
+        if model is not None and backend.served_path is not None:
+            link.kept = (backend.served_path, Preloaded(model))
+    else:
+        backend.unload()
+    log.info("worker stopped", extra={"model": model_id, "recycled": recycling})
     return 0
 
 

@@ -108,8 +108,16 @@ class AbortCommand(_JsonLine):
     cmd: Literal["abort"] = "abort"
 
 
+class RecycleCommand(_JsonLine):
+    """A drained worker goes back to the spares instead of exiting: it stops serving,
+    frees its model's context, keeps the weights loaded ahead and says `spare` again (a
+    worker that cannot exits instead)."""
+
+    cmd: Literal["recycle"] = "recycle"
+
+
 Command = Annotated[
-    LoadCommand | PreloadCommand | ThreadsCommand | DrainCommand | AbortCommand,
+    LoadCommand | PreloadCommand | ThreadsCommand | DrainCommand | AbortCommand | RecycleCommand,
     Field(discriminator="cmd"),
 ]
 
@@ -118,7 +126,7 @@ Command = Annotated[
 
 
 class SpareEvent(_JsonLine):
-    """Imports done; waiting for `load`."""
+    """Imports done (or, after `recycle`, the model let go of); waiting for `load`."""
 
     event: Literal["spare"] = "spare"
     pid: int

@@ -46,11 +46,7 @@ def reserve(megabytes: int) -> bool:
     libc = _libc()
     if megabytes <= 0 or libc is None:
         return False
-    libc.mallopt(_M_MMAP_MAX, 0)  # big blocks come from the heap too...
-    libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_EVERYTHING)  # ...and freed ones stay in it...
-    # ...the one heap, whichever thread allocates: the preloader thread's model and
-    # context must land in this memory, not in an arena of its own.
-    libc.mallopt(_M_ARENA_MAX, 1)
+    keep()
     size = megabytes * 2**20
     block = libc.malloc(size)
     if not block:
@@ -60,6 +56,19 @@ def reserve(megabytes: int) -> bool:
     ctypes.memset(block, 0, size)  # the writes are what map the pages
     libc.free(block)
     return True
+
+
+def keep() -> None:
+    """Keep what is freed from now on mapped (`reserve` does this first; so does a worker
+    handed back to the spares, whose model's buffers the next model's then reuse)."""
+    libc = _libc()
+    if libc is None:
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)  # big blocks come from the heap too...
+    libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_EVERYTHING)  # ...and freed ones stay in it...
+    # ...the one heap, whichever thread allocates: the preloader thread's model and
+    # context must land in this memory, not in an arena of its own.
+    libc.mallopt(_M_ARENA_MAX, 1)
 
 
 @contextlib.contextmanager

@@ -89,6 +89,19 @@ class Preloader:
             self._shape = shape if self._fit is not None else None
             self._changed.notify_all()
 
+    def adopt(self, path: str, model: Any) -> None:
+        """Hold `model`, loaded from `path`, as if loaded ahead: a worker handed back to
+        the spares keeps its model's weights. Wanted until the manager's next list."""
+        version = _file_version(path)
+        if version is None:  # the file is gone: nothing could take it
+            self._close(model)
+            return
+        with self._changed:
+            self._loaded[path] = (version, model)
+            self._wanted = self._wanted or [path]
+            self._changed.notify_all()
+        self._report()
+
     def loaded(self) -> list[str]:
         """The files whose models are ready to take: loaded, and fitted where wanted."""
         with self._changed:

@@ -135,10 +135,22 @@ def limit_address_space(budget_bytes: int) -> int:
 
     RLIMIT_AS counts every mapping (thread stacks, malloc arenas, the mmapped weights),
     not memory in use, hence the current size as the base: the budget is what may be added.
+    The soft limit only: a worker handed back to the spares lifts it for its next model
+    (`lift_address_space_limit`). The ceiling guards against a model that takes more
+    memory than it was given, not against code that sets out to get around it.
     """
     limit = address_space_bytes() + budget_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     return limit
+
+
+def lift_address_space_limit() -> None:
+    """Undo `limit_address_space`: back to the hard limit."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
 
 
 def out_of_memory_reason(error: BaseException, ceiling: Mapping[str, Any] | None) -> str | None:

@@ -171,6 +171,7 @@ class ModelRecord:
     retry_at: float | None = None  # monotonic; when a FAILED model may be retried
     load_task: asyncio.Task[None] | None = None
     unload_task: asyncio.Task[None] | None = None
+    watch_task: asyncio.Task[None] | None = None  # awaits its worker's exit
     # Being deleted: no load starts for it any more, and lookups say it is not there,
     # while its worker (listed, UNLOADING) drains.
     removed: bool = False
@@ -290,11 +291,12 @@ class ModelPool:
                     extra={"mechanism": name, "reason": mechanism["detail"]},
                 )
 
-    async def _take_worker(self, record: ModelRecord) -> WorkerProcess:
-        """A spare; but spares have no network, so a remote model gets a new process."""
+    async def _take_worker(self, record: ModelRecord, served: str | None) -> WorkerProcess:
+        """A spare (one holding the `served` file's weights, if one does); but spares have
+        no network, so a remote model gets a new process."""
         if self._sandboxed and not record.spec.is_local:
             return await self._start_spare(network=True)
-        return await self._spares.take()
+        return await self._spares.take(served)
 
     def _memory_ceiling(self, record: ModelRecord) -> MemoryCeiling | None:
         """The memory the model's worker may add once handed it (model_service/sandbox.py),
@@ -380,10 +382,11 @@ class ModelPool:
         budget = preload_budget(psutil.virtual_memory().available, room, self._spares.size)
         return choose_preload(cold, self.config.spare_preload, budget)
 
-    def _spawn_background(self, coro: Any, name: str) -> None:
+    def _spawn_background(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -732,7 +735,7 @@ class ModelPool:
         started = time.perf_counter()
         try:
             settings = self._worker_settings(record.spec, self._memory_ceiling(record))
-            worker = await self._take_worker(record)
+            worker = await self._take_worker(record, settings.served_model_path)
         except (InvalidModel, OSError) as exc:
             sock.close()
             self._ports.release(port)
@@ -779,7 +782,9 @@ class ModelPool:
                 "load_seconds": round(record.load_seconds, 3),
             },
         )
-        self._spawn_background(self._watch_worker(record, worker), f"watch:{record.model_id}")
+        record.watch_task = self._spawn_background(
+            self._watch_worker(record, worker), f"watch:{record.model_id}"
+        )
 
     def _worker_settings(
         self, spec: ModelSpec, ceiling: MemoryCeiling | None = None
@@ -958,7 +963,9 @@ class ModelPool:
                     },
                 )
                 self.metrics.evicted(victim.model_id, "memory" if short_of_memory else "slots")
-                await self._unload(victim, "evicted", force=False)
+                # Short of slots, its worker goes back to the spares and serves the next
+                # load; short of memory, it exits and frees what it held.
+                await self._unload(victim, "evicted", force=False, keep_process=not short_of_memory)
                 continue
             stopping = [r.unload_task for r in occupying if r.unload_task is not None]
             if stopping:
@@ -1085,10 +1092,17 @@ class ModelPool:
             record.retry_at = None
             self._set_state(record, S.COLD)
             return record
-        await self._unload(record, "forced" if force else "requested", force=force)
+        await self._unload(
+            record, "forced" if force else "requested", force=force, keep_process=not force
+        )
         return record
 
-    async def _unload(self, record: ModelRecord, reason: str, *, force: bool) -> None:
+    async def _unload(
+        self, record: ModelRecord, reason: str, *, force: bool, keep_process: bool = False
+    ) -> None:
+        """Drain (or with `force`, abort) and stop the model's worker; waits for it.
+        `keep_process`: a drained worker of a local chat model goes back to the spares
+        (`_drain_and_stop`) instead of exiting."""
         if record.load_task is not None:
             # Let a load in progress finish first; its outcome does not matter here.
             with contextlib.suppress(PoolError):
@@ -1097,14 +1111,17 @@ class ModelPool:
             if record.state not in SERVING:
                 return
             record.unload_task = asyncio.create_task(
-                self._drain_and_stop(record, reason, force), name=f"unload:{record.model_id}"
+                self._drain_and_stop(record, reason, force, keep_process),
+                name=f"unload:{record.model_id}",
             )
         elif force and record.worker is not None:
             # A forced unload overrides a drain in progress.
             self._spawn_background(record.worker.abort(FORCED_STOP_SECONDS), "abort")
         await asyncio.shield(record.unload_task)
 
-    async def _drain_and_stop(self, record: ModelRecord, reason: str, force: bool) -> None:
+    async def _drain_and_stop(
+        self, record: ModelRecord, reason: str, force: bool, keep_process: bool
+    ) -> None:
         worker = record.worker
         assert worker is not None
         try:
@@ -1125,15 +1142,38 @@ class ModelPool:
                 )
                 for waiting in pending:
                     waiting.cancel()
-            # SIGTERM: the worker stops accepting and finishes what raced in meanwhile.
-            await worker.stop(timeout=grace)
-            self._release_worker(record)
+            if self._recyclable(record, worker, keep_process):
+                # Its process serves the next load: no new process, the weights still
+                # loaded, its model's freed buffers mapped for the next one's.
+                if record.watch_task is not None:
+                    record.watch_task.cancel()  # its exit is no longer this model's
+                recycled = await worker.recycle(timeout=grace)
+                self._release_worker(record)
+                if recycled:
+                    self._spares.adopt(worker)
+            else:
+                # SIGTERM: the worker stops accepting and finishes what raced in meanwhile.
+                await worker.stop(timeout=grace)
+                self._release_worker(record)
             record.failed_streak = 0  # it served until we stopped it: healthy
             self._set_state(record, S.COLD)
             self.metrics.unloaded(record.model_id, reason)
             log.info("model unloaded", extra={"model": record.model_id, "reason": reason})
         finally:
             record.unload_task = None
+
+    def _recyclable(self, record: ModelRecord, worker: WorkerProcess, keep_process: bool) -> bool:
+        """Whether a drained worker goes back to the spares: asked for, wanted there, a
+        local chat model's (spares have no network; an embedding model keeps nothing a
+        chat model's load could take), and nothing still in flight on it."""
+        return (
+            keep_process
+            and self._spares.wants_workers_back
+            and record.spec.is_local
+            and record.spec.model_type != "embedding"
+            and record.in_flight == 0
+            and worker.recyclable
+        )
 
     def _release_worker(self, record: ModelRecord) -> None:
         if record.worker is not None:
@@ -1259,7 +1299,8 @@ class ModelPool:
             self._set_state(record, S.COOLING)
         for model_id in expiry.unload:
             record = self._records[model_id]
-            self._spawn_background(self._unload(record, "ttl", force=False), f"expire:{model_id}")
+            unload = self._unload(record, "ttl", force=False, keep_process=True)
+            self._spawn_background(unload, f"expire:{model_id}")
         return expiry.next_due
 
     # --- crashes ----------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Starting Python and importing FastAPI and llama.cpp takes most of a second; loading a
 small model from the page cache takes a fraction of that. Keeping spares makes a cold
-start cost only the model load.
+start cost only the model load. A worker whose model is evicted comes back here
+(`adopt`) instead of exiting, its model's weights still loaded: under swap churn no
+process need be started at all.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from pool_manager.worker_process import WorkerProcess
 
 log = logging.getLogger(__name__)
 
+# A spare beyond `size` (a worker handed back while no load took one) is let go after
+# this long, unless a load takes one meanwhile: evictions come just before loads.
+SURPLUS_GRACE_SECONDS = 5.0
+
 StartSpare = Callable[[], Awaitable[WorkerProcess]]
 
 
@@ -33,6 +39,7 @@ class SparePool:
         self._preload: list[str] = []  # model files spares should load ahead
         self._first_settings: ModelSettings | None = None  # the likeliest model's
         self._refill: asyncio.Task[None] | None = None
+        self._trim_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
     @property
@@ -68,21 +75,55 @@ class SparePool:
     def count(self) -> int:
         return sum(1 for w in self._spares if w.returncode is None)
 
-    def _next(self) -> WorkerProcess | None:
-        """The spare `take` would hand out now: a warm one first."""
+    def _next(self, path: str | None = None) -> WorkerProcess | None:
+        """The spare `take` would hand out now: a warm one first, among those one holding
+        `path`'s weights loaded ahead."""
         alive = [w for w in self._spares if w.returncode is None]
-        return min(alive, key=lambda w: not w.is_warm_spare, default=None)
+        return min(
+            alive, key=lambda w: (not w.is_warm_spare, path not in w.preloaded), default=None
+        )
 
-    async def take(self) -> WorkerProcess:
-        """A spare (warm ones first), or a newly started process when none is left; its
-        replacement starts at once. That slows neither this load nor the requests after
-        it: a spare imports at nice 19 (model_service/spare.py), so the next load, a
-        second later, finds one ready or nearly."""
-        spare = self._next()
+    async def take(self, path: str | None = None) -> WorkerProcess:
+        """A spare (warm ones first, holding `path`'s weights if one does), or a newly
+        started process when none is left; its replacement starts at once. That slows
+        neither this load nor the requests after it: a spare imports at nice 19
+        (model_service/spare.py), so the next load, a second later, finds one ready or
+        nearly."""
+        spare = self._next(path)
         self._spares = [w for w in self._spares if w.returncode is None and w is not spare]
         taken = spare if spare is not None else await self._start_spare()
         self.refill()
         return taken
+
+    @property
+    def wants_workers_back(self) -> bool:
+        """Whether a drained worker should come back here rather than exit."""
+        return not self._closed and self.size > 0
+
+    def adopt(self, worker: WorkerProcess) -> None:
+        """Take back a worker recycled from its model (WorkerProcess.recycle): a warm
+        spare with that model's weights loaded ahead. Past `size`, the surplus goes after
+        SURPLUS_GRACE_SECONDS unless a load takes one meanwhile."""
+        if self._closed:
+            worker.kill()
+            return
+        worker.preload(self._preload, self._first_settings)
+        self._spares.append(worker)
+        if self.count > self.size and self._trim_timer is None:
+            loop = asyncio.get_running_loop()
+            self._trim_timer = loop.call_later(SURPLUS_GRACE_SECONDS, self._trim)
+
+    def _trim(self) -> None:
+        """Let the spares beyond `size` go: still-starting ones first, then the oldest."""
+        self._trim_timer = None
+        alive = [w for w in self._spares if w.returncode is None]
+        surplus = len(alive) - self.size
+        if surplus <= 0:
+            return
+        by_use = sorted(alive, key=lambda w: w.is_warm_spare)  # stable: oldest first
+        for worker in by_use[:surplus]:
+            worker.kill()
+        self._spares = [w for w in alive if w not in by_use[:surplus]]
 
     def refill(self) -> None:
         """Start spares in the background until there are `size`."""
@@ -103,6 +144,8 @@ class SparePool:
     async def close(self) -> None:
         """Stop every spare (they hold no model and no request)."""
         self._closed = True
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
         if self._refill is not None:
             self._refill.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -41,6 +41,7 @@ from model_service.contract import (
     PreloadCommand,
     PreloadedEvent,
     ReadyEvent,
+    RecycleCommand,
     SpareEvent,
     StartEvent,
     ThreadsCommand,
@@ -310,6 +311,36 @@ class WorkerProcess:
     def begin_drain(self) -> None:
         """Tell the worker to refuse new requests (503) while it finishes the others."""
         self._command(DrainCommand())
+
+    @property
+    def recyclable(self) -> bool:
+        """Whether it may go back to the spares: not in a memory cgroup of its model's (a
+        spare's process has none; RLIMIT_AS the worker lifts itself)."""
+        return self._cgroup is None and self.returncode is None
+
+    async def recycle(self, timeout: float) -> bool:
+        """Hand a drained worker back to the spares: it stops serving, frees its model's
+        context and keeps its weights loaded ahead (model_service/__main__.py). True once
+        it says `spare` again, within `timeout`; False if it exited instead (a worker that
+        cannot be recycled does) or did not answer in time (it is then killed)."""
+        loop = asyncio.get_running_loop()
+        self._spare_ready = loop.create_future()
+        self._ready = loop.create_future()
+        self._on_activity = None  # a late `end` belongs to no model any more
+        self._command(RecycleCommand())
+        waits: set[asyncio.Future[Any]] = {self._spare_ready, self._exit_task}
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if self._spare_ready not in done or self.returncode is not None:
+            self.kill()
+            await self.wait_exit()
+            return False
+        self.model_id = None
+        self.port = 0
+        self.threads = None
+        self.last_beat = None
+        self.step_seconds = 0.0
+        self.preload_sent = None  # it has its own list now: the next plan is sent
+        return True
 
     async def abort(self, timeout: float) -> int:
         """Fail the worker's requests with a clear error and stop it; SIGKILL after `timeout`."""

@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -108,6 +109,17 @@ def pid_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def let_go(manager: Manager, pid: int, port: int) -> bool:
+    """Whether the worker `pid` let its model go: it exited, or it is a spare again (a
+    drained worker goes back to the spares), and nothing listens on its `port`."""
+    spare_pids = manager.request("GET", "/health").json()["spare_pids"]
+    if pid_alive(pid) and pid not in spare_pids:
+        return False
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 @dataclass

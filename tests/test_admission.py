@@ -140,7 +140,7 @@ def test_a_busy_model_is_evicted_once_its_requests_end_and_takes_no_new_ones(
     marks it instead. It finishes what it has, takes nothing new (a later request for it
     waits, then loads it again), and the waiting load goes first."""
     manager, lines, stream = _busy_pool(start_manager, admission_timeout_seconds=300)
-    first_pid = manager.model(BUSY)["pid"]
+    first_load = manager.model(BUSY)["loaded_at"]
     finished: list[tuple[str, httpx.Response]] = []
 
     def ask(model: str) -> None:
@@ -157,5 +157,5 @@ def test_a_busy_model_is_evicted_once_its_requests_end_and_takes_no_new_ones(
     assert all(reply.status_code == 200 for _, reply in finished), finished
     assert lines[-1] == "data: [DONE]", "the busy model's request finished whole"
     busy = manager.model(BUSY)
-    assert busy["state"] == "HOT" and busy["pid"] != first_pid, "loaded again for the later one"
+    assert busy["state"] == "HOT" and busy["loaded_at"] != first_load, "loaded again for it"
     assert busy["evicting"] is False

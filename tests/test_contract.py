@@ -26,6 +26,7 @@ from model_service.contract import (
     PreloadCommand,
     PreloadedEvent,
     ReadyEvent,
+    RecycleCommand,
     SpareEvent,
     StartEvent,
     ThreadsCommand,
@@ -57,6 +58,7 @@ COMMANDS: list[Command] = [
     ThreadsCommand(n=3),
     DrainCommand(),
     AbortCommand(),
+    RecycleCommand(),
 ]
 EVENTS: list[Event] = [
     SpareEvent(pid=41),

@@ -15,6 +15,7 @@ from pool_manager.launch import PACKAGE_ROOT, manager_command
 from tests.conftest import (
     DEFAULT_MODEL,
     ManagerFactory,
+    let_go,
     model_entry,
     pid_alive,
     port_is_free,
@@ -79,7 +80,11 @@ def test_load_unload_and_force_unload(start_manager: ManagerFactory) -> None:
 
     unloaded = manager.request("POST", f"/models/{CODER}/unload").json()
     assert unloaded["state"] == "COLD" and unloaded["port"] is None
-    wait_for(lambda: not pid_alive(loaded["pid"]), 10, message="worker to exit")
+    wait_for(
+        lambda: let_go(manager, loaded["pid"], loaded["port"]),
+        10,
+        message="the worker to exit or wait as a spare",
+    )
     assert port_is_free(loaded["port"])
 
     second = manager.load(HELPER)
@@ -88,7 +93,7 @@ def test_load_unload_and_force_unload(start_manager: ManagerFactory) -> None:
     wait_for(lambda: not pid_alive(second["pid"]), 10, message="killed worker to exit")
 
     again = manager.load(CODER)
-    assert again["pid"] != loaded["pid"]
+    assert again["loaded_at"] != loaded["loaded_at"], "loaded anew"
     assert manager.request("POST", f"/models/{CODER}/load").json()["pid"] == again["pid"]
 
 
@@ -126,7 +131,11 @@ def test_ttl_walks_hot_cooling_cold_and_frees_process_and_port(
     assert cooling["pid"] == loaded["pid"], "still serving while cooling"
     cold = manager.wait_state(CODER, "COLD", timeout=20)
     assert cold["pid"] is None and cold["port"] is None
-    wait_for(lambda: not pid_alive(loaded["pid"]), 10, message="expired worker to exit")
+    wait_for(
+        lambda: let_go(manager, loaded["pid"], loaded["port"]),
+        10,
+        message="the expired worker to exit or wait as a spare",
+    )
     assert port_is_free(loaded["port"])
     metrics = manager.request("GET", "/metrics").text
     assert f'pool_model_unloads_total{{model="{CODER}",reason="ttl"}} 1.0' in metrics
@@ -181,7 +190,9 @@ def test_lru_eviction_spares_warmup_and_recently_used(start_manager: ManagerFact
     assert models["b:1"]["state"] == "COLD", "the least recently used idle model goes"
     assert models["a:1"]["state"] == "HOT"
     assert models[DEFAULT_MODEL]["state"] == "HOT", "warmup models are never evicted"
-    wait_for(lambda: not pid_alive(b["pid"]), 10, message="evicted worker to exit")
+    wait_for(
+        lambda: let_go(manager, b["pid"], b["port"]), 10, message="the evicted worker let b go"
+    )
     metrics = manager.request("GET", "/metrics").text
     assert 'pool_model_evictions_total{model="b:1",reason="slots"} 1.0' in metrics
 

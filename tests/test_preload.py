@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import llama_cpp
 import openai
 import psutil
@@ -22,7 +23,7 @@ import pytest
 from model_service.backends.llama_cpp import ContextShape, Preloaded, open_model
 from model_service.model_files import package_file
 from model_service.preload import Preloader
-from tests.conftest import SMOLLM2_FILE, ManagerFactory, model_entry, wait_for
+from tests.conftest import SMOLLM2_FILE, ManagerFactory, model_entry, pid_alive, wait_for
 
 VOCAB_SIZE = 49152  # SmolLM2's
 
@@ -106,6 +107,46 @@ def test_a_spare_taken_by_a_load_is_replaced_at_once(start_manager: ManagerFacto
     b = manager.load("b:1")
     assert b["pid"] in children, "b:1 took the spare that replaced a:1's"
     assert _health(manager)["spare_workers"] == 1
+
+
+def test_an_evicted_worker_goes_back_to_the_spares_with_its_weights(
+    start_manager: ManagerFactory, model_copy: str
+) -> None:
+    """Evicted for another model, a worker does not exit: it frees its model's context,
+    keeps the weights and waits as a spare; loading that model again takes that very
+    process, the weights already loaded. No process is started for either load."""
+    other = model_entry("b:1", model_path=model_copy, weights="as_stored")
+    del other["package_file"]
+    manager = start_manager(config={"max_concurrent_models": 1}, models=[model_entry("a:1"), other])
+    first = manager.load("a:1")
+    chat_reply = httpx.post(
+        f"{first['endpoint']}/v1/chat/completions",
+        json={"model": "a:1", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        timeout=60,
+    )
+    assert chat_reply.status_code == 200, chat_reply.text
+    second_model = manager.load("b:1")  # a:1 evicted: its worker goes back to the spares
+    assert manager.model("a:1")["state"] == "COLD" and pid_alive(first["pid"])
+    assert manager.process is not None
+    children = {c.pid for c in psutil.Process(manager.process.pid).children()}
+    assert first["pid"] in children, "the evicted worker is a spare now"
+    wait_for(
+        lambda: "a:1" in _health(manager)["preloaded_models"],
+        30,
+        message="a:1's weights listed as loaded ahead in a spare",
+    )
+    again = manager.load("a:1")  # b:1 evicted in turn
+    assert again["pid"] == first["pid"], "a:1's old process serves it again"
+    assert again["weights_preloaded"] is True
+    assert again["load_breakdown_ms"]["load_model"] < 20, again["load_breakdown_ms"]
+    assert pid_alive(second_model["pid"]), "b:1's worker went back to the spares too"
+    reply = httpx.post(
+        f"{again['endpoint']}/v1/chat/completions",
+        json={"model": "a:1", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        timeout=60,
+    )
+    assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+    assert "worker died" not in manager.log()
 
 
 def test_spare_preload_zero_frees_what_spares_hold_and_loads_nothing_ahead(

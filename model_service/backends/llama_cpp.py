@@ -504,6 +504,13 @@ class LlamaCppBackend(Backend):
     def tool_format(self) -> ToolFormat:
         return template_tool_format(self._template)
 
+    def release_model(self) -> LlamaModel | None:
+        """Free all but the weights, and hand those over (the caller owns them now): a
+        worker handed back to the spares keeps its model loaded ahead."""
+        model, self._model = self._model, None
+        self.unload()
+        return model
+
     def unload(self) -> None:
         for sequence in self._sequences:
             sequence.close()
