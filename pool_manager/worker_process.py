@@ -334,8 +334,7 @@ class WorkerProcess:
             self.kill()
             await self.wait_exit()
             return False
-        self.model_id = None
-        self.port = 0
+        self.model_id = None  # (`port` stays: the pool releases it after this returns)
         self.threads = None
         self.last_beat = None
         self.step_seconds = 0.0

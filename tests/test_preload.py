@@ -147,6 +147,8 @@ def test_an_evicted_worker_goes_back_to_the_spares_with_its_weights(
     )
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
     assert "worker died" not in manager.log()
+    ports = manager.port_range[1] - manager.port_range[0] + 1
+    assert _health(manager)["available_ports"] == ports - 1, "every other port given back"
 
 
 def test_spare_preload_zero_frees_what_spares_hold_and_loads_nothing_ahead(
