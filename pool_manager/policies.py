@@ -1,5 +1,5 @@
 """The pool's choices as small policies: which model to evict, which to load ahead, which
-to cool and unload (issue 16, point 5).
+to cool and unload, how many threads busy workers get (issue 16, point 5).
 
 Each is a pure function of what it is shown (snapshots of the models, the clock's `now`,
 byte budgets) and returns a decision; none holds a process, a lock or a clock of its own.
@@ -15,6 +15,7 @@ them fade).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -169,3 +170,38 @@ def expire(models: Iterable[Expiring], now: float, grace_seconds: float) -> Expi
         else:
             unload.append(model.model_id)
     return Expiry(cool, unload, next_due)
+
+
+# --- sharing the cores -------------------------------------------------------------------------
+
+SHARE_GROW_SECONDS = 2.0
+
+
+@dataclass
+class CoreShare:
+    """How many threads each busy local worker may compute with.
+
+    llama.cpp's threads wait for each other at every step by spinning, so a worker whose
+    thread is preempted by anything else runnable (another worker, a load) stalls whole:
+    on 2 cores, a worker alone with 2 threads among others' loads ran the swap benchmark
+    1.8x slower than with 1. So the cores are split among the most workers busy
+    (generating or loading) at once lately: a worker left alone gets more threads only
+    once the others have been quiet for `grow_after` seconds, not between two of their
+    requests.
+    """
+
+    grow_after: float = SHARE_GROW_SECONDS
+    _peak: int = 0  # the most workers busy at once lately
+    _peak_until: float = math.inf  # when it may drop to the count now (inf: at it now)
+
+    def threads(self, busy: int, cores: int, now: float) -> tuple[int, float | None]:
+        """Threads per busy worker with `busy` workers busy at `now` on `cores` cores
+        (at least 1), and in how many seconds to ask again (None: nothing pending)."""
+        if busy >= self._peak:
+            self._peak, self._peak_until = busy, math.inf
+        elif self._peak_until == math.inf:
+            self._peak_until = now + self.grow_after  # fewer now: more threads, later
+        if now >= self._peak_until:
+            self._peak, self._peak_until = busy, math.inf
+        recheck = None if self._peak_until == math.inf else self._peak_until - now
+        return max(1, cores // max(1, self._peak)), recheck

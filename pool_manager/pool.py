@@ -57,6 +57,7 @@ from pool_manager.memory import (
 from pool_manager.metrics import PoolMetrics
 from pool_manager.policies import (
     ColdModel,
+    CoreShare,
     Demand,
     Expiring,
     Resident,
@@ -224,6 +225,8 @@ class ModelPool:
         self._admission = AdmissionQueue(config.admission_queue_max)
         self._capacity_event = asyncio.Event()
         self._reaper_wakeup = asyncio.Event()
+        self._core_share = CoreShare()
+        self._share_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._files_seen = store.fingerprint()
@@ -255,6 +258,8 @@ class ModelPool:
     async def stop(self) -> None:
         """Drain and stop every worker (each within graceful_shutdown_seconds)."""
         self._closing = True
+        if self._share_timer is not None:
+            self._share_timer.cancel()
         for task in list(self._background):
             task.cancel()
         loading = [r.load_task for r in self._records.values() if r.load_task]
@@ -1252,22 +1257,34 @@ class ModelPool:
             self._reaper_wakeup.set()
 
     def _share_cores(self) -> None:
-        """Split the cores among the local workers that are generating.
+        """Split the cores among the local workers that are generating or loading
+        (pool_manager.policies.CoreShare: by the most busy at once lately).
 
         llama.cpp's threads wait for each other by spinning: two workers with two threads
         each on a 2-core machine each got under 5 tokens/s (one thread each: 86 and 81).
-        So with k workers busy each may use cores/k threads (at least 1, at most its
-        `n_threads`); a worker alone gets them all back.
+        A load takes a core too (reading weights, zeroing a KV cache). So with k workers
+        busy or loading each may use cores/k threads (at least 1, at most its
+        `n_threads`); a worker alone gets them all back once the others stay quiet.
         """
         local = [
             r.worker
             for r in self._records.values()
             if r.worker is not None and r.spec.is_local and r.state in OCCUPYING
         ]
-        busy = sum(1 for r in self._records.values() if r.in_flight and r.spec.is_local)
-        share = max(1, usable_cores() // max(1, busy))
+        busy = sum(
+            1
+            for r in self._records.values()
+            if r.spec.is_local and (r.in_flight or r.state is S.WARMING)
+        )
+        share, recheck = self._core_share.threads(busy, usable_cores(), time.monotonic())
         for worker in local:
             worker.share_cores(share)
+        if self._share_timer is not None:
+            self._share_timer.cancel()
+            self._share_timer = None
+        if recheck is not None:
+            loop = asyncio.get_running_loop()
+            self._share_timer = loop.call_later(recheck, self._share_cores)
 
     async def _reap_idle_models(self) -> None:
         while True:
@@ -1417,6 +1434,8 @@ class ModelPool:
             fields["detail"] = detail
         log.info("state change", extra=fields)
         self._publish({"type": "state", "time": time.time(), **fields})
+        if S.WARMING in (old, new):
+            self._share_cores()  # a load takes a core while it runs
         self._reaper_wakeup.set()
         self._capacity_changed()
         if new is not S.WARMING:

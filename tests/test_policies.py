@@ -7,6 +7,7 @@ import math
 from pool_manager.policies import (
     MB,
     ColdModel,
+    CoreShare,
     Demand,
     Expiring,
     Resident,
@@ -132,3 +133,17 @@ def test_expiry_with_no_grace_unloads_in_the_same_pass() -> None:
     expiry = expire(models, now=10.0, grace_seconds=0)
     assert expiry.cool == ["m"] and expiry.unload == ["m"]
     assert expire([], now=10.0, grace_seconds=0).next_due == math.inf
+
+
+def test_a_worker_left_alone_gets_the_cores_back_only_once_the_others_stay_quiet() -> None:
+    share = CoreShare(grow_after=2.0)
+    assert share.threads(1, 2, now=0.0) == (2, None), "alone on an idle machine: both cores"
+    assert share.threads(2, 2, now=1.0) == (1, None), "two busy: one core each, at once"
+    threads, recheck = share.threads(1, 2, now=1.5)
+    assert threads == 1 and recheck == 2.0, "between two of the other's requests: still one"
+    assert share.threads(2, 2, now=2.0) == (1, None)
+    assert share.threads(1, 2, now=2.5) == (1, 2.0)
+    assert share.threads(0, 2, now=3.0) == (1, 1.5)
+    assert share.threads(1, 2, now=4.5) == (2, None), "quiet for 2 s: both cores again"
+    assert share.threads(3, 8, now=5.0) == (2, None), "8 cores among 3: 2 threads each"
+    assert share.threads(9, 8, now=6.0) == (1, None), "never fewer than 1"
