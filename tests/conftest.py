@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -111,15 +110,16 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def let_go(manager: Manager, pid: int, port: int) -> bool:
-    """Whether the worker `pid` let its model go: it exited, or it is a spare again (a
-    drained worker goes back to the spares), and nothing listens on its `port`."""
-    spare_pids = manager.request("GET", "/health").json()["spare_pids"]
-    if pid_alive(pid) and pid not in spare_pids:
+def let_go(manager: Manager, model_id: str, pid: int) -> bool:
+    """Whether the worker `pid` let `model_id` go: the model has no worker, and `pid`
+    exited, or is a spare again, or serves another model (a drained worker goes back to
+    the spares, and the next load may take it)."""
+    models = manager.models()
+    if models[model_id]["pid"] is not None:
         return False
-    with socket.socket() as probe:
-        probe.settimeout(1)
-        return probe.connect_ex(("127.0.0.1", port)) != 0
+    others = {m["pid"] for other, m in models.items() if other != model_id}
+    spare_pids = manager.request("GET", "/health").json()["spare_pids"]
+    return not pid_alive(pid) or pid in spare_pids or pid in others
 
 
 @dataclass

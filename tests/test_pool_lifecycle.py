@@ -81,7 +81,7 @@ def test_load_unload_and_force_unload(start_manager: ManagerFactory) -> None:
     unloaded = manager.request("POST", f"/models/{CODER}/unload").json()
     assert unloaded["state"] == "COLD" and unloaded["port"] is None
     wait_for(
-        lambda: let_go(manager, loaded["pid"], loaded["port"]),
+        lambda: let_go(manager, CODER, loaded["pid"]),
         10,
         message="the worker to exit or wait as a spare",
     )
@@ -132,7 +132,7 @@ def test_ttl_walks_hot_cooling_cold_and_frees_process_and_port(
     cold = manager.wait_state(CODER, "COLD", timeout=20)
     assert cold["pid"] is None and cold["port"] is None
     wait_for(
-        lambda: let_go(manager, loaded["pid"], loaded["port"]),
+        lambda: let_go(manager, CODER, loaded["pid"]),
         10,
         message="the expired worker to exit or wait as a spare",
     )
@@ -190,9 +190,7 @@ def test_lru_eviction_spares_warmup_and_recently_used(start_manager: ManagerFact
     assert models["b:1"]["state"] == "COLD", "the least recently used idle model goes"
     assert models["a:1"]["state"] == "HOT"
     assert models[DEFAULT_MODEL]["state"] == "HOT", "warmup models are never evicted"
-    wait_for(
-        lambda: let_go(manager, b["pid"], b["port"]), 10, message="the evicted worker let b go"
-    )
+    wait_for(lambda: let_go(manager, "b:1", b["pid"]), 10, message="the evicted worker let b go")
     metrics = manager.request("GET", "/metrics").text
     assert 'pool_model_evictions_total{model="b:1",reason="slots"} 1.0' in metrics
 
