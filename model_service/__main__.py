@@ -511,9 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     link = ManagerLink(args.control_fd, args.reserve_mb)
     warm_up_serving()
     _exit_when_a_thread_runs_out_of_memory()
+    heap.reserve(args.reserve_mb)
     while True:
-        # After a recycle the model's freed buffers are mapped already (heap.keep).
-        heap.reserve(args.reserve_mb)
         if can_preload():
             link.preloader.start()
         link.events.send(SpareEvent(pid=os.getpid()))
@@ -528,11 +527,13 @@ def main(argv: list[str] | None = None) -> int:
         kept = link.kept
         if not link.recycling or kept is None:
             return code
-        # Handed back to the spares: its model's weights are the first loaded ahead.
+        # Handed back to the spares: its model's weights (and context) are the first
+        # loaded ahead; what it freed stays mapped (heap.keep), as a new spare's reserve.
         sandbox.lift_address_space_limit()
         setup_logging("worker", args.log_level, file_suffix="-workers")
         link.be_spare()
-        link.preloader.adopt(*kept)
+        path, model = kept
+        link.preloader.adopt(path, model, model.shape)
 
 
 def _run_model(
@@ -607,10 +608,10 @@ def _run_model(
         embedder.close()  # before the weights it shares go
     recycling = link is not None and link.recycling
     if link is not None and recycling and isinstance(backend, LlamaCppBackend):
-        heap.keep()  # the context's buffers stay mapped for the next model's
-        model = backend.release_model()
-        if model is not None and backend.served_path is not None:
-            link.kept = (backend.served_path, Preloaded(model))
+        heap.keep()  # what it frees stays mapped for the next model's buffers
+        kept = backend.release_model()
+        if kept is not None and backend.served_path is not None:
+            link.kept = (backend.served_path, kept)
     else:
         backend.unload()
     log.info("worker stopped", extra={"model": model_id, "recycled": recycling})

@@ -89,15 +89,18 @@ class Preloader:
             self._shape = shape if self._fit is not None else None
             self._changed.notify_all()
 
-    def adopt(self, path: str, model: Any) -> None:
-        """Hold `model`, loaded from `path`, as if loaded ahead: a worker handed back to
-        the spares keeps its model's weights. Wanted until the manager's next list."""
+    def adopt(self, path: str, model: Any, fitted: Any = None) -> None:
+        """Hold `model`, loaded from `path`, as if loaded ahead, with a context of shape
+        `fitted` (None: none): a worker handed back to the spares keeps its model. Wanted
+        until the manager's next list."""
         version = _file_version(path)
         if version is None:  # the file is gone: nothing could take it
             self._close(model)
             return
         with self._changed:
             self._loaded[path] = (version, model)
+            if fitted is not None:
+                self._fitted[path] = fitted
             self._wanted = self._wanted or [path]
             self._changed.notify_all()
         self._report()

@@ -124,6 +124,21 @@ def choose_preload(cold: Sequence[ColdModel], count: int, budget_bytes: int) -> 
     return files
 
 
+def split_preload(paths: Sequence[str], holding: Sequence[set[str]]) -> list[list[str]]:
+    """Which of `paths` (likeliest first) each spare loads ahead, given what each holds or
+    was asked for already (`holding`, one set per spare): every path to one spare only,
+    one that holds it if any, else the spare given the fewest so far, so that spares do
+    not all load the same weights; each list keeps the order of `paths`."""
+    lists: list[list[str]] = [[] for _ in holding]
+    if not lists:
+        return lists
+    for path in paths:
+        holders = [i for i, held in enumerate(holding) if path in held]
+        chosen = holders[0] if holders else min(range(len(lists)), key=lambda i: len(lists[i]))
+        lists[chosen].append(path)
+    return lists
+
+
 # --- time to live ------------------------------------------------------------------------------
 
 

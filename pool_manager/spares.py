@@ -18,6 +18,7 @@ import psutil
 
 from model_service.contract import ModelSettings
 from pool_manager.memory import SpareMemory
+from pool_manager.policies import split_preload
 from pool_manager.worker_process import WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,24 @@ class SparePool:
         return {path for w in self._spares if w.returncode is None for path in w.preloaded}
 
     def preload(self, paths: list[str], first_settings: ModelSettings | None = None) -> None:
-        """Have every spare, now and later, keep these model files loaded ahead, and a
-        context for the first one's model made with `first_settings`."""
+        """Have the spares, now and later, keep these model files loaded ahead between
+        them, and a context for the first one's model made with `first_settings`."""
         self._preload = list(paths)
         self._first_settings = first_settings
-        for worker in self._spares:
-            worker.preload(self._preload, first_settings)
+        self._send_preload()
+
+    def _send_preload(self) -> None:
+        """Tell each spare its part of the files to load ahead (policies.split_preload:
+        each file to one spare, the one that has it if any); the first file's spare also
+        makes its model's context ahead."""
+        alive = [w for w in self._spares if w.returncode is None]
+        holding = [
+            set(w.preloaded) | set(w.preload_sent.paths if w.preload_sent else ()) for w in alive
+        ]
+        likeliest = self._preload[0] if self._preload else None
+        for worker, paths in zip(alive, split_preload(self._preload, holding), strict=True):
+            first = self._first_settings if paths and paths[0] == likeliest else None
+            worker.preload(paths, first)
 
     @property
     def reserved_bytes(self) -> int:
@@ -91,6 +104,7 @@ class SparePool:
         nearly."""
         spare = self._next(path)
         self._spares = [w for w in self._spares if w.returncode is None and w is not spare]
+        self._send_preload()  # what the taken one held ahead goes to the others
         taken = spare if spare is not None else await self._start_spare()
         self.refill()
         return taken
@@ -107,8 +121,8 @@ class SparePool:
         if self._closed:
             worker.kill()
             return
-        worker.preload(self._preload, self._first_settings)
         self._spares.append(worker)
+        self._send_preload()
         if self.count > self.size and self._trim_timer is None:
             loop = asyncio.get_running_loop()
             self._trim_timer = loop.call_later(SURPLUS_GRACE_SECONDS, self._trim)
@@ -124,6 +138,7 @@ class SparePool:
         for worker in by_use[:surplus]:
             worker.kill()
         self._spares = [w for w in alive if w not in by_use[:surplus]]
+        self._send_preload()
 
     def refill(self) -> None:
         """Start spares in the background until there are `size`."""
@@ -138,8 +153,8 @@ class SparePool:
             except OSError as exc:
                 log.error("could not start a spare worker", extra={"reason": str(exc)})
                 return
-            spare.preload(self._preload, self._first_settings)
             self._spares.append(spare)
+            self._send_preload()
 
     async def close(self) -> None:
         """Stop every spare (they hold no model and no request)."""

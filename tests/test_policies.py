@@ -16,6 +16,7 @@ from pool_manager.policies import (
     expire,
     keep_value,
     reload_seconds,
+    split_preload,
 )
 
 
@@ -147,3 +148,12 @@ def test_a_worker_left_alone_gets_the_cores_back_only_once_the_others_stay_quiet
     assert share.threads(1, 2, now=4.5) == (2, None), "quiet for 2 s: both cores again"
     assert share.threads(3, 8, now=5.0) == (2, None), "8 cores among 3: 2 threads each"
     assert share.threads(9, 8, now=6.0) == (1, None), "never fewer than 1"
+
+
+def test_spares_split_the_files_to_load_ahead_each_keeping_what_it_has() -> None:
+    paths = ["/m/a", "/m/b", "/m/c", "/m/d"]
+    assert split_preload(paths, [set(), set()]) == [["/m/a", "/m/c"], ["/m/b", "/m/d"]]
+    # A spare back from serving /m/c keeps it; what nobody holds goes to the emptier.
+    assert split_preload(paths, [{"/m/x"}, {"/m/c"}]) == [["/m/a", "/m/d"], ["/m/b", "/m/c"]]
+    assert split_preload(paths, [{"/m/b"}]) == [paths], "one spare: all of them"
+    assert split_preload(paths, []) == []

@@ -144,14 +144,22 @@ class Preloaded:
     Owned by the spare's preloader thread until `take`n; then by the backend that loads it.
     """
 
-    def __init__(self, model: LlamaModel) -> None:
+    def __init__(
+        self, model: LlamaModel, context: Any = None, shape: ContextShape | None = None
+    ) -> None:
+        """`context`, of `shape`: one made for `model` already (a recycled worker's)."""
         self.model = model
-        self._context: Any = None
-        self._shape: ContextShape | None = None
+        self._context: Any = context
+        self._shape: ContextShape | None = shape if context is not None else None
 
     @classmethod
     def open(cls, path: str) -> Preloaded:
         return cls(open_model(path))
+
+    @property
+    def shape(self) -> ContextShape | None:
+        """The shape of the context it holds (None: none)."""
+        return self._shape
 
     def fit(self, shape: ContextShape | None) -> None:
         """Hold a context of `shape` (None: none). Raises BackendError."""
@@ -504,12 +512,16 @@ class LlamaCppBackend(Backend):
     def tool_format(self) -> ToolFormat:
         return template_tool_format(self._template)
 
-    def release_model(self) -> LlamaModel | None:
-        """Free all but the weights, and hand those over (the caller owns them now): a
-        worker handed back to the spares keeps its model loaded ahead."""
-        model, self._model = self._model, None
+    def release_model(self) -> Preloaded | None:
+        """Free all but the weights and the context, and hand those over as if loaded
+        ahead (the caller owns them now): a worker handed back to the spares keeps its
+        model, and making the same context again would only zero its KV cache anew."""
+        if self._model is None:
+            return None
+        kept = Preloaded(self._model, self._ctx, self._shape)
+        self._model = self._ctx = None
         self.unload()
-        return model
+        return kept
 
     def unload(self) -> None:
         for sequence in self._sequences:
