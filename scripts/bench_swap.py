@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -538,6 +539,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for router in routers.values():
             results["problems"] += await router.stop()
         results["problems"] += await manager.stop()
+        if args.keep:
+            log(f"kept {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
     results["failed_requests"] = count_pool_failures(results)
     results["checks"] = checks(results)
     return results
@@ -653,6 +658,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="build llama-server with this project's kernel patches (cached; ~6 minutes once)",
     )
     parser.add_argument("--json-out", type=Path, help="write the run here as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     parser.add_argument(
         "--write-docs",
         action="store_true",
