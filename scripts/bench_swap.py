@@ -67,6 +67,7 @@ from bench_measure import question
 
 from model_service.preload import FREE_DELAY_SECONDS
 from pool_manager.ports import free_port, free_port_range
+from pool_manager.spares import SURPLUS_GRACE_SECONDS
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_JSON = REPO / "docs" / "bench_swap.json"
@@ -209,6 +210,12 @@ def pool_side(manager: SwapManager) -> Side:
             if (await manager.model(name))["state"] != "COLD":
                 reply = await manager.api.post(f"/models/{name}/unload", timeout=LOAD_TIMEOUT_S)
                 reply.raise_for_status()
+        # Unloaded workers come back as spares; the surplus goes after a while. Start from
+        # the steady state, with the configured number of spares, not from that surplus.
+        spares = int(manager.config()["spare_workers"])
+        await _wait_for(
+            lambda: _spare_count(manager), lambda n: n <= spares, SURPLUS_GRACE_SECONDS + 10
+        )
         await manager.wait_spare()
 
     async def counters() -> dict[str, int]:
@@ -230,6 +237,20 @@ def pool_side(manager: SwapManager) -> Side:
         counters,
         pids,
     )
+
+
+async def _spare_count(manager: Manager) -> int:
+    return int((await manager.health())["spare_workers"])
+
+
+async def _wait_for(
+    probe: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not done(await probe()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not settled within {timeout:g} s")
+        await asyncio.sleep(0.1)
 
 
 def _metric_sum(text: str, name: str, label: str = "") -> int:
