@@ -1147,21 +1147,23 @@ class ModelPool:
                 )
                 for waiting in pending:
                     waiting.cancel()
+            recycled = False
             if self._recyclable(record, worker, keep_process):
                 # Its process serves the next load: no new process, the weights still
                 # loaded, its model's freed buffers mapped for the next one's.
                 if record.watch_task is not None:
                     record.watch_task.cancel()  # its exit is no longer this model's
                 recycled = await worker.recycle(timeout=grace)
-                self._release_worker(record)
-                if recycled:
-                    self._spares.adopt(worker)
             else:
                 # SIGTERM: the worker stops accepting and finishes what raced in meanwhile.
                 await worker.stop(timeout=grace)
-                self._release_worker(record)
+            self._release_worker(record)
             record.failed_streak = 0  # it served until we stopped it: healthy
             self._set_state(record, S.COLD)
+            if recycled:
+                # After the state change: the list of models to load ahead has this one
+                # (COLD now), so the spare keeps its weights rather than drop them first.
+                self._spares.adopt(worker)
             self.metrics.unloaded(record.model_id, reason)
             log.info("model unloaded", extra={"model": record.model_id, "reason": reason})
         finally:

@@ -39,11 +39,13 @@ def test_the_queue_orders_pinned_then_priority_then_arrival() -> None:
 
 
 def _long_stream(url: str, into: list[str]) -> None:
-    """A stream of ~1,000 tokens (a raw prompt the model goes on counting from)."""
+    """A stream of 1,000 tokens (a raw prompt the model goes on counting from, at
+    temperature 0: it never ends the text early)."""
     body = {
         "model": BUSY,
         "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
         "max_tokens": 1000,
+        "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }

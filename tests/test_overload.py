@@ -64,12 +64,15 @@ def test_slow_request_times_out_with_504_and_stops(start_manager: ManagerFactory
 def test_stream_past_its_deadline_ends_with_an_error_event(start_manager: ManagerFactory) -> None:
     manager = start_manager(models=[model_entry(MODEL, timeout_seconds=1, n_ctx=4096)])
     endpoint = manager.load(MODEL)["endpoint"]
-    with httpx.stream(
-        "POST",
-        f"{endpoint}/v1/chat/completions",
-        json=long_request(3000, stream=True),
-        timeout=60,
-    ) as reply:
+    # Counting at temperature 0: thousands of tokens, never an early end of text.
+    counting = {
+        "model": MODEL,
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "max_tokens": 3000,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{endpoint}/v1/completions", json=counting, timeout=60) as reply:
         assert reply.status_code == 200
         events = [line for line in reply.iter_lines() if line.startswith("data: ")]
     last = json.loads(events[-1][len("data: ") :])

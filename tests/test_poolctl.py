@@ -20,6 +20,7 @@ from tests.conftest import (
     Manager,
     ManagerFactory,
     free_port,
+    let_go,
     model_entry,
     pid_alive,
     wait_for,
@@ -141,7 +142,7 @@ def test_ps_models_load_extend_unload(start_manager: ManagerFactory) -> None:
     assert out == f"{CODER} unloaded; it is COLD"
     cold = manager.model(CODER)
     assert cold["state"] == "COLD" and cold["pid"] is None
-    wait_for(lambda: not pid_alive(loaded["pid"]), 10, message="unloaded worker to exit")
+    wait_for(lambda: let_go(manager, CODER, loaded["pid"]), 10, message="the worker to let it go")
 
     helper = json.loads(ok("load", HELPER, "--json", manager=manager))
     assert helper["state"] == "HOT" and helper["model_id"] == HELPER
