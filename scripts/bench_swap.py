@@ -164,7 +164,8 @@ class SwapManager(Manager):
     def __init__(self, folder: Path, copies: list[Path]) -> None:
         super().__init__(folder, q8_0_copy=copies[0])
         self.copies = copies
-        self.port_range = free_port_range(len(copies))  # a port for every model at once
+        # Room for every model at once, and then some: ports are not what is measured.
+        self.port_range = free_port_range(2 * len(copies))
 
     def config(self) -> dict[str, Any]:
         return {
@@ -704,6 +705,11 @@ def main(argv: list[str] | None = None) -> int:
         doc_sections.write_section(SECTION, doc_sections.swap_section(results))
     for check in results["checks"]:
         log(f"{check['name']}: {check['value']} (target {check['target']}): {check['ok']}")
+    for phase in ("swap", "succession"):
+        for side, found in results[phase].items():
+            for i, run_ in enumerate(found["runs"]):
+                if run_["failed_by_kind"]:
+                    log(f"{phase}, {side}, round {i + 1}: not completed {run_['failed_by_kind']}")
     for problem in results["problems"]:
         log(f"problem: {problem}")
     ok = results["failed_requests"] == 0 and not results["problems"]
