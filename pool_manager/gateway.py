@@ -162,7 +162,7 @@ class Gateway:
         self, record: ModelRecord, path: str, body: bytes, forwarded: dict[str, str]
     ) -> Response:
         for attempt in range(ATTEMPTS):
-            await self._pool.load(record.model_id)
+            await self._pool.load_record(record)
             worker = record.worker
             if worker is None:
                 continue  # unloaded again in between: load once more

@@ -380,7 +380,7 @@ class OllamaApi:
         if record.state in SERVING:
             return 0.0
         started = time.perf_counter()
-        await self._pool.load(record.model_id)
+        await self._pool.load_record(record)
         return time.perf_counter() - started
 
     async def _load_or_unload(

@@ -646,7 +646,13 @@ class ModelPool:
         caller is cancelled (its client went away) is given up. Raises ModelNotFound,
         PoolFull (nothing can be evicted), LoadFailed, ShuttingDown.
         """
-        record = self.get(model_id)
+        return await self.load_record(self.get(model_id))
+
+    async def load_record(self, record: ModelRecord) -> ModelRecord:
+        """`load` for a record already looked up: ModelNotFound once it is deleted, even
+        if its id was registered again meanwhile (that is another record, with its own
+        worker; a request holding this one must not wait on a worker it never gets)."""
+        model_id = record.model_id
         while True:
             if self._closing:
                 raise ShuttingDown("the pool manager is shutting down")

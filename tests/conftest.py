@@ -25,6 +25,7 @@ import httpx
 import psutil
 import pytest
 
+from pool_manager.config import ConfigStore, ModelSpec, PoolConfig
 from pool_manager.launch import (
     CONFIG_FILE,
     LOG_FILE,
@@ -32,6 +33,8 @@ from pool_manager.launch import (
     start_manager_process,
     write_setup,
 )
+from pool_manager.metrics import PoolMetrics
+from pool_manager.pool import ModelPool
 from pool_manager.ports import free_port, port_is_free
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +104,13 @@ def model_entry(model_id: str, **overrides: Any) -> dict[str, Any]:
     }
     entry.update(overrides)
     return entry
+
+
+def make_pool(tmp_path: Path, specs: list[ModelSpec]) -> ModelPool:
+    """A pool in this process, not started: for what needs no worker."""
+    store = ConfigStore(tmp_path / "config.json", tmp_path / "registry.json")
+    config = PoolConfig(max_request_bytes=2 << 20, allowed_hosts=["pool.example"])
+    return ModelPool(store, config, specs, PoolMetrics())
 
 
 def pid_alive(pid: int) -> bool:

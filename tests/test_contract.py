@@ -33,11 +33,9 @@ from model_service.contract import (
     parse_command,
     parse_event,
 )
-from pool_manager.config import ConfigStore, ModelSpec, PoolConfig
-from pool_manager.metrics import PoolMetrics
-from pool_manager.pool import ModelPool
+from pool_manager.config import ModelSpec
 from pool_manager.worker_process import WorkerProcess
-from tests.conftest import model_entry
+from tests.conftest import make_pool, model_entry
 
 SETTINGS = ModelSettings(
     model_id="smollm2:135m",
@@ -189,12 +187,6 @@ def test_the_registry_and_the_contract_agree_on_defaults() -> None:
             assert spec_field.get_default(call_default_factory=True) == (
                 settings_field.get_default(call_default_factory=True)
             ), name
-
-
-def make_pool(tmp_path: Path, specs: list[ModelSpec]) -> ModelPool:
-    store = ConfigStore(tmp_path / "config.json", tmp_path / "registry.json")
-    config = PoolConfig(max_request_bytes=2 << 20, allowed_hosts=["pool.example"])
-    return ModelPool(store, config, specs, PoolMetrics())
 
 
 def test_the_settings_the_manager_sends_are_what_a_worker_accepts(tmp_path: Path) -> None:

@@ -21,8 +21,18 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
-from tests.conftest import DEFAULT_MODEL, Manager, ManagerFactory, model_entry, wait_for
+from pool_manager.config import ModelSpec
+from pool_manager.pool import ModelNotFound
+from tests.conftest import (
+    DEFAULT_MODEL,
+    Manager,
+    ManagerFactory,
+    make_pool,
+    model_entry,
+    wait_for,
+)
 
 IDS = ("race:a", "race:b")
 
@@ -210,3 +220,19 @@ def test_a_change_the_file_cannot_take_is_refused_whole(start_manager: ManagerFa
     manager.stop()
     restarted = manager.start()
     assert set(restarted.models()) == {DEFAULT_MODEL, *IDS}
+
+
+async def test_a_request_for_a_deleted_model_is_not_served_by_its_successor(
+    tmp_path: Path,
+) -> None:
+    """A request holding a model deleted and registered again meanwhile gets a clear
+    404, not a worker that never comes (CI once saw three 502s in the race above: the
+    gateway waited on the old record while the load went to the new one)."""
+    spec = ModelSpec.model_validate(model_entry("race:a"))
+    pool = make_pool(tmp_path, [spec])
+    held = pool.get("race:a")
+    await pool.delete("race:a")
+    successor = await pool.register(spec)
+    assert successor is not held and pool.get("race:a") is successor
+    with pytest.raises(ModelNotFound, match="race:a"):
+        await pool.load_record(held)
