@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,30 @@ class StatusChannel:
 
 
 @dataclass
+class RequestUsage:
+    """The tokens one request used, reported with its `end` event (the manager books
+    them to whoever sent it: the ticket its gateway put in `x-pool-ticket`)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+# Set by ActivityMiddleware for each inference request; a mutable object, so the tasks a
+# streamed reply runs in (copies of the request's context) count into the same one.
+request_usage: ContextVar[RequestUsage | None] = ContextVar("request_usage", default=None)
+
+
+def count_usage(prompt_tokens: int, completion_tokens: int = 0, cached_tokens: int = 0) -> None:
+    """Add one generation's (or embedding's) tokens to the current request's usage."""
+    usage = request_usage.get()
+    if usage is not None:
+        usage.prompt_tokens += prompt_tokens
+        usage.completion_tokens += completion_tokens
+        usage.cached_tokens += cached_tokens
+
+
+@dataclass
 class WorkerStats:
     started_at: float = field(default_factory=time.time)
     requests_served: int = 0
@@ -90,6 +115,8 @@ class ActivityMiddleware:
         stats.in_flight += 1
         self._channel.send(StartEvent())
         status = 500
+        usage = RequestUsage()
+        counting = request_usage.set(usage)
 
         async def noting_status(message: Message) -> None:
             nonlocal status
@@ -103,6 +130,24 @@ class ActivityMiddleware:
             stats.in_flight -= 1
             stats.requests_served += 1
             stats.last_request_at = time.time()
-            self._channel.send(EndEvent())
+            request_usage.reset(counting)
+            self._channel.send(
+                EndEvent(
+                    ticket=_ticket(scope),
+                    status=status,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    cached_tokens=usage.cached_tokens,
+                )
+            )
             if self._on_finished is not None:
                 self._on_finished(scope["path"], status)
+
+
+def _ticket(scope: Scope) -> str | None:
+    """The manager's `x-pool-ticket` header (absent: sent straight to this port)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-pool-ticket":
+            text: str = value.decode("latin-1")[:64]
+            return text
+    return None

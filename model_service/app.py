@@ -411,6 +411,11 @@ class _SlotStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            closing = getattr(self.body_iterator, "aclose", None)
+            if closing is not None:
+                # Now, in this request's context: a stream cut off counts what it used
+                # before the request's `end` report goes out (model_service/activity.py).
+                await closing()
             self._close()
 
 

@@ -165,9 +165,14 @@ class StartEvent(_JsonLine):
 
 
 class EndEvent(_JsonLine):
-    """That request ended, its last byte sent."""
+    """That request ended, its last byte sent: how, and what it used."""
 
     event: Literal["end"] = "end"
+    ticket: str | None = None  # the manager's x-pool-ticket; None: sent to the port
+    status: int = 0  # the HTTP status answered (0: none was)
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    cached_tokens: int = Field(default=0, ge=0)
 
 
 class BeatEvent(_JsonLine):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
+from model_service.activity import count_usage
 from model_service.backends.base import BackendError
 from model_service.errors import ApiError
 from model_service.limits import Admission
@@ -216,6 +217,7 @@ class EmbeddingService:
                 500, f"embedding failed: {exc}", type="server_error", code="embedding_failed"
             ) from exc
         tokens = sum(embedded.token_counts)
+        count_usage(tokens)
         return CreateEmbeddingResponse(
             data=[
                 Embedding(index=i, embedding=encode(vector, request.encoding_format))

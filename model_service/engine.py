@@ -94,6 +94,9 @@ class GenerationJob:
     events: asyncio.Queue[str | Scored | Finished | Failed] = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.monotonic)
+    # Written by the engine thread as it goes: what a job cut off midway had used.
+    produced: int = 0
+    cached: int = 0
 
 
 class GenerationStream:
@@ -132,6 +135,13 @@ class GenerationStream:
 
     def cancel(self) -> None:
         self._job.cancelled = True
+
+    def used(self) -> Finished:
+        """Its counts: the result's, or for a job cut off midway what it used so far."""
+        if self.result is not None:
+            return self.result
+        job = self._job
+        return Finished("length", len(job.prompt_tokens), job.produced, job.cached)
 
 
 class EngineError(Exception):
@@ -288,7 +298,7 @@ class Engine:
                 continue
             free = [s for s in range(backend.slots) if s not in self._active]
             slot = backend.pick_slot(free, job.prompt_tokens)
-            cached = backend.open_sequence(slot, job.prompt_tokens, job.params)
+            cached = job.cached = backend.open_sequence(slot, job.prompt_tokens, job.params)
             self.prompt_tokens_cached += cached
             room = backend.context_length - len(job.prompt_tokens)
             self._active[slot] = _Active(job, min(job.max_tokens, room), cached)
@@ -306,6 +316,7 @@ class Engine:
                 self._finish(slot, outbox, "stop")
                 continue
             active.produced += 1
+            active.job.produced = active.produced
             self.tokens_generated += 1
             text, hit_stop = active.stopper.feed(active.decoder.decode(to_bytes(token)))
             score = backend.token_score(slot)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from model_service.activity import count_usage
 from model_service.backends.base import (
     BackendError,
     GrammarFrame,
@@ -458,6 +459,9 @@ class InferenceService:
         finally:
             for stream in streams:
                 stream.cancel()
+                if stream.result is None:  # cut off (stopped, timed out, client gone)
+                    used = stream.used()
+                    count_usage(used.prompt_tokens, used.completion_tokens, used.cached_tokens)
         results = [_result(stream) for stream in streams]
         for result in results:
             self._metrics.observe_generation(started, first_token_at, result)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from model_service.activity import WorkerStats
+from model_service.activity import WorkerStats, count_usage
 from model_service.engine import Finished
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -100,6 +100,7 @@ class WorkerMetrics:
         self._tokens_out.inc(result.completion_tokens)
         self._tokens_in.inc(result.prompt_tokens)
         self._tokens_cached.inc(result.cached_tokens)
+        count_usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

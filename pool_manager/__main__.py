@@ -16,6 +16,7 @@ from model_service.logs import setup_logging
 from model_service.serving import GracefulServer
 from pool_manager.api import create_app
 from pool_manager.config import ConfigError, ConfigStore
+from pool_manager.identity import jwt_secret_from_env
 from pool_manager.metrics import PoolMetrics
 from pool_manager.pool import ModelPool
 
@@ -100,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pool-manager: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         return 3
     keys = ApiKeys.from_env()
-    if not keys.enabled:
+    if not keys.enabled and not jwt_secret_from_env():
         loopback = host in ("127.0.0.1", "localhost", "::1")
         log.warning(
-            "no API keys configured (POOL_API_KEY, POOL_ADMIN_KEY): running open"
+            "no API keys configured (POOL_API_KEY, POOL_ADMIN_KEY, POOL_JWT_SECRET): running "
+            "open unless named keys exist (poolctl keys)"
             + ("" if loopback else f" on {host}, reachable from other machines"),
         )
     app = create_app(pool, keys=keys, on_warm=lambda: _print_welcome(pool, host, port))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import math
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from model_service.auth import ApiKeys, AuthMiddleware, Role, caller_role
+from model_service.auth import ApiKeys, Role, caller_role
 from model_service.browsers import BrowserGuard
 from model_service.embeddings import CreateEmbeddingResponse
 from model_service.errors import ApiError, install_error_handlers
@@ -28,11 +29,14 @@ from model_service.protocol import ErrorResponse
 from pool_manager.anthropic_api import install_anthropic_routes
 from pool_manager.config import ModelSpec
 from pool_manager.gateway import Gateway
+from pool_manager.identity import CallerMiddleware
 from pool_manager.mes import InferenceRequest, InferenceResponse, MesService
 from pool_manager.ollama_api import install_ollama_routes
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
 from pool_manager.responses_api import install_responses_routes
+from pool_manager.session_chat import SessionChat, add_session_routes
 from pool_manager.states import OCCUPYING, SERVING, ModelState
+from pool_manager.tenancy import Tenancy, add_tenancy_routes
 from pool_manager.ui import install_ui
 
 
@@ -178,9 +182,9 @@ async def _client_gone(receive: Receive) -> None:
 
 
 def _pool_error_response(exc: PoolError) -> JSONResponse:
-    headers = {}
+    headers = dict(exc.headers)
     if exc.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     error = ApiError(
         exc.status,
         exc.message,
@@ -212,8 +216,8 @@ def manager_role(method: str, path: str) -> Role:
     """Reads and inference need the client key; every change needs the admin key."""
     if path in ("/health", "/ready", "/ui"):
         return Role.OPEN  # /ui is a static page; its data calls carry the admin key
-    if path == "/events":
-        return Role.ADMIN
+    if path == "/events" or path == "/keys" or path.startswith("/keys/"):
+        return Role.ADMIN  # an endless stream; the named keys
     # Reads and inference: /v1/* (incl. /v1/inference) and the Ollama-compatible /api/*.
     if method in ("GET", "HEAD") or path.startswith(("/v1/", "/api/")):
         return Role.CLIENT
@@ -221,9 +225,13 @@ def manager_role(method: str, path: str) -> Role:
 
 
 def create_app(
-    pool: ModelPool, keys: ApiKeys | None = None, on_warm: Callable[[], None] | None = None
+    pool: ModelPool,
+    keys: ApiKeys | None = None,
+    on_warm: Callable[[], None] | None = None,
+    tenancy: Tenancy | None = None,
 ) -> FastAPI:
-    """The manager's app; `on_warm` runs once every warmup model has loaded (or failed)."""
+    """The manager's app; `on_warm` runs once every warmup model has loaded (or failed).
+    `tenancy`: named keys, quotas and usage (default: from the environment and config)."""
 
     async def call_when_warm() -> None:
         await pool.warmup_done.wait()
@@ -232,6 +240,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await shared.start()
         await pool.start()
         # SIGHUP re-reads the config and registry files, as daemons do.
         loop = asyncio.get_running_loop()
@@ -244,11 +253,13 @@ def create_app(
             welcome.cancel()
             await pool.stop()
             await gateway.close()
+            await shared.stop()  # after the workers: their last reports are booked
 
     keys = keys or ApiKeys()
+    shared = tenancy or Tenancy.from_environment(pool, keys, pool.metrics.registry)
     # Workers check the client key only: what the manager sends them carries it.
     worker_auth = {"authorization": f"Bearer {keys.client}"} if keys.client else {}
-    gateway = Gateway(pool, worker_auth)
+    gateway = Gateway(pool, worker_auth, shared.quotas, shared.accounting)
     mes = MesService(pool, gateway)
     # Set when the server is asked to stop: endless event streams end so it can.
     stopping = asyncio.Event()
@@ -264,7 +275,7 @@ def create_app(
     # Innermost: inference requests skip FastAPI's routing, inside auth and body limits.
     app.add_middleware(InferenceFastPath, gateway=gateway)
     app.add_middleware(BodySizeLimit, max_bytes=pool.config.max_request_bytes)
-    app.add_middleware(AuthMiddleware, keys=keys, role_for=manager_role)
+    app.add_middleware(CallerMiddleware, identities=shared.identities, role_for=manager_role)
     # Before the keys: a web page's request is refused even when no keys are set.
     app.add_middleware(
         BrowserGuard,
@@ -360,6 +371,7 @@ def create_app(
             return {"status": "healthy"}
         records = pool.records()
         rss = [pool.memory_rss_bytes(r) or 0 for r in records]
+        dependencies = await shared.health()
         detail = {
             "status": "healthy",
             "warmup_complete": pool.warmup_done.is_set(),
@@ -373,7 +385,10 @@ def create_app(
             "spare_workers": len(pool.spare_pids),
             "preloaded_models": pool.preloaded_model_ids,
             "last_reload_error": pool.last_reload_error,
+            "dependencies": dependencies,
         }
+        if not all(d["ok"] for d in dependencies.values()):
+            detail["status"] = "degraded"  # inference goes on; usage waits in memory
         if caller_role(request.scope) is Role.ADMIN:  # what the workers' sandbox has here
             detail["sandbox"] = pool.sandbox
             detail["spare_pids"] = pool.spare_pids
@@ -487,6 +502,9 @@ def create_app(
                 code="invalid_value",
             ) from exc
         return config.model_dump(mode="json")
+
+    add_tenancy_routes(app, shared)
+    add_session_routes(app, SessionChat(pool, gateway, shared.sessions))
 
     @app.get("/metrics/targets")
     async def metrics_targets() -> list[dict[str, Any]]:

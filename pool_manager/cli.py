@@ -499,6 +499,131 @@ def cmd_health(client: Client, args: argparse.Namespace) -> int:
     return 0 if status == "healthy" else EXIT_ERROR
 
 
+def _limits_of(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--requests-per-hour, --tokens-per-minute, --concurrent as a limits object (None:
+    none given); --limits JSON instead for per-model ones."""
+    if args.limits is not None:
+        value = parse_value(args.limits)
+        if not isinstance(value, dict):
+            raise CliError("--limits: a JSON object, e.g. '{\"requests_per_hour\": 100}'", 2)
+        return value
+    given = {
+        "requests_per_hour": args.requests_per_hour,
+        "tokens_per_minute": args.tokens_per_minute,
+        "concurrent_requests": args.concurrent,
+    }
+    limits = {name: value for name, value in given.items() if value is not None}
+    return limits or None
+
+
+def _limits_text(limits: dict[str, Any] | None) -> str:
+    if limits is None:
+        return "default"
+    parts = []
+    for name, short in (
+        ("requests_per_hour", "req/h"),
+        ("tokens_per_minute", "tok/min"),
+        ("concurrent_requests", "at once"),
+    ):
+        if limits.get(name) is not None:
+            parts.append(f"{limits[name]} {short}")
+    if limits.get("models"):
+        parts.append(f"+{len(limits['models'])} model(s)")
+    return ", ".join(parts) or "none"
+
+
+def cmd_keys_list(client: Client, args: argparse.Namespace) -> int:
+    """The named keys (never the keys themselves)."""
+    reply = client.call("GET", "/keys")
+    if args.json:
+        print_json(reply)
+        return 0
+    rows = [
+        [
+            k["name"],
+            k["role"],
+            k["prefix"] + "…",
+            _limits_text(k.get("limits")),
+            relative_time(k.get("created_at")),
+        ]
+        for k in reply["keys"]
+    ]
+    print(table(["NAME", "ROLE", "KEY", "LIMITS", "CREATED"], rows))
+    return 0
+
+
+def cmd_keys_create(client: Client, args: argparse.Namespace) -> int:
+    """Make a named key; it is printed once, here."""
+    body = {"name": args.name, "role": args.role, "limits": _limits_of(args)}
+    reply = client.call("POST", "/keys", body=body)
+    if args.json:
+        print_json(reply)
+        return 0
+    print(reply["key"])
+    print(
+        f"key '{reply['name']}' ({reply['role']}, limits: {_limits_text(reply.get('limits'))}) "
+        "made; it is shown only now.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_update(client: Client, args: argparse.Namespace) -> int:
+    """Change a named key's role or limits."""
+    body: dict[str, Any] = {}
+    if args.role:
+        body["role"] = args.role
+    limits = _limits_of(args)
+    if args.no_limits:
+        limits = {}
+    if limits is not None:
+        body["limits"] = limits
+    if not body:
+        raise CliError("nothing to change: give --role, limits, or --no-limits", 2)
+    reply = client.call("PATCH", f"/keys/{args.name}", body=body)
+    if args.json:
+        print_json(reply)
+    else:
+        print(f"{reply['name']}: {reply['role']}, limits: {_limits_text(reply.get('limits'))}")
+    return 0
+
+
+def cmd_keys_delete(client: Client, args: argparse.Namespace) -> int:
+    """Revoke a named key."""
+    reply = client.call("DELETE", f"/keys/{args.name}")
+    if args.json:
+        print_json(reply)
+    else:
+        print(f"{args.name}: deleted")
+    return 0
+
+
+def cmd_usage(client: Client, args: argparse.Namespace) -> int:
+    """Usage by caller and model (summed over the hours asked for)."""
+    params = {"caller": args.caller, "model": args.model}
+    if args.hours:
+        now = int(time.time())
+        params["since"] = str(now - now % 3600 - (args.hours - 1) * 3600)
+    reply = client.call("GET", "/usage", params={k: v for k, v in params.items() if v is not None})
+    if args.json:
+        print_json(reply)
+        return 0
+    sums: dict[tuple[str, str], dict[str, int]] = {}
+    counted = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "errors")
+    for row in reply["usage"]:
+        entry = sums.setdefault((row["caller"], row["model"]), dict.fromkeys(counted, 0))
+        entry["refusals"] = entry.get("refusals", 0) + row["refusals"]
+        for name in counted:
+            entry[name] += row[name]
+    rows = [
+        [caller, model, *(str(entry[n]) for n in (*counted, "refusals"))]
+        for (caller, model), entry in sorted(sums.items())
+    ]
+    headers = ["CALLER", "MODEL", "REQUESTS", "PROMPT", "COMPLETION", "CACHED", "ERRORS", "REFUSED"]
+    print(table(headers, rows))
+    return 0
+
+
 # --- arguments ----------------------------------------------------------------------------
 
 
@@ -570,7 +695,38 @@ def build_parser() -> argparse.ArgumentParser:
     put.set_defaults(run=cmd_config_set)
 
     add("health", cmd_health, "the manager's health; exit 1 unless healthy")
-    parser.set_defaults(_parsers={"": parser, "config": config, "register": register})
+
+    keys = commands.add_parser("keys", help="named API keys (admin)", parents=[common])
+    key_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=_Parser)
+
+    def with_limits(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--requests-per-hour", type=int)
+        sub.add_argument("--tokens-per-minute", type=int)
+        sub.add_argument("--concurrent", type=int, help="requests at once")
+        sub.add_argument("--limits", help="the limits as JSON (per-model ones under 'models')")
+
+    listed = key_commands.add_parser("list", help="the named keys", parents=[common])
+    listed.set_defaults(run=cmd_keys_list)
+    create = key_commands.add_parser("create", help="make a key (shown once)", parents=[common])
+    create.add_argument("name")
+    create.add_argument("--role", choices=["client", "admin"], default="client")
+    with_limits(create)
+    create.set_defaults(run=cmd_keys_create)
+    update = key_commands.add_parser("update", help="change role or limits", parents=[common])
+    update.add_argument("name")
+    update.add_argument("--role", choices=["client", "admin"])
+    with_limits(update)
+    update.add_argument("--no-limits", action="store_true", help="lift every limit")
+    update.set_defaults(run=cmd_keys_update)
+    delete = key_commands.add_parser("delete", help="revoke a key", parents=[common])
+    delete.add_argument("name")
+    delete.set_defaults(run=cmd_keys_delete)
+
+    usage = add("usage", cmd_usage, "usage by caller and model")
+    usage.add_argument("--caller", help="one caller: key:NAME, user:SUB, env:client, ...")
+    usage.add_argument("--model")
+    usage.add_argument("--hours", type=int, help="only the last N hours (this one included)")
+    parser.set_defaults(_parsers={"": parser, "config": config, "register": register, "keys": keys})
     return parser
 
 
@@ -580,7 +736,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     parsers: dict[str, argparse.ArgumentParser] = args._parsers
     if not getattr(args, "run", None):
-        sub = parsers["config"] if args.command == "config" else parsers[""]
+        sub = parsers[args.command] if args.command in ("config", "keys") else parsers[""]
         sub.print_help(sys.stderr)
         sys.exit(2)
     if args.command == "register":

@@ -48,6 +48,21 @@ class PortRange(BaseModel):
         return self
 
 
+class Limits(BaseModel):
+    """What one caller may use; null: no limit. `models` adds limits for one model (both
+    apply: the caller's and, for that model, its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_hour: int | None = Field(default=None, ge=0, le=10_000_000)
+    tokens_per_minute: int | None = Field(default=None, ge=0, le=1_000_000_000)
+    concurrent_requests: int | None = Field(default=None, ge=0, le=100_000)
+    models: dict[str, Limits] = Field(default_factory=dict, max_length=1000)
+
+    def for_model(self, model_id: str) -> Limits | None:
+        return self.models.get(model_id)
+
+
 class PoolConfig(BaseModel):
     """`configs/model_pool_config.json`. Unknown keys are refused (typos are bugs)."""
 
@@ -106,6 +121,14 @@ class PoolConfig(BaseModel):
     # web origins allowed to call it besides its own (/ui). Others get 403 (read at start).
     allowed_hosts: list[str] = Field(default_factory=list, max_length=64)
     allowed_origins: list[str] = Field(default_factory=list, max_length=64)
+    # Limits of a named key made without its own, and of every JWT user (seed 003: 100
+    # requests an hour). The operator's POOL_API_KEY / POOL_ADMIN_KEY have none.
+    default_limits: Limits = Field(default_factory=lambda: Limits(requests_per_hour=100))
+    # The usage ledger and named keys: this SQLite file (relative: to the registry's
+    # folder), unless DATABASE_URL names a PostgreSQL database (read at start).
+    usage_db: str = "usage.db"
+    # The L1 response cache's size; 0: no cache.
+    response_cache_mb: int = Field(default=64, ge=0, le=65_536)
     responses_max_stored: int = Field(default=1000, ge=0, le=1_000_000)
     responses_max_stored_mb: int = Field(default=256, ge=0, le=65_536)
 
@@ -168,6 +191,9 @@ class ModelSpec(BaseModel):
     pooling: Literal["mean", "cls", "last"] | None = None
     max_concurrent: int = Field(default=4, ge=1)
     max_queue: int = Field(default=32, ge=0)
+    # The L1 response cache (pool_manager/response_cache.py): deterministic requests'
+    # answers kept this long; null: only requests that ask (x-pool-cache-ttl).
+    cache_ttl_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
     # The memory the model's worker may add once it is handed the model, in MB (its
     # cgroup's memory.max, or RLIMIT_AS over the address space it had then; see
     # model_service/sandbox.py). Past it the worker fails or is killed alone, "out of

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
@@ -21,8 +21,12 @@ from starlette.types import Receive, Scope, Send
 
 from model_service.errors import ApiError
 from model_service.logs import request_id
+from pool_manager.identity import current_caller
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
+from pool_manager.quotas import Grant, Quotas, RateLimited
+from pool_manager.response_cache import CACHE_HEADER, ResponseCache, cache_ttl, request_key
 from pool_manager.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
+from pool_manager.usage import Accounting
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +68,20 @@ ATTEMPTS = 3  # a worker that was evicted or died between load and send is reloa
 class Gateway:
     """Relays OpenAI requests from the manager's port to the right worker."""
 
-    def __init__(self, pool: ModelPool, worker_auth: dict[str, str] | None = None) -> None:
-        """`worker_auth`: the header that carries the workers' key, if they check one."""
+    def __init__(
+        self,
+        pool: ModelPool,
+        worker_auth: dict[str, str] | None = None,
+        quotas: Quotas | None = None,
+        accounting: Accounting | None = None,
+    ) -> None:
+        """`worker_auth`: the header that carries the workers' key, if they check one.
+        `quotas` and `accounting`: callers' limits and usage (none: neither is kept)."""
         self._pool = pool
         self._worker_auth = worker_auth or {}
+        self._quotas = quotas or Quotas()
+        self._accounting = accounting
+        self._cache = ResponseCache(pool.config.response_cache_mb * 2**20)
         # Keep-alive connections to the workers; no timeout on reads, since a generation
         # may take long (the worker enforces its own timeout_seconds).
         self._upstream = UpstreamPool()
@@ -88,28 +102,85 @@ class Gateway:
         (OpenAI-shaped) or the pool's errors when the whole chain fails.
         """
         started = time.perf_counter()
-        name = _read_model_field(body)
+        payload = _read_payload(body)
+        name = payload["model"]
         record = self._pool.resolve(name)
         if name != record.model_id:
             # An alias (an fnmatch pattern, perhaps): the worker is sure to know the id.
             body = _with_model(body, record.model_id)
+        caller = current_caller.get()
+        accounting = self._accounting
         try:
-            response = await self._relay_chain(record, path, body, headers)
-        except (PoolError, ApiError) as exc:
+            grant = self._quotas.admit(caller, record.model_id)
+        except RateLimited as exc:
+            if accounting is not None:
+                accounting.refused(caller, record.model_id)
             self._pool.metrics.gateway_answered(
                 record.model_id, exc.status, time.perf_counter() - started
             )
             raise
+        ttl = cache_ttl(headers, record.spec.cache_ttl_seconds)
+        cache_key = request_key(path, record.model_id, payload) if ttl else None
+        if cache_key is not None:
+            hit = self._cache.get(cache_key)
+            if accounting is not None:
+                accounting.cache_looked_up(record.model_id, hit is not None)
+            if hit is not None:
+                grant.release()
+                if accounting is not None:
+                    accounting.cache_hit(caller, record.model_id)
+                self._pool.metrics.gateway_answered(
+                    record.model_id, 200, time.perf_counter() - started
+                )
+                replay = {**hit.headers, **grant.headers, CACHE_HEADER: "hit"}
+                return Response(hit.body, status_code=200, headers=replay)
+        ticket = accounting.open(caller, record.model_id, grant) if accounting else None
+        try:
+            response = await self._relay_chain(record, path, body, headers, ticket)
+        except (PoolError, ApiError) as exc:
+            self._end(ticket, grant, failed=True)
+            self._pool.metrics.gateway_answered(
+                record.model_id, exc.status, time.perf_counter() - started
+            )
+            raise
+        except BaseException:
+            self._end(ticket, grant, failed=False)  # its client left: no reply to book
+            raise
+        response.headers.update(grant.headers)
+        if isinstance(response, StreamingResponse):
+            # Its slot of the caller's limits is free when the stream is over.
+            response.body_iterator = _then(
+                response.body_iterator, lambda: self._end(ticket, grant, failed=False)
+            )
+        else:
+            self._end(ticket, grant, failed=False)
+            if cache_key is not None and ttl is not None:
+                if response.status_code == 200:
+                    self._cache.put(cache_key, bytes(response.body), dict(response.headers), ttl)
+                response.headers[CACHE_HEADER] = "miss"
         self._pool.metrics.gateway_answered(
             record.model_id, response.status_code, time.perf_counter() - started
         )
         return response
 
+    def _end(self, ticket: str | None, grant: Grant, *, failed: bool) -> None:
+        """The request's reply is over: its slot free, its ticket closed."""
+        grant.release()
+        if ticket is not None and self._accounting is not None:
+            self._accounting.close(ticket, failed=failed)
+
     async def _relay_chain(
-        self, record: ModelRecord, path: str, body: bytes, headers: dict[str, str]
+        self,
+        record: ModelRecord,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        ticket: str | None = None,
     ) -> Response:
         forwarded = {k: v for k, v in headers.items() if k in _FORWARDED_REQUEST_HEADERS}
         forwarded.update(self._worker_auth)
+        if ticket is not None:
+            forwarded["x-pool-ticket"] = ticket  # the worker's report books it to the caller
         current = request_id.get()
         if current is not None:
             forwarded["x-request-id"] = current  # the worker logs under the same id
@@ -273,11 +344,26 @@ class RelayedStream(StreamingResponse):
         finally:
             watcher.cancel()
             self._upstream.close()
+            closing = getattr(self.body_iterator, "aclose", None)
+            if closing is not None:
+                await closing()  # its `finally` runs now, not when it is collected
 
     async def _close_when_client_leaves(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         self._upstream.close()
+
+
+async def _then(chunks: AsyncIterable[Any], on_end: Callable[[], None]) -> AsyncIterator[Any]:
+    """`chunks`, then `on_end()` once they are over: sent, broken off, or closed."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        on_end()
+        closing = getattr(chunks, "aclose", None)
+        if closing is not None:
+            await closing()
 
 
 async def _relay_stream(model_id: str, upstream: UpstreamResponse) -> AsyncIterator[bytes]:
@@ -330,8 +416,8 @@ def _reason(exc: PoolError | ApiError) -> str:
     }.get(code, code)
 
 
-def _read_model_field(body: bytes) -> str:
-    """The `model` field, without validating the rest (the worker does that)."""
+def _read_payload(body: bytes) -> dict[str, Any]:
+    """The request's JSON with its `model` field checked; the worker validates the rest."""
     try:
         payload: Any = json.loads(body)
     except ValueError:
@@ -341,4 +427,4 @@ def _read_model_field(body: bytes) -> str:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model: a model id is required", param="model", code="invalid_value")
-    return model
+    return payload

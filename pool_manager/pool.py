@@ -19,7 +19,7 @@ import math
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,7 +29,7 @@ import psutil
 import tenacity
 
 from model_service.backends.base import BackendError
-from model_service.contract import MemoryCeiling, ModelSettings
+from model_service.contract import EndEvent, MemoryCeiling, ModelSettings, StartEvent
 from model_service.cpus import usable_cores
 from model_service.gguf import PROCESS_OVERHEAD_BYTES, MemoryEstimate, estimate_memory
 from model_service.model_files import resolve_model_file
@@ -106,6 +106,7 @@ class PoolError(Exception):
         self.message = message
         self.retry_after = retry_after
         self.param = param
+        self.headers: dict[str, str] = {}  # more for the reply (a rate limit's figures)
 
 
 class ModelNotFound(PoolError):
@@ -220,6 +221,8 @@ class ModelPool:
         self._id_locks: dict[str, asyncio.Lock] = {}
         self._ports = PortAllocator(config.host, config.port_range.start, config.port_range.end)
         self.metrics = metrics
+        # Told of every request a worker finished, with its usage (pool_manager/usage.py).
+        self.request_ended: Callable[[str, EndEvent], None] | None = None
         self._capacity_lock = asyncio.Lock()
         # Loads waiting for room, and the event that wakes them (replaced each time).
         self._admission = AdmissionQueue(config.admission_queue_max)
@@ -505,6 +508,11 @@ class ModelPool:
             self._refresh_preload()
         log.info("model registered", extra={"model": spec.model_id, "replaced": bool(existing)})
         return record
+
+    @property
+    def registry_dir(self) -> Path:
+        """The registry file's folder (relative paths in the config are from there)."""
+        return self._store.registry_dir
 
     def _registry_with(self, spec: ModelSpec) -> list[ModelSpec]:
         """The registry with `spec` in place of the entry of its id (or added last).
@@ -1230,14 +1238,18 @@ class ModelPool:
         self._reaper_wakeup.set()
         return record
 
-    def _on_activity(self, record: ModelRecord, worker: WorkerProcess, event: str) -> None:
+    def _on_activity(
+        self, record: ModelRecord, worker: WorkerProcess, event: StartEvent | EndEvent
+    ) -> None:
         """A request started or ended on the model's worker (reported by the worker)."""
+        if isinstance(event, EndEvent) and self.request_ended is not None:
+            self.request_ended(record.model_id, event)  # its usage, even from a late report
         if record.worker is not worker:
             return  # a late report from a worker already released
         now = time.monotonic()
         record.last_used_mono = now
         record.last_used_at = time.time()
-        if event == "start":
+        if isinstance(event, StartEvent):
             record.demand.add(now)
             record.in_flight += 1
             if record.in_flight == 1:

