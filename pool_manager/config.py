@@ -127,8 +127,9 @@ class PoolConfig(BaseModel):
     # The usage ledger and named keys: this SQLite file (relative: to the registry's
     # folder), unless DATABASE_URL names a PostgreSQL database (read at start).
     usage_db: str = "usage.db"
-    # The L1 response cache's size; 0: no cache.
+    # The L1 response cache's size; 0: no cache. The L2 (semantic) cache's entries.
     response_cache_mb: int = Field(default=64, ge=0, le=65_536)
+    semantic_cache_entries: int = Field(default=10_000, ge=0, le=10_000_000)
     responses_max_stored: int = Field(default=1000, ge=0, le=1_000_000)
     responses_max_stored_mb: int = Field(default=256, ge=0, le=65_536)
 
@@ -137,6 +138,17 @@ class PoolConfig(BaseModel):
         if not self.min_ttl_minutes <= self.max_ttl_minutes:
             raise ValueError("min_ttl_minutes must not be above max_ttl_minutes")
         return self
+
+
+class SemanticCacheSpec(BaseModel):
+    """A model's L2 cache: `embedding_model` (a model of this pool) embeds each prompt;
+    a cosine similarity of at least `threshold` to a kept prompt replays its answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding_model: str
+    threshold: float = Field(default=0.95, gt=0, le=1)
+    ttl_seconds: float = Field(default=3600, gt=0, le=30 * 86400)
 
 
 class ModelSpec(BaseModel):
@@ -194,6 +206,9 @@ class ModelSpec(BaseModel):
     # The L1 response cache (pool_manager/response_cache.py): deterministic requests'
     # answers kept this long; null: only requests that ask (x-pool-cache-ttl).
     cache_ttl_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
+    # The L2 semantic cache: a single-turn question close enough to one answered before
+    # gets that answer (it may be stale or subtly wrong for the new question: opt-in).
+    semantic_cache: SemanticCacheSpec | None = None
     # The memory the model's worker may add once it is handed the model, in MB (its
     # cgroup's memory.max, or RLIMIT_AS over the address space it had then; see
     # model_service/sandbox.py). Past it the worker fails or is killed alone, "out of

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
@@ -21,10 +22,20 @@ from starlette.types import Receive, Scope, Send
 
 from model_service.errors import ApiError
 from model_service.logs import request_id
-from pool_manager.identity import current_caller
+from pool_manager.identity import Caller, current_caller
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
-from pool_manager.quotas import Grant, Quotas, RateLimited
-from pool_manager.response_cache import CACHE_HEADER, ResponseCache, cache_ttl, request_key
+from pool_manager.quotas import NO_GRANT, Grant, Quotas, RateLimited
+from pool_manager.response_cache import (
+    CACHE_HEADER,
+    SEMANTIC_PATH,
+    CachedReply,
+    ResponseCache,
+    SemanticCache,
+    cache_refused,
+    cache_ttl,
+    request_key,
+    single_turn,
+)
 from pool_manager.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from pool_manager.usage import Accounting
 
@@ -65,6 +76,19 @@ WORKER_GONE_WAIT_SECONDS = 2.0
 ATTEMPTS = 3  # a worker that was evicted or died between load and send is reloaded
 
 
+SIMILARITY_HEADER = "x-pool-cache-similarity"
+
+
+@dataclass
+class SemanticLookup:
+    """What the L2 cache said about a request: its hit (reply, similarity), or the
+    prompt's embedding and context to keep the coming reply under."""
+
+    hit: tuple[CachedReply, float] | None = None
+    vector: list[float] | None = None
+    context: str = ""
+
+
 class Gateway:
     """Relays OpenAI requests from the manager's port to the right worker."""
 
@@ -82,6 +106,7 @@ class Gateway:
         self._quotas = quotas or Quotas()
         self._accounting = accounting
         self._cache = ResponseCache(pool.config.response_cache_mb * 2**20)
+        self._semantic = SemanticCache(pool.config.semantic_cache_entries)
         # Keep-alive connections to the workers; no timeout on reads, since a generation
         # may take long (the worker enforces its own timeout_seconds).
         self._upstream = UpstreamPool()
@@ -124,7 +149,7 @@ class Gateway:
         if cache_key is not None:
             hit = self._cache.get(cache_key)
             if accounting is not None:
-                accounting.cache_looked_up(record.model_id, hit is not None)
+                accounting.cache_looked_up(record.model_id, "hit" if hit else "miss")
             if hit is not None:
                 grant.release()
                 if accounting is not None:
@@ -134,6 +159,20 @@ class Gateway:
                 )
                 replay = {**hit.headers, **grant.headers, CACHE_HEADER: "hit"}
                 return Response(hit.body, status_code=200, headers=replay)
+        similar = await self._semantic_lookup(record, path, payload, headers, caller)
+        if similar.hit is not None:
+            reply, similarity = similar.hit
+            grant.release()
+            if accounting is not None:
+                accounting.cache_hit(caller, record.model_id)
+            self._pool.metrics.gateway_answered(record.model_id, 200, time.perf_counter() - started)
+            replay = {
+                **reply.headers,
+                **grant.headers,
+                CACHE_HEADER: "semantic-hit",
+                SIMILARITY_HEADER: f"{similarity:.4f}",
+            }
+            return Response(reply.body, status_code=200, headers=replay)
         ticket = accounting.open(caller, record.model_id, grant) if accounting else None
         try:
             response = await self._relay_chain(record, path, body, headers, ticket)
@@ -158,10 +197,74 @@ class Gateway:
                 if response.status_code == 200:
                     self._cache.put(cache_key, bytes(response.body), dict(response.headers), ttl)
                 response.headers[CACHE_HEADER] = "miss"
+            if similar.vector is not None and record.spec.semantic_cache is not None:
+                if response.status_code == 200:
+                    self._semantic.put(
+                        record.model_id,
+                        similar.context,
+                        similar.vector,
+                        bytes(response.body),
+                        dict(response.headers),
+                        record.spec.semantic_cache.ttl_seconds,
+                    )
+                response.headers.setdefault(CACHE_HEADER, "semantic-miss")
         self._pool.metrics.gateway_answered(
             record.model_id, response.status_code, time.perf_counter() - started
         )
         return response
+
+    async def _semantic_lookup(
+        self,
+        record: ModelRecord,
+        path: str,
+        payload: dict[str, Any],
+        headers: dict[str, str],
+        caller: Caller,
+    ) -> SemanticLookup:
+        """The L2 cache's answer for a single-turn question to a model that has one: its
+        prompt embedded by the configured embedding model, the nearest kept prompt's
+        reply if similar enough. An embedding that fails means no L2 this time."""
+        spec = record.spec.semantic_cache
+        if spec is None or path != SEMANTIC_PATH or cache_refused(headers):
+            return SemanticLookup()
+        asked = single_turn(payload)
+        if asked is None:
+            return SemanticLookup()
+        prompt, context = asked
+        vector = await self._embed(caller, spec.embedding_model, prompt)
+        if vector is None:
+            return SemanticLookup()
+        hit = self._semantic.lookup(record.model_id, context, vector, spec.threshold)
+        if self._accounting is not None:
+            self._accounting.cache_looked_up(
+                record.model_id, "semantic_hit" if hit else "semantic_miss"
+            )
+        return SemanticLookup(hit, vector, context)
+
+    async def _embed(self, caller: Caller, model_name: str, text: str) -> list[float] | None:
+        """`text` embedded by `model_name` (booked to `caller`, outside its limits)."""
+        try:
+            embedder = self._pool.resolve(model_name)
+        except PoolError:
+            log.warning("semantic cache: unknown embedding model", extra={"model": model_name})
+            return None
+        accounting = self._accounting
+        ticket = accounting.open(caller, embedder.model_id, NO_GRANT) if accounting else None
+        body = json.dumps({"model": embedder.model_id, "input": text}).encode()
+        try:
+            reply = await self._relay_chain(embedder, "/v1/embeddings", body, JSON_REQUEST, ticket)
+        except (PoolError, ApiError) as exc:
+            self._end(ticket, NO_GRANT, failed=True)
+            log.warning("semantic cache: no embedding", extra={"reason": exc.message})
+            return None
+        self._end(ticket, NO_GRANT, failed=False)
+        if reply.status_code != 200:
+            return None
+        try:
+            vector: list[float] = json.loads(bytes(reply.body))["data"][0]["embedding"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+        return vector
 
     def _end(self, ticket: str | None, grant: Grant, *, failed: bool) -> None:
         """The request's reply is over: its slot free, its ticket closed."""

@@ -52,7 +52,7 @@ class UsageMetrics:
         )
         self.cache_lookups = Counter(
             "pool_response_cache_lookups",
-            "L1 response cache lookups of cacheable requests, by result (hit, miss).",
+            "Response cache lookups, by result (hit, miss: L1; semantic_hit, semantic_miss: L2).",
             ["model", "result"],
             registry=registry,
         )
@@ -131,8 +131,9 @@ class Accounting:
         )
         self._quotas.charge_tokens(caller, model_id, event.prompt_tokens + event.completion_tokens)
 
-    def cache_looked_up(self, model_id: str, hit: bool) -> None:
-        self._metrics.cache_lookups.labels(model_id, "hit" if hit else "miss").inc()
+    def cache_looked_up(self, model_id: str, result: str) -> None:
+        """hit, miss (L1), semantic_hit, semantic_miss (L2)."""
+        self._metrics.cache_lookups.labels(model_id, result).inc()
 
     def cache_hit(self, caller: Caller, model_id: str) -> None:
         """A request answered from the L1 cache: a request, no tokens, one cache hit."""

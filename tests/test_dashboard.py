@@ -289,6 +289,23 @@ def test_dashboard_asks_for_the_admin_key_when_keys_are_set(
     errors = [e for e in page_errors(browser) if not re.search(r"\b40[13]\b", e)]  # key tries
     assert errors == []
 
+    # Usage by caller (issue 17): a request of the client key shows up in its table.
+    chat = httpx.post(
+        f"{manager.url}/v1/chat/completions",
+        json={
+            "model": DEFAULT_MODEL,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 2,
+        },
+        headers={"X-API-Key": CLIENT_KEY},
+        timeout=60,
+    )
+    assert chat.status_code == 200
+    usage_row = '#usage-rows tr[data-caller="env:client"] td'
+    wait_for(lambda: css(browser, usage_row), 25, message="the client key's usage row")
+    cells = [cell.text for cell in css(browser, usage_row)]
+    assert cells[:3] == ["env:client", DEFAULT_MODEL, "1"], cells
+
 
 def test_dashboard_reconnects_when_the_stream_drops(
     start_manager: ManagerFactory, browser: WebDriver

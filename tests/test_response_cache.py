@@ -7,7 +7,13 @@ from typing import Any
 
 import httpx
 
-from pool_manager.response_cache import ResponseCache, cache_ttl, request_key
+from pool_manager.response_cache import (
+    ResponseCache,
+    SemanticCache,
+    cache_ttl,
+    request_key,
+    single_turn,
+)
 from tests.conftest import DEFAULT_MODEL, ManagerFactory, model_entry, wait_for
 
 PATH = "/v1/chat/completions"
@@ -115,3 +121,96 @@ def test_a_hit_is_byte_identical_and_skips_the_worker(start_manager: ManagerFact
     )
     totals = manager.request("GET", "/usage").json()["totals"]
     assert (totals["errors"], totals["cache_hits"]) == (0, 1)
+
+
+# --- L2: semantic ---------------------------------------------------------------------------
+
+
+def chat_request(*messages: tuple[str, str], **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": r, "content": c} for r, c in messages], **extra}
+
+
+def test_only_a_single_question_is_answered_by_similarity() -> None:
+    asked = single_turn(chat_request(("system", "Be brief."), ("user", "Hi there")))
+    assert asked is not None and asked[0] == "Hi there"
+    same_context = single_turn(chat_request(("system", "Be brief."), ("user", "Hello")))
+    other_system = single_turn(chat_request(("system", "Be long."), ("user", "Hi there")))
+    other_settings = single_turn(chat_request(("user", "Hi there"), max_tokens=5))
+    assert same_context is not None and same_context[1] == asked[1]
+    assert other_system is not None and other_system[1] != asked[1]
+    assert other_settings is not None and other_settings[1] != asked[1]
+    multi_turn = chat_request(("user", "Hi"), ("assistant", "Hello"), ("user", "More"))
+    for refused in (
+        multi_turn,
+        chat_request(("user", "Hi"), stream=True),
+        chat_request(("user", "Hi"), n=2),
+        chat_request(("user", "Hi"), tools=[{"type": "function"}]),
+        chat_request(("user", [{"type": "text", "text": "Hi"}])),  # type: ignore[arg-type]
+        chat_request(("assistant", "Hi")),
+    ):
+        assert single_turn(refused) is None, refused
+
+
+def test_the_nearest_prompt_above_the_threshold_answers() -> None:
+    clock = Clock()
+    cache = SemanticCache(max_entries=3, clock=clock)
+    body = b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}}'
+    cache.put("m", "ctx", [1.0, 0.0, 0.0], body, {}, ttl=10)
+    cache.put("m", "ctx", [0.0, 1.0, 0.0], body + b" ", {}, ttl=20)
+    found = cache.lookup("m", "ctx", [0.1, 1.0, 0.0], threshold=0.9)
+    assert found is not None and found[0].body == body + b" " and 0.99 < found[1] <= 1.0
+    assert cache.lookup("m", "ctx", [0.0, 0.0, 1.0], threshold=0.5) is None
+    assert cache.lookup("m", "other", [1.0, 0.0, 0.0], threshold=0.5) is None
+    assert cache.lookup("other", "ctx", [1.0, 0.0, 0.0], threshold=0.5) is None
+    clock.now += 15  # the first has expired, the second not
+    assert cache.lookup("m", "ctx", [1.0, 0.0, 0.0], threshold=0.99) is None
+    assert cache.entries == 1
+    for i in range(4):
+        cache.put("m", f"c{i}", [1.0, float(i), 0.0], body, {}, ttl=60)
+    assert cache.entries == 3
+
+
+def test_a_similar_question_gets_the_kept_answer(start_manager: ManagerFactory) -> None:
+    semantic = {"embedding_model": DEFAULT_MODEL, "threshold": 0.97, "ttl_seconds": 600}
+    manager = start_manager(
+        models=[model_entry(DEFAULT_MODEL, warmup=True, semantic_cache=semantic)],
+        config={"spare_workers": 0},
+    )
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+
+    def ask(prompt: str) -> httpx.Response:
+        body = {
+            "model": DEFAULT_MODEL,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 12,
+        }
+        return httpx.post(f"{manager.url}{PATH}", json=body, timeout=60)
+
+    first = ask("What is the capital city of France?")
+    assert first.status_code == 200 and first.headers["x-pool-cache"] == "semantic-miss"
+    near = ask("What is the capital city of France ?")
+    assert near.headers["x-pool-cache"] == "semantic-hit", near.headers
+    assert float(near.headers["x-pool-cache-similarity"]) >= 0.97
+    assert near.content == first.content
+    far = ask("Write two lines of a poem about winter dogs and snow.")
+    assert far.headers["x-pool-cache"] == "semantic-miss", far.headers.get(
+        "x-pool-cache-similarity"
+    )
+    assert far.content != first.content
+    # A conversation is never answered from it.
+    turns = {
+        "model": DEFAULT_MODEL,
+        "messages": [
+            {"role": "user", "content": "What is the capital city of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "What is the capital city of France?"},
+        ],
+        "max_tokens": 4,
+    }
+    conversation = httpx.post(f"{manager.url}{PATH}", json=turns, timeout=60)
+    assert "x-pool-cache" not in conversation.headers
+    metrics = manager.request("GET", "/metrics").text
+    assert (
+        f'pool_response_cache_lookups_total{{model="{DEFAULT_MODEL}",result="semantic_hit"}} 1.0'
+        in metrics
+    )

@@ -1,4 +1,4 @@
-"""Seed 003's sessions and WebSocket streaming on the manager (issue 17), with the real
+"""Seed 003's sessions, WebSocket streaming and FIFO queue on the manager (issue 17), with the real
 model: a session keeps its context across requests and a manager restart, belongs to its
 caller, is trimmed to the model's context; `/ws` streams tokens and `stop` ends the
 generation at once. Sessions live in the SQL store, or in a real Redis with REDIS_URL."""
@@ -6,6 +6,7 @@ generation at once. Sessions live in the SQL store, or in a real Redis with REDI
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import DEFAULT_MODEL, Manager, ManagerFactory, model_entry, wait_for
+from tests.redis_server import REDIS_PASSWORD, RedisServer
 
 ADMIN_KEY = "admin-key-sessions-1b9e"
 CLIENT_KEY = "client-key-sessions-4c2d"
@@ -188,3 +190,97 @@ def test_websocket_streams_tokens_and_stop_ends_the_generation(pool: Manager) ->
     )
     booked = pool.request("GET", "/usage", params={"caller": "key:socket"}).json()["totals"]
     assert booked["requests"] == 2 and booked["completion_tokens"] < 100
+
+
+def queue_depth(endpoint: str) -> int:
+    metrics = httpx.get(f"{endpoint}/metrics", headers={"X-API-Key": CLIENT_KEY}, timeout=10).text
+    line = next(m for m in metrics.splitlines() if m.startswith("pool_worker_queue_depth{"))
+    return int(float(line.rsplit(" ", 1)[1]))
+
+
+def test_the_queue_is_first_in_first_out_under_concurrent_submitters(
+    start_manager: ManagerFactory,
+) -> None:
+    """Seed 003's FIFO queue: requests that wait for a model's slot are served in the
+    order they arrived, whoever sent them and however many send at once."""
+    manager = start_manager(
+        models=[model_entry(DEFAULT_MODEL, warmup=True, max_concurrent=1, max_queue=16)],
+        env={"POOL_ADMIN_KEY": ADMIN_KEY, "POOL_API_KEY": CLIENT_KEY},
+        config={"spare_workers": 0},
+    )
+    manager.wait_state(DEFAULT_MODEL, "HOT")
+    endpoint = manager.model(DEFAULT_MODEL)["endpoint"]
+    keys = [make_key(manager, f"submitter-{i}") for i in range(3)]
+    finished: list[int] = []
+    lock = threading.Lock()
+
+    def submit(index: int) -> None:
+        reply = chat(manager, keys[index % len(keys)], prompt=f"Say {index}.", max_tokens=3)
+        assert reply.status_code == 200, reply.text
+        with lock:
+            finished.append(index)
+
+    blocker = {"prompt": STORY, "max_tokens": 300, "stream": True}
+    with httpx.stream(
+        "POST",
+        f"{manager.url}/api/v1/inference/chat",
+        json={**blocker, "temperature": 0},
+        headers={"Authorization": f"Bearer {keys[0]}"},
+        timeout=60,
+    ) as holding:
+        lines = holding.iter_lines()
+        next(line for line in lines if line.startswith("data: "))  # it holds the slot
+        threads = []
+        for index in range(8):
+            thread = threading.Thread(target=submit, args=(index,))
+            thread.start()
+            threads.append(thread)
+            # The next one arrives once this one waits in the queue: a known order.
+            wait_for(lambda n=index: queue_depth(endpoint) == n + 1, 20, message="queued")
+        assert finished == [], "a request passed the one holding the slot"
+    for thread in threads:
+        thread.join(60)
+    assert finished == list(range(8))
+
+
+def test_health_names_the_dependency_that_is_down(start_manager: ManagerFactory) -> None:
+    """Redis for sessions stopped under a running manager: /health says `degraded` and
+    names it; inference goes on; a session turn gets 503 `store_down`; back once it is."""
+    server = RedisServer.create()
+    try:
+        manager = start_manager(
+            models=[model_entry(DEFAULT_MODEL, warmup=True)],
+            env={"POOL_ADMIN_KEY": ADMIN_KEY, "REDIS_URL": server.url_for(0)},
+            config={"spare_workers": 0},
+        )
+        manager.wait_state(DEFAULT_MODEL, "HOT")
+        health = manager.request("GET", "/health").json()
+        assert health["status"] == "healthy" and health["dependencies"]["redis"]["ok"]
+        server.stop()
+        down = manager.request("GET", "/health").json()
+        assert down["status"] == "degraded"
+        assert down["dependencies"]["redis"]["ok"] is False
+        assert down["dependencies"]["database"]["ok"] is True
+        assert REDIS_PASSWORD not in json.dumps(down)
+        turn = chat(manager, ADMIN_KEY, session_id="s", prompt="Hi")
+        assert turn.status_code == 503 and turn.json()["error"]["code"] == "store_down"
+        plain = httpx.post(
+            f"{manager.url}/v1/chat/completions",
+            json={
+                "model": DEFAULT_MODEL,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 2,
+            },
+            headers={"X-API-Key": ADMIN_KEY},
+            timeout=60,
+        )
+        assert plain.status_code == 200, "inference stopped with the session store"
+        server.start()
+        wait_for(
+            lambda: manager.request("GET", "/health").json()["status"] == "healthy",
+            20,
+            message="health to recover with Redis",
+        )
+        assert chat(manager, ADMIN_KEY, session_id="s", prompt="Hi").status_code == 200
+    finally:
+        server.destroy()
