@@ -4,7 +4,9 @@ Each lies between `<!-- section:NAME -->` and `<!-- /section:NAME -->`. A script
 its own section (`write_section`); bench.py, which rewrites the rest of the file, keeps
 them (`kept_sections`). `python scripts/doc_sections.py` renders the agent-protocol
 sections from their committed JSON runs (docs/bench_tools.json,
-docs/bench_embeddings.json), so every figure there comes from a run of committed code.
+docs/bench_embeddings.json), the swap and tenancy sections from theirs
+(docs/bench_swap.json, docs/bench_tenancy.json), so every figure there comes from a run of
+committed code.
 """
 
 from __future__ import annotations
@@ -266,6 +268,13 @@ def main() -> int:
     if swap_json.exists():
         write_section("swap", swap_section(json.loads(swap_json.read_text())))
         written.append("swap")
+    tenancy_json = docs / "bench_tenancy.json"
+    if tenancy_json.exists():
+        sys.path.insert(0, str(REPO))  # run as a script, only scripts/ is on the path
+        from scripts.bench_tenancy import section as tenancy_section  # it imports this module
+
+        write_section("tenancy", tenancy_section(json.loads(tenancy_json.read_text())))
+        written.append("tenancy")
     print(f"wrote the {', '.join(written)} sections of {BENCHMARKS_MD.relative_to(REPO)}")
     return 0
 
