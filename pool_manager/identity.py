@@ -7,7 +7,9 @@ Three kinds of credential, all sent as `Authorization: Bearer ...` or `X-API-Key
   their SHA-256 is stored (they are 43 random characters: a slow hash would add nothing
   but latency), each with a role and limits;
 - JWT bearer tokens signed HS256 with `POOL_JWT_SECRET`: `sub` names the user, the `role`
-  claim ("client", the default, or "admin") their role; `exp` is required.
+  claim ("client", the default, or "admin") their role, an optional `limits` claim their
+  limits (the issuer holds the secret, so it sets them; default: `default_limits`); `exp`
+  is required.
 
 A caller is named in usage and limits as `env:client`, `env:admin`, `key:NAME`,
 `user:SUB`, or `open` (no credentials exist at all: everything is open, on loopback).
@@ -98,6 +100,7 @@ def looks_like_jwt(token: str) -> bool:
 class JwtClaims:
     subject: str
     role: Role
+    limits: Limits | None = None  # the `limits` claim: the issuer's limits for this user
 
 
 def verify_jwt(token: str, secret: str, now: float | None = None) -> JwtClaims:
@@ -136,7 +139,15 @@ def verify_jwt(token: str, secret: str, now: float | None = None) -> JwtClaims:
     role = claims.get("role", "client")
     if role not in ("client", "admin"):
         raise JwtError("the token's 'role' claim must be 'client' or 'admin'")
-    return JwtClaims(subject, Role.ADMIN if role == "admin" else Role.CLIENT)
+    limits = None
+    if claims.get("limits") is not None:
+        try:
+            limits = Limits.model_validate(claims["limits"])
+        except ValidationError as exc:
+            raise JwtError(
+                f"the token's 'limits' claim is not valid: {exc.errors()[0]['msg']}"
+            ) from None
+    return JwtClaims(subject, Role.ADMIN if role == "admin" else Role.CLIENT, limits)
 
 
 def sign_jwt(claims: dict[str, Any], secret: str) -> str:
@@ -215,7 +226,8 @@ class Identities:
                 claims = verify_jwt(presented, self._jwt_secret)
             except JwtError as exc:
                 raise _invalid_key(f"Invalid token: {exc}.") from None
-            return Caller(f"user:{claims.subject}", claims.role, self._default_limits())
+            limits = claims.limits if claims.limits is not None else self._default_limits()
+            return Caller(f"user:{claims.subject}", claims.role, limits)
         record = await self._named_key(key_digest(presented))
         if record is None:
             raise _invalid_key()

@@ -87,14 +87,19 @@ def hang_reason(
     return None
 
 
+# What only the manager uses: the JWT secret (it checks tokens) and the URLs of its
+# stores, whose passwords a worker (running a model file from anywhere) must not hold.
+MANAGER_ONLY_ENV = frozenset({ADMIN_KEY_ENV, "POOL_JWT_SECRET", "DATABASE_URL", "REDIS_URL"})
+
+
 def worker_environment() -> dict[str, str]:
     """The manager's environment less what no worker needs: the admin key (workers check
-    the client key only) and the remote backends' secrets (the manager resolves a
-    model's own key and sends it with the model's settings)."""
+    the client key only), the JWT secret and the stores' URLs, and the remote backends'
+    secrets (the manager resolves a model's own key and sends it with its settings)."""
     return {
         name: value
         for name, value in os.environ.items()
-        if name != ADMIN_KEY_ENV and not name.startswith(SECRET_ENV_PREFIX)
+        if name not in MANAGER_ONLY_ENV and not name.startswith(SECRET_ENV_PREFIX)
     }
 
 

@@ -37,6 +37,16 @@ def test_a_valid_token_names_its_user_and_role() -> None:
     assert verify_jwt(plain, SECRET, now=NOW).role is Role.CLIENT
 
 
+def test_a_tokens_limits_claim_sets_the_users_limits() -> None:
+    claims = {"sub": "bob", "exp": NOW + 60, "limits": {"requests_per_hour": 7}}
+    verified = verify_jwt(sign_jwt(claims, SECRET), SECRET, now=NOW)
+    assert verified.limits is not None and verified.limits.requests_per_hour == 7
+    assert (
+        verify_jwt(sign_jwt({"sub": "bob", "exp": NOW + 60}, SECRET), SECRET, now=NOW).limits
+        is None
+    )
+
+
 @pytest.mark.parametrize(
     ("claims", "why"),
     [
@@ -45,6 +55,8 @@ def test_a_valid_token_names_its_user_and_role() -> None:
         ({"exp": NOW + 60}, "no 'sub'"),
         ({"sub": "bob", "exp": NOW + 60, "nbf": NOW + 600}, "not valid yet"),
         ({"sub": "bob", "exp": NOW + 60, "role": "root"}, "'role'"),
+        ({"sub": "bob", "exp": NOW + 60, "limits": {"requests_per_hour": -1}}, "'limits'"),
+        ({"sub": "bob", "exp": NOW + 60, "limits": {"per_day": 5}}, "'limits'"),
     ],
 )
 def test_a_token_with_wrong_claims_is_refused(claims: dict[str, object], why: str) -> None:

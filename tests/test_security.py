@@ -25,6 +25,8 @@ from tests.conftest import (
     wait_for,
     write_setup,
 )
+from tests.pg_server import PostgresServer
+from tests.redis_server import RedisServer
 
 CLIENT_KEY = "client-key-security-5d1e"
 ADMIN_KEY = "admin-key-security-a83b"
@@ -73,9 +75,14 @@ def test_client_keep_alive_cannot_unload_or_shorten(start_manager: ManagerFactor
 
 
 def test_health_and_pids_need_a_key_and_workers_hold_only_theirs(
-    start_manager: ManagerFactory,
+    start_manager: ManagerFactory, postgres_server: PostgresServer, redis_server: RedisServer
 ) -> None:
-    manager = start_manager(env={**KEYS, "POOL_SECRET_SOMETHING": "s3cr3t-value"})
+    manager_only = {  # the JWT secret and the stores' URLs, with their passwords
+        "POOL_JWT_SECRET": "jwt-secret-security-" + "5" * 16,
+        "DATABASE_URL": postgres_server.create_database("security"),
+        "REDIS_URL": redis_server.create_database(),
+    }
+    manager = start_manager(env={**KEYS, **manager_only, "POOL_SECRET_SOMETHING": "s3cr3t-value"})
     model = manager.wait_state(DEFAULT_MODEL, "HOT")
     assert httpx.get(f"{manager.url}/health").json() == {"status": "healthy"}
     detailed = httpx.get(f"{manager.url}/health", headers=_bearer(CLIENT_KEY)).json()
@@ -94,6 +101,7 @@ def test_health_and_pids_need_a_key_and_workers_hold_only_theirs(
     assert environment.get("POOL_API_KEY") == CLIENT_KEY, "the worker checks the client key"
     assert "POOL_ADMIN_KEY" not in environment
     assert not [name for name in environment if name.startswith("POOL_SECRET_")]
+    assert not set(manager_only) & set(environment), "a worker holds a manager-only secret"
     assert ADMIN_KEY not in Path(f"/proc/{pid}/environ").read_text(errors="replace")
     # The admin key still works through 8050: the gateway sends the worker its own key.
     reply = httpx.post(

@@ -24,9 +24,12 @@ N_CTX = 1024
 STORY = "Write a long story about a lighthouse keeper and the sea, with many details."
 
 
-@pytest.fixture(params=["sql", "redis"])
+@pytest.fixture(params=["sqlite", "postgresql", "redis"])
 def pool(request: pytest.FixtureRequest, start_manager: ManagerFactory) -> Iterator[Manager]:
+    """A manager whose sessions live in SQLite (the default), PostgreSQL or Redis."""
     env = {"POOL_ADMIN_KEY": ADMIN_KEY, "POOL_API_KEY": CLIENT_KEY}
+    if request.param == "postgresql":
+        env["DATABASE_URL"] = request.getfixturevalue("postgres_server").create_database("sessions")
     if request.param == "redis":
         env["REDIS_URL"] = request.getfixturevalue("redis_server").create_database()
     manager = start_manager(

@@ -208,6 +208,13 @@ def test_jwt_users_are_who_their_token_says(shared_pool: Manager) -> None:
     forged = sign_jwt({"sub": "dave", "role": "admin", "exp": now + 600}, "not the secret")
     assert httpx.get(manager.url + "/keys", headers=bearer(forged), timeout=10).status_code == 401
     wait_for(lambda: usage_of(manager, "user:dave")["requests"] == 1, 10, message="dave's usage")
+    # The issuer sets a user's own limits in the token.
+    frugal = sign_jwt(
+        {"sub": "fay", "exp": now + 600, "limits": {"requests_per_hour": 1}}, JWT_SECRET
+    )
+    assert post_chat(manager, frugal, {**CHAT, "max_tokens": 2}).status_code == 200
+    again = post_chat(manager, frugal, {**CHAT, "max_tokens": 2})
+    assert again.status_code == 429 and again.headers["x-ratelimit-limit-requests"] == "1"
 
 
 def test_a_concurrency_limit_holds_while_a_stream_runs(shared_pool: Manager) -> None:
