@@ -231,11 +231,10 @@ class Identities:
         record = await self._named_key(key_digest(presented))
         if record is None:
             raise _invalid_key()
-        limits = Limits.model_validate(record.limits) if record.limits else None
+        # A key's own limits; {} stored: the config's default_limits.
+        own = Limits.model_validate(record.limits) if record.limits else self._default_limits()
         role = Role.ADMIN if record.role == "admin" else Role.CLIENT
-        return Caller(
-            f"key:{record.name}", role, limits if limits is not None else self._default_limits()
-        )
+        return Caller(f"key:{record.name}", role, own)
 
     def _env_match(self, presented: str) -> bool:
         known = [k for k in (self._env.client, self._env.admin) if k]
