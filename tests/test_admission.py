@@ -38,13 +38,13 @@ def test_the_queue_orders_pinned_then_priority_then_arrival() -> None:
     assert len(queue) == 0 and not queue.is_first(low)
 
 
-def _long_stream(url: str, into: list[str]) -> None:
-    """A stream of 1,000 tokens (a raw prompt the model goes on counting from, at
+def _long_stream(url: str, into: list[str], tokens: int = 1000) -> None:
+    """A stream of `tokens` tokens (a raw prompt the model goes on counting from, at
     temperature 0: it never ends the text early)."""
     body = {
         "model": BUSY,
         "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
-        "max_tokens": 1000,
+        "max_tokens": tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -60,20 +60,21 @@ def _chat(url: str, model: str) -> httpx.Response:
 
 
 def _busy_pool(
-    start_manager: ManagerFactory, admission_timeout_seconds: float
+    start_manager: ManagerFactory, admission_timeout_seconds: float, tokens: int = 1000
 ) -> tuple[Manager, list[str], threading.Thread]:
-    """A pool with room for one model, BUSY loaded there and streaming a long reply (its
-    SSE lines gathered as they come), and WAITING registered, COLD."""
+    """A pool with room for one model, BUSY loaded there and streaming a long reply of
+    `tokens` tokens (its SSE lines gathered as they come), and WAITING registered, COLD."""
+    busy = model_entry(BUSY, timeout_seconds=600, n_ctx=max(1024, tokens + 64))
     manager = start_manager(
         config={
             "max_concurrent_models": 1,
             "admission_timeout_seconds": admission_timeout_seconds,
         },
-        models=[model_entry(BUSY, timeout_seconds=600), model_entry(WAITING)],
+        models=[busy, model_entry(WAITING)],
     )
     manager.load(BUSY)
     lines: list[str] = []
-    stream = threading.Thread(target=_long_stream, args=(manager.url, lines))
+    stream = threading.Thread(target=_long_stream, args=(manager.url, lines, tokens))
     stream.start()
     wait_for(lambda: len(lines) > 3, 60, message="the busy model to stream")
     return manager, lines, stream
@@ -118,7 +119,9 @@ def test_past_the_deadline_or_a_full_queue_it_is_503(start_manager: ManagerFacto
 def test_a_load_whose_client_left_is_given_up(start_manager: ManagerFactory) -> None:
     """The client's own timeout counts: a client that gives up while its model waits for
     room takes the load with it, and the busy model is not evicted for nobody."""
-    manager, lines, stream = _busy_pool(start_manager, admission_timeout_seconds=300)
+    # A stream of ~15 s: the give-up must be seen while it runs (1,000 tokens took ~5 s,
+    # too close to the client's 2 s plus the check on a loaded CI machine).
+    manager, lines, stream = _busy_pool(start_manager, admission_timeout_seconds=300, tokens=3000)
     body = {"model": WAITING, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{manager.url}/v1/chat/completions", json=body, timeout=2)
