@@ -197,6 +197,24 @@ def _pool_error_response(exc: PoolError) -> JSONResponse:
 
 
 SNAPSHOT_SECONDS = 2.0
+SILENT_WORKER_SECONDS = 3.0  # a serving worker beats each second: three missed is news
+
+
+def _workers_health(pool: ModelPool) -> dict[str, Any]:
+    """The serving workers: `ok` unless one has sent no heartbeat for
+    SILENT_WORKER_SECONDS (hung, stopped, or its machine overloaded; the pool kills it
+    at hang_timeout_seconds); models FAILED (their loads keep failing) listed beside."""
+    now = time.monotonic()
+    serving = [r for r in pool.records() if r.state in SERVING and r.worker is not None]
+    silent = [
+        r.model_id
+        for r in serving
+        if r.worker is not None
+        and r.worker.last_beat is not None
+        and now - r.worker.last_beat > SILENT_WORKER_SECONDS
+    ]
+    failed = [r.model_id for r in pool.records() if r.state is ModelState.FAILED]
+    return {"ok": not silent, "serving": len(serving), "silent": silent, "failed": failed}
 
 
 def _model_card(record: ModelRecord) -> dict[str, Any]:
@@ -371,7 +389,7 @@ def create_app(
             return {"status": "healthy"}
         records = pool.records()
         rss = [pool.memory_rss_bytes(r) or 0 for r in records]
-        dependencies = await shared.health()
+        dependencies = {**await shared.health(), "workers": _workers_health(pool)}
         detail = {
             "status": "healthy",
             "warmup_complete": pool.warmup_done.is_set(),

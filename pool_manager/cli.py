@@ -496,6 +496,12 @@ def cmd_health(client: Client, args: argparse.Namespace) -> int:
         )
         print(f"free ports: {health.get('available_ports', '-')}")
         print(f"spare workers: {health.get('spare_workers', '-')}")
+        for name, state in (health.get("dependencies") or {}).items():
+            detail = state.get("store") or ", ".join(
+                f"{k} {', '.join(v) or 'none'}" for k, v in state.items() if isinstance(v, list)
+            )
+            verdict = "ok" if state.get("ok") else f"DOWN ({state.get('error', 'see --json')})"
+            print(f"{name}: {verdict}" + (f" — {detail}" if detail else ""))
     return 0 if status == "healthy" else EXIT_ERROR
 
 

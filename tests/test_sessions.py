@@ -6,6 +6,8 @@ generation at once. Sessions live in the SQL store, or in a real Redis with REDI
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -287,3 +289,30 @@ def test_health_names_the_dependency_that_is_down(start_manager: ManagerFactory)
         assert chat(manager, ADMIN_KEY, session_id="s", prompt="Hi").status_code == 200
     finally:
         server.destroy()
+
+
+def test_health_names_a_silent_worker(start_manager: ManagerFactory) -> None:
+    """A worker that stops beating (SIGSTOP) makes /health `degraded` and names its model,
+    before the pool kills it as hung; it recovers when the worker goes on."""
+    manager = start_manager(
+        models=[model_entry(DEFAULT_MODEL, warmup=True)],
+        config={"spare_workers": 0, "hang_timeout_seconds": 60},
+    )
+    pid = manager.wait_state(DEFAULT_MODEL, "HOT")["pid"]
+    workers = manager.request("GET", "/health").json()["dependencies"]["workers"]
+    assert workers == {"ok": True, "serving": 1, "silent": [], "failed": []}
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        down = wait_for(
+            lambda: (h := manager.request("GET", "/health").json())["status"] == "degraded" and h,
+            20,
+            message="health to name the silent worker",
+        )
+        assert down["dependencies"]["workers"]["silent"] == [DEFAULT_MODEL]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(
+        lambda: manager.request("GET", "/health").json()["status"] == "healthy",
+        20,
+        message="health to recover",
+    )
