@@ -155,11 +155,9 @@ class EngineError(Exception):
 class _Active:
     """A job holding a slot: its budget and its text decoding state."""
 
-    def __init__(self, job: GenerationJob, budget: int, cached: int) -> None:
-        self.job = job
+    def __init__(self, job: GenerationJob, budget: int) -> None:
+        self.job = job  # its counts (produced, cached) live there: a stream reads them
         self.budget = budget
-        self.cached = cached
-        self.produced = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stopper = StopMatcher(job.stop)
 
@@ -298,10 +296,10 @@ class Engine:
                 continue
             free = [s for s in range(backend.slots) if s not in self._active]
             slot = backend.pick_slot(free, job.prompt_tokens)
-            cached = job.cached = backend.open_sequence(slot, job.prompt_tokens, job.params)
-            self.prompt_tokens_cached += cached
+            job.cached = backend.open_sequence(slot, job.prompt_tokens, job.params)
+            self.prompt_tokens_cached += job.cached
             room = backend.context_length - len(job.prompt_tokens)
-            self._active[slot] = _Active(job, min(job.max_tokens, room), cached)
+            self._active[slot] = _Active(job, min(job.max_tokens, room))
 
     def _step(self, outbox: _Outbox) -> None:
         backend = self.backend
@@ -315,8 +313,7 @@ class Engine:
             if backend.is_end(token):
                 self._finish(slot, outbox, "stop")
                 continue
-            active.produced += 1
-            active.job.produced = active.produced
+            active.job.produced += 1
             self.tokens_generated += 1
             text, hit_stop = active.stopper.feed(active.decoder.decode(to_bytes(token)))
             score = backend.token_score(slot)
@@ -328,7 +325,7 @@ class Engine:
                 self._finish(slot, outbox, "stop", flush=False)
             elif backend.reply_complete(slot):
                 self._finish(slot, outbox, "stop")
-            elif active.produced >= active.budget:
+            elif active.job.produced >= active.budget:
                 self._finish(slot, outbox, "length")
         for slot in [s for s, a in self._active.items() if a.job.cancelled]:
             backend.close_sequence(slot)
@@ -344,7 +341,7 @@ class Engine:
                 outbox.put(active.job, tail)
         outbox.put(
             active.job,
-            Finished(reason, len(active.job.prompt_tokens), active.produced, active.cached),
+            Finished(reason, len(active.job.prompt_tokens), active.job.produced, active.job.cached),
         )
 
     def _fail_all(self, outbox: _Outbox, failure: Failed) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_service.protocol import ErrorDetail, ErrorResponse
@@ -58,6 +59,12 @@ def _loc_to_param(loc: Sequence[Any]) -> str | None:
     # ("body", "messages", 0, "role") -> "messages.0.role"
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     return ".".join(parts) or None
+
+
+def invalid_input(exc: ValidationError) -> ApiError:
+    """A model validated outside a route's parameters (a WebSocket message, say) refused
+    as a route's body would be: the same 400 and words."""
+    return _validation_error(RequestValidationError(exc.errors()))
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:

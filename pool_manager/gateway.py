@@ -36,6 +36,7 @@ from pool_manager.response_cache import (
     request_key,
     single_turn,
 )
+from pool_manager.sse import close_stream
 from pool_manager.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from pool_manager.usage import Accounting
 
@@ -151,28 +152,13 @@ class Gateway:
             if accounting is not None:
                 accounting.cache_looked_up(record.model_id, "hit" if hit else "miss")
             if hit is not None:
-                grant.release()
-                if accounting is not None:
-                    accounting.cache_hit(caller, record.model_id)
-                self._pool.metrics.gateway_answered(
-                    record.model_id, 200, time.perf_counter() - started
-                )
-                replay = {**hit.headers, **grant.headers, CACHE_HEADER: "hit"}
-                return Response(hit.body, status_code=200, headers=replay)
+                marks = {CACHE_HEADER: "hit"}
+                return self._replay(hit, marks, caller, record, grant, started)
         similar = await self._semantic_lookup(record, path, payload, headers, caller)
         if similar.hit is not None:
             reply, similarity = similar.hit
-            grant.release()
-            if accounting is not None:
-                accounting.cache_hit(caller, record.model_id)
-            self._pool.metrics.gateway_answered(record.model_id, 200, time.perf_counter() - started)
-            replay = {
-                **reply.headers,
-                **grant.headers,
-                CACHE_HEADER: "semantic-hit",
-                SIMILARITY_HEADER: f"{similarity:.4f}",
-            }
-            return Response(reply.body, status_code=200, headers=replay)
+            marks = {CACHE_HEADER: "semantic-hit", SIMILARITY_HEADER: f"{similarity:.4f}"}
+            return self._replay(reply, marks, caller, record, grant, started)
         ticket = accounting.open(caller, record.model_id, grant) if accounting else None
         try:
             response = await self._relay_chain(record, path, body, headers, ticket)
@@ -212,6 +198,24 @@ class Gateway:
             record.model_id, response.status_code, time.perf_counter() - started
         )
         return response
+
+    def _replay(
+        self,
+        kept: CachedReply,
+        marks: dict[str, str],
+        caller: Caller,
+        record: ModelRecord,
+        grant: Grant,
+        started: float,
+    ) -> Response:
+        """A cache's answer: booked as a request and a hit, the worker not asked."""
+        grant.release()
+        if self._accounting is not None:
+            self._accounting.cache_hit(caller, record.model_id)
+        self._pool.metrics.gateway_answered(record.model_id, 200, time.perf_counter() - started)
+        return Response(
+            kept.body, status_code=200, headers={**kept.headers, **grant.headers, **marks}
+        )
 
     async def _semantic_lookup(
         self,
@@ -447,9 +451,7 @@ class RelayedStream(StreamingResponse):
         finally:
             watcher.cancel()
             self._upstream.close()
-            closing = getattr(self.body_iterator, "aclose", None)
-            if closing is not None:
-                await closing()  # its `finally` runs now, not when it is collected
+            await close_stream(self.body_iterator)  # its `finally` runs now, not when collected
 
     async def _close_when_client_leaves(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -464,9 +466,7 @@ async def _then(chunks: AsyncIterable[Any], on_end: Callable[[], None]) -> Async
             yield chunk
     finally:
         on_end()
-        closing = getattr(chunks, "aclose", None)
-        if closing is not None:
-            await closing()
+        await close_stream(chunks)
 
 
 async def _relay_stream(model_id: str, upstream: UpstreamResponse) -> AsyncIterator[bytes]:

@@ -190,14 +190,13 @@ class Identities:
         self._jwt_secret = jwt_secret
         self._default_limits = default_limits
         self._keys: dict[str, KeyRecord] = {}  # by digest
-        self._loaded_at = 0.0
 
     async def load(self) -> None:
-        """Read the named keys from the store (at start, then every KEYS_REFRESH_SECONDS
-        from `identify`). Raises StoreError."""
+        """Read the named keys from the store: at start, then every KEYS_REFRESH_SECONDS
+        (Tenancy), so a key deleted by another manager sharing the store goes too.
+        Raises StoreError."""
         records = await self._store.keys()
         self._keys = {r.digest: r for r in records}
-        self._loaded_at = time.monotonic()
 
     @property
     def enabled(self) -> bool:
@@ -241,13 +240,10 @@ class Identities:
         return any([hmac.compare_digest(presented.encode(), k.encode()) for k in known])
 
     async def _named_key(self, digest: str) -> KeyRecord | None:
-        if time.monotonic() - self._loaded_at > KEYS_REFRESH_SECONDS:
-            try:
-                await self.load()
-            except Exception as exc:  # the copy we have still holds; /health says why
-                log.warning("named keys not refreshed", extra={"reason": str(exc)})
+        """The copy's record; one it lacks (made by another manager since the last
+        `load`) is looked up in the store."""
         record = self._keys.get(digest)
-        if record is None and self._keys is not None:
+        if record is None:
             record = await self._store.key_by_digest(digest)
             if record is not None:
                 self._keys[digest] = record
@@ -331,20 +327,6 @@ def _stored(limits: Limits | None) -> dict[str, Any]:
     """Limits as the store keeps them: {} for "the default limits"; set limits in full,
     nulls included, so that "no limit at all" is not mistaken for the default."""
     return limits.model_dump() if limits is not None else {}
-
-
-def limits_from(raw: Any, what: str) -> Limits | None:
-    """`raw` (a request's JSON) as Limits; None stays None. Raises ApiError 400."""
-    if raw is None:
-        return None
-    try:
-        return Limits.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ApiError(
-            400, f"{what}.{where}: {first['msg']}", param=what, code="invalid_value"
-        ) from None
 
 
 class CallerMiddleware:

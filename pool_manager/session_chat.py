@@ -29,10 +29,11 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from model_service.auth import Role
-from model_service.errors import ApiError
+from model_service.errors import ApiError, invalid_input
 from pool_manager.gateway import JSON_REQUEST, Gateway
 from pool_manager.identity import Caller, current_caller
 from pool_manager.pool import ModelPool, PoolError
+from pool_manager.sse import close_stream, sse_payloads
 from pool_manager.store import SessionForbidden, SessionMessage, SessionStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -227,9 +228,7 @@ class SessionChat:
                     finish = choice.get("finish_reason") or finish
             yield {"finish_reason": finish, "usage": usage}
         finally:
-            closing = getattr(chunks, "aclose", None)
-            if closing is not None:
-                await closing()  # a stop: the worker's connection closes, it stops
+            await close_stream(chunks)  # a stop: the worker's connection closes, it stops
             with contextlib.suppress(ApiError):
                 await self.save(prepared, "".join(prepared.answer))
 
@@ -244,19 +243,12 @@ def _error_of(reply: Response) -> dict[str, Any]:
 
 
 async def _sse_data(chunks: AsyncIterable[Any]) -> AsyncIterator[dict[str, Any]]:
-    """The JSON of each `data:` line of an SSE byte stream, up to `[DONE]`."""
-    buffer = b""
-    async for chunk in chunks:
-        buffer += chunk if isinstance(chunk, bytes) else str(chunk).encode()
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if not line.startswith(b"data: "):
-                continue
-            text = line[6:].strip()
-            if text == b"[DONE]":
-                return
-            with contextlib.suppress(ValueError):
-                yield json.loads(text)
+    """The JSON of each event of a relayed OpenAI stream, up to `[DONE]`."""
+    async for data in sse_payloads(chunks):
+        if data == b"[DONE]":
+            return
+        with contextlib.suppress(ValueError):
+            yield json.loads(data)
 
 
 def _fit(
@@ -286,23 +278,20 @@ def _fit(
 
 
 def _parse_turn(raw: Any) -> ChatTurn:
+    """A WebSocket message's `data` as a turn (the HTTP route has FastAPI parse it)."""
     try:
         return ChatTurn.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or None
-        message = f"{where}: {first['msg']}" if where else first["msg"]
-        raise ApiError(400, message, param=where, code="invalid_value") from None
+        raise invalid_input(exc) from None
 
 
 def add_session_routes(app: FastAPI, chat: SessionChat) -> None:
     sessions = chat.sessions
 
     @app.post("/api/v1/inference/chat", response_model=None)
-    async def inference_chat(body: dict[str, Any]) -> Any:
+    async def inference_chat(turn: ChatTurn) -> Any:
         """Seed 003's chat: one turn of a session kept server-side (`session_id`), or a
         single exchange without one. `stream: true` answers as SSE events."""
-        turn = _parse_turn(body)
         if not turn.stream:
             return await chat.complete(turn)
         prepared = await chat.prepare(turn)

@@ -23,7 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model_service.auth import ApiKeys, Role
 from model_service.errors import ApiError
-from pool_manager.identity import Identities, current_caller, jwt_secret_from_env, limits_from
+from pool_manager.config import Limits
+from pool_manager.identity import (
+    KEYS_REFRESH_SECONDS,
+    Identities,
+    current_caller,
+    jwt_secret_from_env,
+)
 from pool_manager.pool import ModelPool
 from pool_manager.quotas import Quotas
 from pool_manager.redis_sessions import open_session_store
@@ -96,6 +102,7 @@ class Tenancy:
         self._tasks = [
             asyncio.create_task(self.ledger.run(), name="ledger"),
             asyncio.create_task(self._sweep_tickets(), name="tickets"),
+            asyncio.create_task(self._refresh_keys(), name="keys"),
         ]
 
     async def stop(self) -> None:
@@ -111,6 +118,15 @@ class Tenancy:
         if self.sessions is not self.store:
             await self.sessions.close()
         await self.store.close()
+
+    async def _refresh_keys(self) -> None:
+        """Read the named keys again now and then, off every request's path."""
+        while True:
+            await asyncio.sleep(KEYS_REFRESH_SECONDS)
+            try:
+                await self.identities.load()
+            except StoreError as exc:  # the copy held still serves; /health says why
+                log.warning("named keys not refreshed", extra={"reason": str(exc)})
 
     async def _sweep_tickets(self) -> None:
         while True:
@@ -135,16 +151,20 @@ async def _pinged(store: Connected) -> dict[str, Any]:
 
 
 class KeyCreate(BaseModel):
+    """`limits` omitted or null: the config's default_limits; {}: none at all."""
+
     model_config = ConfigDict(extra="forbid")
     name: str
     role: str = Field(default="client", pattern="^(client|admin)$")
-    limits: dict[str, Any] | None = None
+    limits: Limits | None = None
 
 
 class KeyUpdate(BaseModel):
+    """`limits` omitted or null: unchanged; {}: lift them all."""
+
     model_config = ConfigDict(extra="forbid")
     role: str | None = Field(default=None, pattern="^(client|admin)$")
-    limits: dict[str, Any] | None = None
+    limits: Limits | None = None
 
 
 def key_view(record: KeyRecord) -> dict[str, Any]:
@@ -188,9 +208,8 @@ def add_tenancy_routes(app: FastAPI, tenancy: Tenancy) -> None:
     @app.post("/keys", status_code=201)
     async def create_key(body: KeyCreate) -> dict[str, Any]:
         """A new named key (admin). The reply is the only time the key is shown."""
-        limits = limits_from(body.limits, "limits")
         try:
-            record, key = await identities.create_key(body.name, body.role, limits)
+            record, key = await identities.create_key(body.name, body.role, body.limits)
         except StoreError as exc:
             raise _store_unavailable(exc) from exc
         return {**key_view(record), "key": key}
@@ -198,9 +217,8 @@ def add_tenancy_routes(app: FastAPI, tenancy: Tenancy) -> None:
     @app.patch("/keys/{name}")
     async def update_key(name: str, body: KeyUpdate) -> dict[str, Any]:
         """Change a named key's role or limits (admin); `limits: {}` lifts them all."""
-        limits = limits_from(body.limits, "limits")
         try:
-            record = await identities.update_key(name, body.role, limits)
+            record = await identities.update_key(name, body.role, body.limits)
         except StoreError as exc:
             raise _store_unavailable(exc) from exc
         if record is None:
