@@ -26,7 +26,9 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.routing import APIRoute
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from pool_manager.api import create_app
 from pool_manager.config import ConfigStore, ModelSpec, PoolConfig
@@ -191,4 +193,42 @@ def test_every_worker_route_against_every_role(guarded: Manager) -> None:
             for line in check_route(endpoint, method, concrete(path), role)
             if "admin key" not in line
         ]
+    assert not wrong, "\n".join(wrong)
+
+
+def manager_websocket_routes(tmp_path: Path) -> list[str]:
+    """The path of every WebSocket route of the manager's app (seed 003's /ws)."""
+    store = ConfigStore(tmp_path / "config.json", tmp_path / "registry.json")
+    spec = ModelSpec(model_id=SPARE, model_path="unused.gguf")
+    app = create_app(ModelPool(store, PoolConfig(), [spec], PoolMetrics()))
+    return sorted(route.path for route in app.routes if isinstance(route, WebSocketRoute))
+
+
+def test_every_websocket_route_against_every_role(guarded: Manager, tmp_path: Path) -> None:
+    """A WebSocket route needs a client credential (any kind, in a header or `?token=`):
+    the handshake is refused (403) without one or with one that is not valid."""
+    paths = manager_websocket_routes(tmp_path)
+    assert "/ws" in paths
+    credentials = every_kind_of_credential(guarded)
+    base = guarded.url.replace("http://", "ws://")
+    wrong = []
+    for path in paths:
+        for who, key in {"no key": "", **credentials.refused}.items():
+            url = f"{base}{path}" + (f"?token={key}" if key else "")
+            try:
+                connect(url, open_timeout=10).close()
+                wrong.append(f"{path}: {who} was let in")
+            except InvalidStatus as refused:
+                if refused.response.status_code != 403:
+                    wrong.append(f"{path}: {who} got {refused.response.status_code}")
+        for who, key in {**credentials.clients, **credentials.admins}.items():
+            for form, url, headers in (
+                ("query", f"{base}{path}?token={key}", {}),
+                ("header", f"{base}{path}", {"Authorization": f"Bearer {key}"}),
+            ):
+                try:
+                    connect(url, additional_headers=headers, open_timeout=10).close()
+                except InvalidStatus as refused:
+                    status = refused.response.status_code
+                    wrong.append(f"{path}: {who} ({form}) refused with {status}")
     assert not wrong, "\n".join(wrong)
