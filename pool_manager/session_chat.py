@@ -177,16 +177,9 @@ class SessionChat:
         reply = await self._gateway.relay(
             "/v1/chat/completions", self.body(turn, prepared, stream=False), JSON_REQUEST
         )
-        payload = json.loads(bytes(reply.body))
         if reply.status_code != 200:
-            error = payload.get("error", {}) if isinstance(payload, dict) else {}
-            raise ApiError(
-                reply.status_code,
-                str(error.get("message") or "the model failed"),
-                type=str(error.get("type") or "server_error"),
-                param=error.get("param"),
-                code=error.get("code"),
-            )
+            raise _refusal(reply)
+        payload = json.loads(bytes(reply.body))
         choice = payload["choices"][0]
         answer = choice["message"].get("content") or ""
         await self.save(prepared, answer)
@@ -208,9 +201,8 @@ class SessionChat:
         reply = await self._gateway.relay(
             "/v1/chat/completions", self.body(turn, prepared, stream=True), JSON_REQUEST
         )
-        if not isinstance(reply, StreamingResponse):
-            yield {"error": _error_of(reply)}
-            return
+        if reply.status_code != 200 or not isinstance(reply, StreamingResponse):
+            raise _refusal(reply)  # the worker refused it (too long, a bad value, ...)
         finish: str | None = None
         usage = None
         chunks = reply.body_iterator
@@ -233,13 +225,24 @@ class SessionChat:
                 await self.save(prepared, "".join(prepared.answer))
 
 
-def _error_of(reply: Response) -> dict[str, Any]:
+def _refusal(reply: Response) -> ApiError:
+    """A worker's (or the gateway's) error reply, with its own status and error."""
     try:
-        payload = json.loads(bytes(reply.body))
-        error: dict[str, Any] = payload["error"]
-        return error
-    except (ValueError, KeyError, TypeError):
-        return {"message": f"the model failed ({reply.status_code})", "type": "server_error"}
+        error = json.loads(bytes(reply.body))["error"]
+        return ApiError(
+            reply.status_code,
+            str(error.get("message") or "the model failed"),
+            type=str(error.get("type") or "server_error"),
+            param=error.get("param"),
+            code=error.get("code"),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ApiError(
+            502,
+            f"the model failed ({reply.status_code})",
+            type="server_error",
+            code="worker_failed",
+        )
 
 
 async def _sse_data(chunks: AsyncIterable[Any]) -> AsyncIterator[dict[str, Any]]:
@@ -296,8 +299,8 @@ def add_session_routes(app: FastAPI, chat: SessionChat) -> None:
             return await chat.complete(turn)
         prepared = await chat.prepare(turn)
         events = chat.stream(turn, prepared)
-        first = await anext(events)  # errors before the first token are the reply's status
-        if "error" in first:
+        first = await anext(events)  # a refusal before the first token is the reply's status
+        if "error" in first:  # the stream broke before its first token
             await events.aclose()
             error = first["error"]
             raise ApiError(

@@ -63,6 +63,14 @@ FUZZ_SETTINGS = settings(
 )
 
 
+# The fuzzed manager has an admin key, and every case carries it: a generated POST /keys
+# that makes the first named key closes an open manager to key-less callers (as it
+# should), which would leave the rest of the run, and its checks, locked out. Workers
+# of a manager with only an admin key are open, so the header changes nothing there.
+FUZZ_ADMIN_KEY = "fuzz-admin-key-" + "7" * 16
+FUZZ_KEY = {"X-API-Key": FUZZ_ADMIN_KEY}
+
+
 def load_schema(url: str) -> BaseSchema:
     config = schemathesis.Config.from_dict(
         {
@@ -86,7 +94,7 @@ def call_and_check(case: Case) -> None:
     """Send `case`; fail on a 5xx, a hang, a 4xx not in OpenAI's shape, a broken stream."""
     started = time.monotonic()
     try:
-        response = case.call(timeout=REQUEST_TIMEOUT)
+        response = case.call(timeout=REQUEST_TIMEOUT, headers=dict(FUZZ_KEY))
     except Exception as exc:  # a timeout, or the server dropped the connection
         raise AssertionError(
             f"{case.method} {case.formatted_path}: no reply ({type(exc).__name__}: {exc})\n"
@@ -388,7 +396,8 @@ def fuzz_manager(start_manager: ManagerFactory) -> Iterator[tuple[Manager, BaseS
         models=[
             model_entry(DEFAULT_MODEL, warmup=True, n_ctx=N_CTX),
             model_entry(COLD_MODEL, n_ctx=N_CTX),
-        ]
+        ],
+        env={"POOL_ADMIN_KEY": FUZZ_ADMIN_KEY},
     )
     manager.wait_state(DEFAULT_MODEL, "HOT")
     schema = load_schema(f"{manager.url}/openapi.json")

@@ -106,6 +106,12 @@ def test_a_session_is_its_owners(pool: Manager) -> None:
     assert pool.request("DELETE", "/api/v1/sessions/private").status_code == 404
     bad = chat(pool, alice, session_id="no spaces allowed", prompt="Hi")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "session_id"
+    # The worker's refusal keeps its status and words, streamed or not (the fuzzer once
+    # got a 502 for a streamed turn whose max_tokens passed the context).
+    for stream in (False, True):
+        too_long = chat(pool, alice, prompt="Hi", max_tokens=100_000, stream=stream)
+        assert too_long.status_code == 400, too_long.text
+        assert "max_tokens" in too_long.json()["error"]["message"]
 
 
 def test_a_long_session_is_trimmed_to_the_models_context(pool: Manager) -> None:
