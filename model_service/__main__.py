@@ -61,7 +61,7 @@ from model_service.contract import (
     ThreadsCommand,
     parse_command,
 )
-from model_service.cpus import usable_cores
+from model_service.cpus import at_low_priority, usable_cores
 from model_service.embeddings import EmbeddingService
 from model_service.engine import Engine
 from model_service.inference import InferenceService, ModelDefaults
@@ -503,15 +503,24 @@ def _exit_when_a_thread_runs_out_of_memory() -> None:
     sys.unraisablehook = on_unraisable
 
 
+def _prepare_spare(reserve_mb: int) -> None:
+    warm_up_serving()
+    heap.reserve(reserve_mb)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     setup_logging("worker", args.log_level, file_suffix="-workers")
     if args.control_fd is None:
         return _run_model(_standalone_settings(args), _standalone_socket(args), args)
     link = ManagerLink(args.control_fd, args.reserve_mb)
-    warm_up_serving()
     _exit_when_a_thread_runs_out_of_memory()
-    heap.reserve(args.reserve_mb)
+    if args.reserve_mb > 0:
+        heap.keep()  # before the thread starts, so that its reserve lands in the main heap
+    # Like the import (model_service/spare.py), on CPU time others leave: a spare started
+    # beside a model's first requests must not slow them. The main thread, which serves,
+    # keeps its priority.
+    at_low_priority(lambda: _prepare_spare(args.reserve_mb), "prepare-spare")
     while True:
         if can_preload():
             link.preloader.start()

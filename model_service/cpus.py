@@ -1,8 +1,15 @@
-"""How many cores this process may use."""
+"""How many cores this process may use, and work that should take only what others leave."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+LOW_PRIORITY_NICE = 19  # where SCHED_IDLE is missing
+T = TypeVar("T")
 
 
 def usable_cores() -> int:
@@ -14,3 +21,43 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
         return os.cpu_count() or 1
+
+
+def lower_this_thread() -> None:
+    """Let the calling thread run only on CPU time other threads leave (Linux: per thread;
+    the threads it starts inherit it). SCHED_IDLE, not just nice 19: a nice-19 thread that
+    is running keeps its core until its slice ends when a busy thread wakes up, and
+    llama.cpp's threads wake at every barrier of a forward pass, so a nice-19 import beside
+    a first request made it 3-5x slower; a SCHED_IDLE thread yields at once. A process
+    cannot lower a thread's nice again without privileges, hence a thread of its own.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+    except (AttributeError, OSError):
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY_NICE)
+
+
+def at_low_priority(work: Callable[[], T], name: str) -> T:
+    """`work()` run on a new thread lowered by `lower_this_thread` (blocks until it
+    returns; its error is raised here). The caller's own priority is untouched.
+
+    Against other processes this counts only within one scheduling group (an autogroup
+    is a session): the pool's workers share the manager's session (worker_process.py).
+    """
+    results: list[T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        lower_this_thread()
+        try:
+            results.append(work())
+        except BaseException as exc:  # raised again on the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return results[0]

@@ -18,7 +18,6 @@ the heap the spare reserved for that model's buffers anyway (model_service.heap)
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -26,9 +25,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from model_service.cpus import lower_this_thread
+
 log = logging.getLogger(__name__)
 
-IDLE_NICE = 19
 FREE_DELAY_SECONDS = 5.0
 INFLIGHT_WAIT_SECONDS = 1.0
 FileVersion = tuple[int, int, int, int]  # device, inode, size, mtime: "the same file"
@@ -116,7 +116,7 @@ class Preloader:
         later.
 
         A load (or context) of `path` under way is waited for, `inflight_wait` seconds at
-        most: it usually ends sooner than a new load would, but at nice 19 on a machine busy
+        most: it usually ends sooner than a new load would, but at low priority on a machine busy
         with other workers it could take seconds.
         """
         deadline = time.monotonic() + self._inflight_wait
@@ -141,8 +141,7 @@ class Preloader:
     def _run(self) -> None:
         # Lowest priority: loading ahead must not slow the workers that serve, nor this
         # worker's first requests while it frees what it no longer needs (Linux: per thread).
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IDLE_NICE)
+        lower_this_thread()
         while True:
             with self._changed:
                 while not self._taken and self._next_job() is None and not self._unwanted():

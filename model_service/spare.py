@@ -4,57 +4,62 @@
 1. With `--sandbox`, it enters the worker sandbox first (model_service/sandbox.py),
    while the process has one thread: namespaces belong to threads, and importing the
    worker starts some.
-2. It imports the worker (FastAPI, uvicorn, llama.cpp: ~1.2 s of CPU, most of a spare's
-   start) on a thread at nice 19, then runs it on the main thread, at the priority the
-   process started with. A spare started while models load or serve so takes only CPU
-   time they leave, and the manager can replace a spare the moment a load takes it
-   instead of waiting for that load's first requests to pass (issue 16: cold starts in
-   succession each find a spare). Threads keep the nice of the thread that starts
-   them, so numpy, whose BLAS starts its threads when imported, is imported first, on
-   the main thread; a thread's allocations go to the one heap arena the spare keeps
-   its reserve in (model_service/heap.py).
+2. It imports the worker (FastAPI, uvicorn, llama.cpp, numpy: ~1.2 s of CPU, most of a
+   spare's start) on a thread that runs only on CPU time others leave (SCHED_IDLE:
+   model_service.cpus.at_low_priority), then runs
+   it on the main thread, at the priority the process started with; the worker prepares
+   itself the same way (model_service.__main__). A spare started while models load or
+   serve so takes only CPU time they leave, and the manager can replace a spare the moment
+   a load takes it instead of waiting for that load's first requests to pass (issue 16:
+   cold starts in succession each find a spare). A thread's allocations go to the one heap
+   arena the spare keeps its reserve in (model_service/heap.py).
+3. It leaves the manager's process group (a Ctrl-C in the manager's terminal reaches the
+   manager, which then drains and stops its workers in order) and gives up the terminal,
+   but stays in the manager's session: a new session would be a scheduling group of its
+   own, where its import thread's low priority counts for nothing against the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import os
 import sys
-import threading
+import termios
 from collections.abc import Callable
 
 from model_service import heap, sandbox
+from model_service.cpus import at_low_priority
 
-IMPORT_NICE = 19
 WorkerMain = Callable[[list[str]], int]
 
 
-def import_worker_main(nice: int = IMPORT_NICE) -> WorkerMain:
-    """The worker's `main`, imported on a thread at `nice` (blocks until it is); an error
-    of the import is raised here."""
-    import numpy  # noqa: F401  # its BLAS threads at the caller's priority, not `nice`
+def import_worker_main() -> WorkerMain:
+    """The worker's `main`, imported on a low-priority thread (blocks until it is); an
+    error of the import is raised here."""
+    # The worker's numpy work is element-wise: BLAS threads would only sit there.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-    imported: dict[str, WorkerMain] = {}
-    failed: list[BaseException] = []
+    def load() -> WorkerMain:
+        from model_service.__main__ import main
 
-    def run() -> None:
-        with contextlib.suppress(OSError):  # no such priority here: import as we are
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        try:
-            from model_service.__main__ import main
-
-            imported["main"] = main
-        except BaseException as exc:  # raised again on the caller's thread
-            failed.append(exc)
+        return main
 
     with heap.one_arena():
-        thread = threading.Thread(target=run, name="import-worker")
-        thread.start()
-        thread.join()
-    if failed:
-        raise failed[0]
-    return imported["main"]
+        return at_low_priority(load, "import-worker")
+
+
+def leave_the_terminal() -> None:
+    """Our own process group, no controlling terminal (see the module's docstring)."""
+    with contextlib.suppress(OSError):  # a session leader (started by hand) has both
+        os.setpgid(0, 0)
+    with contextlib.suppress(OSError):  # no terminal: nothing to give up
+        tty = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+        try:
+            fcntl.ioctl(tty, termios.TIOCNOTTY)
+        finally:
+            os.close(tty)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sandbox", action="store_true", help="enter the worker sandbox")
     parser.add_argument("--network", action="store_true", help="sandboxed, keep the network")
     own, worker_args = parser.parse_known_args(argv)
+    leave_the_terminal()
     if own.sandbox:
         sandbox.enter(network=own.network)
     worker_main = import_worker_main()

@@ -23,7 +23,7 @@ class SpareMemory:
     """One spare's memory, from its measured RSS and the reserve it was told to map.
 
     Measured, not estimated: what a spare holds changes on its own (its preloader thread
-    loads and frees weights at nice 19, the likeliest model's context sits in its
+    loads and frees weights at low priority, the likeliest model's context sits in its
     reserve), and the manager only hears which files it has. RSS is what it holds; a
     spare still starting counts at least its process and the reserve it is about to map.
     """

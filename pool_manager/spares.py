@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 # A spare beyond `size` (a worker handed back while no load took one) is let go after
 # this long, unless a load takes one meanwhile: evictions come just before loads.
 SURPLUS_GRACE_SECONDS = 5.0
+# A taken spare's replacement starts once the model's first request ended, this long at
+# most: a process start's first ~40 ms (the interpreter, before the import moves to a
+# low-priority thread) run at normal priority, and beside the first request's threads
+# they made it ~2x slower (issue 16). The replacement still has most of a second to get
+# ready before the next cold start of a succession.
+REPLACEMENT_DEFER_SECONDS = 0.3
 
 StartSpare = Callable[[], Awaitable[WorkerProcess]]
 
@@ -98,15 +104,16 @@ class SparePool:
 
     async def take(self, path: str | None = None) -> WorkerProcess:
         """A spare (warm ones first, holding `path`'s weights if one does), or a newly
-        started process when none is left; its replacement starts at once. That slows
-        neither this load nor the requests after it: a spare imports at nice 19
+        started process when none is left; its replacement starts as soon as the model's
+        first request ended (REPLACEMENT_DEFER_SECONDS at most). That slows neither this
+        load nor the requests after it: a spare imports at low priority
         (model_service/spare.py), so the next load, a second later, finds one ready or
         nearly."""
         spare = self._next(path)
         self._spares = [w for w in self._spares if w.returncode is None and w is not spare]
         self._send_preload()  # what the taken one held ahead goes to the others
         taken = spare if spare is not None else await self._start_spare()
-        self.refill()
+        self.refill(after=taken)
         return taken
 
     @property
@@ -140,13 +147,16 @@ class SparePool:
         self._spares = [w for w in alive if w not in by_use[:surplus]]
         self._send_preload()
 
-    def refill(self) -> None:
-        """Start spares in the background until there are `size`."""
+    def refill(self, after: WorkerProcess | None = None) -> None:
+        """Start spares in the background until there are `size`; after `after`'s first
+        request when given (see REPLACEMENT_DEFER_SECONDS)."""
         if self._closed or (self._refill is not None and not self._refill.done()):
             return
-        self._refill = asyncio.create_task(self._fill(), name="spares")
+        self._refill = asyncio.create_task(self._fill(after), name="spares")
 
-    async def _fill(self) -> None:
+    async def _fill(self, after: WorkerProcess | None = None) -> None:
+        if after is not None:
+            await after.wait_first_request(REPLACEMENT_DEFER_SECONDS)
         while not self._closed and len(self._spares) < self.size:
             try:
                 spare = await self._start_spare()

@@ -119,6 +119,7 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         self._spare_ready: asyncio.Future[None] = loop.create_future()
         self._ready: asyncio.Future[ReadyEvent] = loop.create_future()
+        self._first_request_ended: asyncio.Future[None] = loop.create_future()
         self._failure_reason: str | None = None
         self._exit_task = asyncio.create_task(process.wait(), name=f"wait:{process.pid}")
         self._exit_task.add_done_callback(lambda _: self._close_control())
@@ -194,9 +195,8 @@ class WorkerProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 env=worker_environment(),
                 pass_fds=(theirs.fileno(),),
-                # Own session: a Ctrl-C in the manager's terminal reaches the manager only,
-                # which then drains and stops its workers in order.
-                start_new_session=True,
+                # The manager's session, not one of its own: the worker leaves our process
+                # group itself (model_service/spare.py says why).
             )
         except BaseException:
             ours.close()
@@ -257,6 +257,8 @@ class WorkerProcess:
                 log.warning("unreadable worker event", extra={"pid": self.pid, "reason": str(exc)})
                 continue
             if isinstance(event, StartEvent | EndEvent):
+                if isinstance(event, EndEvent) and not self._first_request_ended.done():
+                    self._first_request_ended.set_result(None)
                 if self._on_activity is not None:
                     self._on_activity(self, event)
             elif isinstance(event, BeatEvent):
@@ -271,6 +273,16 @@ class WorkerProcess:
                 self._spare_ready.set_result(None)
             elif isinstance(event, FailedEvent):
                 self._failure_reason = event.reason
+
+    async def wait_first_request(self, timeout: float) -> None:
+        """Block until the worker's first request ends (or it exits), `timeout` at most."""
+        waits: set[asyncio.Future[Any]] = {
+            asyncio.shield(self._first_request_ended),
+            asyncio.shield(self._exit_task),
+        }
+        _, pending = await asyncio.wait(waits, timeout=timeout, return_when="FIRST_COMPLETED")
+        for waiting in pending:
+            waiting.cancel()
 
     async def wait_ready(self, timeout: float) -> ReadyEvent:
         """Block until the worker serves. Raises WorkerStartError (and kills it) otherwise."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pty
 import re
 import shutil
 import socket
@@ -21,6 +24,7 @@ from model_service.backends.llama_cpp import (
     create_context,
     open_model,
 )
+from model_service.cpus import at_low_priority
 from model_service.engine import StopMatcher
 from model_service.model_files import package_file
 from pool_manager.config import (
@@ -223,6 +227,48 @@ def test_usable_cores_follow_the_affinity_limit() -> None:
         cwd=REPO,
     )
     assert pinned.stdout.strip() == "1"
+
+
+def test_low_priority_work_runs_on_an_idle_thread_and_leaves_the_caller_as_it_was() -> None:
+    """The spare's import and preparation: SCHED_IDLE on their own thread (a nice-19
+    thread keeps its core when a serving thread wakes), the caller's policy untouched,
+    the result returned and an error raised on the caller's thread."""
+    before = os.sched_getscheduler(0)
+    assert at_low_priority(lambda: os.sched_getscheduler(0), "t") == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) == before != os.SCHED_IDLE
+
+    def fail() -> None:
+        raise LookupError("raised on the thread")
+
+    with pytest.raises(LookupError, match="raised on the thread"):
+        at_low_priority(fail, "t")
+
+
+def test_a_spare_leaves_the_terminal_and_the_process_group_but_not_the_session() -> None:
+    """Started from a terminal's session (a pty here), `leave_the_terminal` drops the
+    controlling terminal (a worker cannot write into the operator's input) and the
+    process group (a Ctrl-C reaches the manager alone), and keeps the session."""
+    inner = (
+        "import os\n"
+        "from model_service.spare import leave_the_terminal\n"
+        "def tty(): return int(open('/proc/self/stat').read().rsplit(')', 1)[1].split()[4])\n"
+        "sid, before = os.getsid(0), tty()\n"
+        "leave_the_terminal()\n"
+        "print('result', before != 0, tty(), os.getpgid(0) == os.getpid(), os.getsid(0) == sid)\n"
+    )
+    outer = f"import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-c', {inner!r}]))"
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: a session leader with the pty as its terminal
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-c", outer])
+    output = b""
+    with contextlib.suppress(OSError):  # EIO once the child side closes
+        while chunk := os.read(terminal, 4096):
+            output += chunk
+    os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, output
+    assert b"result True 0 True True" in output, output
 
 
 def test_a_spare_warms_up_the_streaming_path_with_one_in_process_request() -> None:

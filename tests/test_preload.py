@@ -93,20 +93,40 @@ def test_a_cold_model_loads_from_weights_a_spare_loaded_ahead(
     )
 
 
-def test_a_spare_taken_by_a_load_is_replaced_at_once(start_manager: ManagerFactory) -> None:
-    """The replacement starts when the load takes the spare, not after the load (it
-    imports at nice 19, so it does not slow the load): cold starts of different models a
-    second apart then each find a spare."""
+def test_a_spare_taken_by_a_load_is_replaced_after_the_first_request(
+    start_manager: ManagerFactory,
+) -> None:
+    """The replacement starts once the model's first request ended (not after its drain
+    or TTL), so cold starts of different models a second apart each find a spare; it
+    imports at low priority, beside the model's next requests. Workers stay in the
+    manager's session (one scheduling group, so that low priority counts against them),
+    each in a process group of its own (a Ctrl-C in the manager's terminal reaches the
+    manager alone) and without the terminal."""
     manager = start_manager(models=[model_entry("a:1"), model_entry("b:1")])
     wait_for(lambda: _health(manager)["spare_workers"] == 1, 60, message="the first spare")
     a = manager.load("a:1")
-    assert _health(manager)["spare_workers"] == 1, "a replacement is already under way"
+    chat = manager.request(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": "a:1", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    )
+    assert chat.status_code == 200, chat.text
+    wait_for(lambda: _health(manager)["spare_workers"] == 1, 60, message="a replacement")
     assert manager.process is not None
     children = {c.pid for c in psutil.Process(manager.process.pid).children()}
     assert len(children - {a["pid"]}) == 1, "one spare beside a:1's worker"
+    for pid in children:
+        assert os.getsid(pid) == os.getsid(manager.process.pid), "the manager's session"
+        assert os.getpgid(pid) == pid, "a process group of its own"
+        assert _terminal(pid) == 0, "no controlling terminal"
     b = manager.load("b:1")
     assert b["pid"] in children, "b:1 took the spare that replaced a:1's"
-    assert _health(manager)["spare_workers"] == 1
+
+
+def _terminal(pid: int) -> int:
+    """The controlling terminal's device number of `pid` (0: none), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[4])  # tty_nr: the 7th field, the 5th after the name
 
 
 def test_an_evicted_worker_goes_back_to_the_spares_with_its_weights(
@@ -125,6 +145,13 @@ def test_an_evicted_worker_goes_back_to_the_spares_with_its_weights(
         timeout=60,
     )
     assert chat_reply.status_code == 200, chat_reply.text
+    # a:1's first request ended: the spare that replaces the one it took starts, and
+    # loads b:1 ahead (b:1 then takes it, and a:1's old worker stays a spare).
+    wait_for(
+        lambda: "b:1" in _health(manager)["preloaded_models"],
+        30,
+        message="b:1's weights loaded ahead in the new spare",
+    )
     second_model = manager.load("b:1")  # a:1 evicted: its worker goes back to the spares
     assert manager.model("a:1")["state"] == "COLD" and pid_alive(first["pid"])
     assert manager.process is not None

@@ -1,0 +1,86 @@
+"""SparePool's timing on its own: when a taken spare's replacement starts.
+
+The workers here are stand-ins with only what SparePool reads of a WorkerProcess (its
+first request and exit as futures the test settles), so that "not before" can be
+asserted without a clock race; tests/test_preload.py covers the same with real workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from pool_manager import spares
+from pool_manager.spares import SparePool
+
+
+class StandInWorker:
+    """What SparePool uses of a WorkerProcess; `first_request` is settled by the test."""
+
+    def __init__(self) -> None:
+        self.returncode: int | None = None
+        self.preloaded: list[str] = []
+        self.preload_sent: Any = None
+        self.is_warm_spare = True
+        self.reserved_bytes = 0
+        self.first_request: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def preload(self, paths: list[str], first_settings: Any = None) -> None:
+        self.preloaded = list(paths)
+
+    async def wait_first_request(self, timeout: float) -> None:
+        await asyncio.wait({self.first_request}, timeout=timeout)
+
+    def kill(self) -> None:
+        self.returncode = -9
+
+    async def wait_exit(self) -> int:
+        return self.returncode or 0
+
+
+async def _pool_with_one_spare() -> tuple[SparePool, list[StandInWorker]]:
+    started: list[StandInWorker] = []
+
+    async def start_spare() -> Any:
+        started.append(StandInWorker())
+        return started[-1]
+
+    pool = SparePool(1, start_spare)
+    pool.refill()
+    await _until(lambda: pool.count == 1)
+    return pool, started
+
+
+async def _until(condition: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_the_replacement_starts_once_the_taken_spares_first_request_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(spares, "REPLACEMENT_DEFER_SECONDS", 60.0)
+    pool, started = await _pool_with_one_spare()
+    taken = await pool.take()
+    assert taken is started[0]
+    for _ in range(20):  # the refill task gets every chance to run, and waits
+        await asyncio.sleep(0)
+    assert len(started) == 1 and pool.count == 0, "no replacement during the first request"
+    started[0].first_request.set_result(None)
+    await _until(lambda: pool.count == 1)
+    assert len(started) == 2
+    await pool.close()
+
+
+async def test_the_replacement_starts_after_the_limit_when_no_request_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(spares, "REPLACEMENT_DEFER_SECONDS", 0.05)
+    pool, started = await _pool_with_one_spare()
+    await pool.take()
+    await _until(lambda: pool.count == 1)  # the first request never ends
+    assert len(started) == 2
+    await pool.close()
