@@ -26,6 +26,9 @@ from model_service.activity import ASGIApp, Message, Receive, Scope, Send
 
 # Standard LogRecord attributes, and uvicorn's ANSI-coloured copy of its message.
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"color_message"}
+# Attributes another library's record factory adds to every record (Ray's, in cluster
+# mode: `_ray_timestamp_ns`): not ours to log.
+_FOREIGN_PREFIX = "_"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 LOG_FILE_ENV = "POOL_LOG_FILE"
 LOG_PROMPTS_ENV = "POOL_LOG_PROMPTS"
@@ -52,7 +55,13 @@ class JsonFormatter(logging.Formatter):
         if current is not None:
             entry["request_id"] = current
         # Fields passed with `extra=` become top-level keys.
-        entry.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
+        entry.update(
+            {
+                k: v
+                for k, v in vars(record).items()
+                if k not in _RESERVED and not k.startswith(_FOREIGN_PREFIX)
+            }
+        )
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

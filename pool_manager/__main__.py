@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -15,7 +16,7 @@ from model_service.auth import ApiKeys
 from model_service.logs import setup_logging
 from model_service.serving import GracefulServer
 from pool_manager.api import create_app
-from pool_manager.config import ConfigError, ConfigStore
+from pool_manager.config import ClusterConfig, ConfigError, ConfigStore
 from pool_manager.identity import jwt_secret_from_env
 from pool_manager.metrics import PoolMetrics
 from pool_manager.pool import ModelPool
@@ -47,6 +48,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=_env_int("POOL_PORT"),
         help="listen port, overrides the config (env POOL_PORT)",
+    )
+    parser.add_argument(
+        "--cluster",
+        metavar="RAY_ADDRESS",
+        default=os.environ.get("POOL_CLUSTER"),
+        help="run the workers on this Ray cluster (host:port of its head, or 'auto'); "
+        "overrides the config's cluster.address (env POOL_CLUSTER; docs/SCALING.md)",
     )
     return parser.parse_args(argv)
 
@@ -90,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pool-manager: {exc}", file=sys.stderr)
         return 2
     # Command-line and environment overrides apply to this run only; they are not saved.
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
+    overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v}
+    if args.cluster:
+        cluster = config.cluster or ClusterConfig()
+        overrides["cluster"] = cluster.model_copy(update={"address": args.cluster})
     setup_logging("manager", config.log_level)
     pool = ModelPool(store, config, specs, PoolMetrics(), overrides=overrides)
     host, port = pool.config.host, pool.config.port

@@ -72,8 +72,12 @@ def model_view(pool: ModelPool, record: ModelRecord, *, admin: bool = True) -> d
         "display_name": spec.display_name or spec.model_id,
         "state": record.state.value,
         "port": worker.port if worker else None,
-        "endpoint": f"http://{host}:{worker.port}" if worker else None,
+        "endpoint": f"http://{worker.host if worker.node else host}:{worker.port}"
+        if worker
+        else None,
         "pid": worker.pid if worker and admin else None,
+        # Cluster mode: the node the worker runs on (id, address, host name).
+        "node": worker.node if worker else None,
         "warmup": pool.is_pinned(record),
         "backend": spec.backend,
         "model_type": spec.model_type,
@@ -405,6 +409,9 @@ def create_app(
             "last_reload_error": pool.last_reload_error,
             "dependencies": dependencies,
         }
+        nodes = await asyncio.to_thread(lambda: pool.cluster_nodes)
+        if nodes is not None:  # cluster mode: every node Ray knows, dead ones included
+            detail["cluster"] = {"nodes": nodes, "alive": sum(n["alive"] for n in nodes)}
         if not all(d["ok"] for d in dependencies.values()):
             detail["status"] = "degraded"  # inference goes on; usage waits in memory
         if caller_role(request.scope) is Role.ADMIN:  # what the workers' sandbox has here
@@ -428,7 +435,7 @@ def create_app(
                         change = await asyncio.wait_for(listener.get(), SNAPSHOT_SECONDS)
                     except TimeoutError:
                         continue
-                    yield _sse_event("state", change)
+                    yield _sse_event(change.get("type", "state"), change)
             finally:
                 pool.unsubscribe(listener)
 
@@ -529,7 +536,10 @@ def create_app(
         """Prometheus HTTP service discovery: one target per running worker."""
         host = "127.0.0.1" if pool.config.host in ("0.0.0.0", "::") else pool.config.host
         return [
-            {"targets": [f"{host}:{r.worker.port}"], "labels": {"model": r.model_id}}
+            {
+                "targets": [f"{r.worker.host if r.worker.node else host}:{r.worker.port}"],
+                "labels": {"model": r.model_id},
+            }
             for r in pool.records()
             if r.worker is not None and r.state in SERVING
         ]

@@ -63,6 +63,29 @@ class Limits(BaseModel):
         return self.models.get(model_id)
 
 
+class ClusterConfig(BaseModel):
+    """Cluster mode (pool_manager/cluster.py, docs/SCALING.md): workers on Ray's nodes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The Ray cluster to join: "host:port" of its head (GCS), or "auto" (RAY_ADDRESS, or
+    # the cluster `ray start` made on this machine).
+    address: str = Field(default="auto", min_length=1, max_length=512)
+    namespace: str = Field(default="model-pool", min_length=1, max_length=64)
+
+
+class Placement(BaseModel):
+    """Where a model's worker may run in cluster mode (ignored on one machine)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Ray resources its node must have free besides the memory the pool estimates, e.g.
+    # {"GPU": 1} or a custom label a node was started with.
+    resources: dict[str, float] = Field(default_factory=dict, max_length=32)
+    # A node preferred (its id, address or host name); another one when it has no room.
+    node: str | None = Field(default=None, max_length=256)
+
+
 class PoolConfig(BaseModel):
     """`configs/model_pool_config.json`. Unknown keys are refused (typos are bugs)."""
 
@@ -132,6 +155,9 @@ class PoolConfig(BaseModel):
     semantic_cache_entries: int = Field(default=10_000, ge=0, le=10_000_000)
     responses_max_stored: int = Field(default=1000, ge=0, le=1_000_000)
     responses_max_stored_mb: int = Field(default=256, ge=0, le=65_536)
+    # Workers on the nodes of a Ray cluster instead of this machine (read at start);
+    # null: this machine only.
+    cluster: ClusterConfig | None = None
 
     @model_validator(mode="after")
     def _ttl_bounds(self) -> PoolConfig:
@@ -216,6 +242,8 @@ class ModelSpec(BaseModel):
     memory_max_mb: int | None = Field(default=None, ge=1, le=16_777_216)
     timeout_seconds: float = Field(default=30, gt=0)
     defaults: dict[str, Any] = Field(default_factory=dict)
+    # Cluster mode only: the Ray resources and node the worker's placement asks for.
+    placement: Placement | None = None
 
     @field_validator("model_id")
     @classmethod

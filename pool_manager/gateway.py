@@ -347,12 +347,12 @@ class Gateway:
             idle_timeout = self._idle_timeout(record)
             try:
                 upstream = await self._upstream.request(
-                    worker.port, path, body, forwarded.items(), idle_timeout
+                    worker.port, path, body, forwarded.items(), idle_timeout, host=worker.host
                 )
             except UpstreamTimeout as exc:
                 raise _timed_out(record, exc) from exc
             except UpstreamError as exc:
-                self._upstream.forget(worker.port)
+                self._upstream.forget(worker.port, worker.host)
                 log.warning(
                     "worker unreachable",
                     extra={"model": record.model_id, "attempt": attempt + 1, "reason": str(exc)},

@@ -29,7 +29,7 @@ import psutil
 import tenacity
 
 from model_service.backends.base import BackendError
-from model_service.contract import EndEvent, MemoryCeiling, ModelSettings, StartEvent
+from model_service.contract import EndEvent, MemoryCeiling, ModelSettings, ReadyEvent, StartEvent
 from model_service.cpus import usable_cores
 from model_service.gguf import PROCESS_OVERHEAD_BYTES, MemoryEstimate, estimate_memory
 from model_service.model_files import resolve_model_file
@@ -38,6 +38,7 @@ from model_service.secrets import SecretError, read_api_key
 from model_service.weights import cache_dir as weights_cache_dir
 from model_service.weights import served_path, served_size
 from pool_manager.admission import AdmissionQueue, QueueFull, rank_of
+from pool_manager.cluster import ClusterPlacement, ClusterWorker
 from pool_manager.config import (
     ConfigError,
     ConfigStore,
@@ -75,7 +76,12 @@ from pool_manager.states import (
     ModelState,
     check_transition,
 )
-from pool_manager.worker_process import WorkerProcess, WorkerStartError, probe_sandbox
+from pool_manager.worker_process import (
+    SpareOptions,
+    WorkerProcess,
+    WorkerStartError,
+    probe_sandbox,
+)
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +244,15 @@ class ModelPool:
         self.gpu = GpuMonitor()
         # Listeners for state changes (GET /events); each gets its own bounded queue.
         self._listeners: set[asyncio.Queue[dict[str, Any]]] = set()
-        self._spares = SparePool(self.config.spare_workers, self._start_spare)
+        # Cluster mode: workers on Ray's nodes, placed by resources (pool_manager/cluster.py);
+        # no spares there (yet): each load starts its worker's process on its node.
+        self._cluster = (
+            ClusterPlacement(config.cluster, (config.port_range.start, config.port_range.end))
+            if config.cluster is not None
+            else None
+        )
+        spares = 0 if self._cluster is not None else self.config.spare_workers
+        self._spares = SparePool(spares, self._start_spare)
         self._preload_targets: dict[str, str] = {}  # model id -> file spares load ahead
         # Workers' sandbox (read at start): what this machine gives it, found by `start`.
         self._sandboxed = config.sandbox
@@ -249,7 +263,10 @@ class ModelPool:
     # --- start and stop ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the background loops; warmup models load in the background."""
+        """Start the background loops; warmup models load in the background. Raises
+        RuntimeError when cluster mode cannot join its cluster."""
+        if self._cluster is not None:
+            await self._cluster.connect(self._on_node_change)
         await self._probe_sandbox()
         self._refresh_preload()
         self._spares.refill()
@@ -274,6 +291,8 @@ class ModelPool:
             return_exceptions=True,
         )
         await self._spares.close()
+        if self._cluster is not None:
+            await self._cluster.close()
 
     async def _start_spare(self, network: bool = False) -> WorkerProcess:
         return await WorkerProcess.start_spare(
@@ -447,7 +466,9 @@ class ModelPool:
 
     @staticmethod
     def memory_rss_bytes(record: ModelRecord) -> int | None:
-        if record.worker is None:
+        """The worker's resident memory; None without a worker or for one on a cluster
+        node (its pid is that node's)."""
+        if record.worker is None or record.worker.node is not None:
             return None
         try:
             return int(psutil.Process(record.worker.pid).memory_info().rss)
@@ -456,9 +477,14 @@ class ModelPool:
 
     def vram_bytes(self, record: ModelRecord) -> int | None:
         """GPU memory of the model's worker; None without a GPU or a worker."""
-        if record.worker is None or not self.gpu.available:
+        if record.worker is None or record.worker.node is not None or not self.gpu.available:
             return None
         return self.gpu.vram_bytes_by_pid().get(record.worker.pid, 0)
+
+    @property
+    def cluster_nodes(self) -> list[dict[str, Any]] | None:
+        """The Ray cluster's nodes in cluster mode (GET /health), else None."""
+        return self._cluster.nodes() if self._cluster is not None else None
 
     def memory_summary(self) -> dict[str, Any]:
         gpu_free = self.gpu.free_bytes()
@@ -749,6 +775,8 @@ class ModelPool:
 
     async def _start_worker(self, record: ModelRecord) -> None:
         """One attempt: a port, a process, its ready report. Raises WorkerStartError."""
+        if self._cluster is not None:
+            return await self._start_worker_on_cluster(record, self._cluster)
         sock = self._allocate_port()
         port = sock.getsockname()[1]
         started = time.perf_counter()
@@ -779,6 +807,47 @@ class ModelPool:
             record.worker = None
             self._count_load_failure(record, str(exc) or type(exc).__name__)
             raise
+        self._loaded(record, worker, ready, started)
+
+    async def _start_worker_on_cluster(
+        self, record: ModelRecord, cluster: ClusterPlacement
+    ) -> None:
+        """One attempt in cluster mode: a worker process on a node with room for the model
+        (Ray places it), its port bound there, its ready report. Raises WorkerStartError."""
+        started = time.perf_counter()
+        options = SpareOptions(
+            self.config.graceful_shutdown_seconds,
+            self.config.log_level,
+            sandbox=self._sandboxed,
+            network=not record.spec.is_local,
+        )
+        try:
+            settings = self._worker_settings(record.spec)  # no ceiling: nodes differ
+            worker = await cluster.start_worker(
+                record.spec, options, record.memory_estimate, self.config.load_timeout_seconds
+            )
+        except (InvalidModel, OSError) as exc:
+            self._count_load_failure(record, str(exc))
+            raise WorkerStartError(str(exc), permanent=isinstance(exc, InvalidModel)) from exc
+        record.worker = worker
+        try:
+            await worker.assign_on_node(settings, partial(self._on_activity, record))
+            ready = await worker.wait_ready(self.config.load_timeout_seconds)
+        except BaseException as exc:
+            worker.kill()
+            await worker.wait_exit()
+            record.worker = None
+            self._count_load_failure(record, str(exc) or type(exc).__name__)
+            if isinstance(exc, OSError):
+                raise WorkerStartError(str(exc)) from exc
+            raise
+        self._loaded(record, worker, ready, started)
+
+    def _loaded(
+        self, record: ModelRecord, worker: WorkerProcess, ready: ReadyEvent, started: float
+    ) -> None:
+        """`record`'s worker serves: HOT, with its load's figures; watched from now on."""
+        port = worker.port
         record.load_seconds = time.perf_counter() - started
         handoff = max(0.0, record.load_seconds - ready.load_seconds)
         record.load_phases = {"handoff": handoff, **ready.load_phases}
@@ -799,6 +868,7 @@ class ModelPool:
                 "port": port,
                 "pid": worker.pid,
                 "load_seconds": round(record.load_seconds, 3),
+                **({"node": worker.node["address"]} if worker.node else {}),
             },
         )
         record.watch_task = self._spawn_background(
@@ -1054,7 +1124,12 @@ class ModelPool:
             limit=self.config.memory_limit_mb * MB,
             models=sum(r.memory_estimate for r in occupying),
             spares=self._spares.memory(but_next=takes_spare),
-            available=psutil.virtual_memory().available,
+            # In cluster mode, what the roomiest node has left (Ray's `memory` resource).
+            available=(
+                self._cluster.largest_free_memory()
+                if self._cluster is not None
+                else psutil.virtual_memory().available
+            ),
             reusable=self._spares.reserved_bytes if takes_spare else 0,
         )
 
@@ -1197,7 +1272,7 @@ class ModelPool:
         )
 
     def _release_worker(self, record: ModelRecord) -> None:
-        if record.worker is not None:
+        if record.worker is not None and record.worker.node is None:  # a port of ours
             self._ports.release(record.worker.port)
         record.worker = None
         record.in_flight = 0
@@ -1368,10 +1443,17 @@ class ModelPool:
             return  # an unload we asked for
         now = time.monotonic()
         record.crashes += 1
-        record.recent_crashes.append(now)
-        while record.recent_crashes[0] < now - CRASH_WINDOW_SECONDS:
+        node_lost = isinstance(worker, ClusterWorker) and worker.node_lost
+        if not node_lost:  # a node's death says nothing of the model: no crash loop
+            record.recent_crashes.append(now)
+        while record.recent_crashes and record.recent_crashes[0] < now - CRASH_WINDOW_SECONDS:
             record.recent_crashes.popleft()
-        if worker.hung:
+        if node_lost and worker.node is not None:
+            record.last_error = (
+                f"the worker's cluster node was lost ({worker.node['address']}, node "
+                f"{worker.node['node_id'][:12]}): loaded again on another node on demand"
+            )
+        elif worker.hung:
             record.last_error = worker.hung
         elif worker.out_of_memory:
             record.last_error = (
@@ -1388,7 +1470,7 @@ class ModelPool:
             record.recent_crashes.clear()
             self._enter_failed(record)  # a crash loop: back off instead of reloading at once
             return
-        self._set_state(record, S.COLD)
+        self._set_state(record, S.COLD, "node lost" if node_lost else None)
         if self.is_pinned(record) and not self._closing:
             # Warmup models are meant to stay loaded: bring them straight back.
             self._spawn_background(self._reload_pinned(record), f"reload:{record.model_id}")
@@ -1432,6 +1514,11 @@ class ModelPool:
 
     def unsubscribe(self, listener: asyncio.Queue[dict[str, Any]]) -> None:
         self._listeners.discard(listener)
+
+    def _on_node_change(self, change: str, node: dict[str, Any]) -> None:
+        """A cluster node joined or was lost (GET /events: a `node` event)."""
+        self._publish({"type": "node", "time": time.time(), "change": change, "node": node})
+        self._capacity_changed()  # room on a new node, or less of it
 
     def _publish(self, event: dict[str, Any]) -> None:
         for listener in self._listeners:

@@ -2,7 +2,7 @@
 
 The relay is on every request's path, and a general-purpose client (httpx) spent about
 a millisecond per request in its own layers. Workers are ours and speak plain
-HTTP/1.1 (uvicorn), so this client does only that: keep-alive connections per port,
+HTTP/1.1 (uvicorn), so this client does only that: keep-alive connections per worker,
 one `write` for the request, a header block parsed in one read, and the body passed on
 as it arrives (chunked or Content-Length).
 
@@ -33,6 +33,8 @@ class UpstreamTimeout(UpstreamError):
 
 
 _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Target = tuple[str, int]  # a worker's host and port
+LOCAL_HOST = "127.0.0.1"  # where a local worker listens
 
 
 class UpstreamResponse:
@@ -44,7 +46,7 @@ class UpstreamResponse:
         headers: list[tuple[str, str]],
         connection: _Connection,
         pool: UpstreamPool,
-        port: int,
+        target: Target,
         idle_timeout: float | None = None,
     ) -> None:
         self.status = status
@@ -52,7 +54,7 @@ class UpstreamResponse:
         self.headers = headers
         self._connection: _Connection | None = connection
         self._pool = pool
-        self._port = port
+        self._target = target
         values = {name: value for name, value in headers}
         self._chunked = "chunked" in values.get("transfer-encoding", "").lower()
         length = values.get("content-length")
@@ -113,7 +115,7 @@ class UpstreamResponse:
         if connection is None:
             return  # closed (the client left) while the body's end was arriving
         if self._reusable:
-            self._pool.give_back(self._port, connection)
+            self._pool.give_back(self._target, connection)
         else:
             connection[1].close()
 
@@ -128,11 +130,12 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    """Keep-alive connections to workers on 127.0.0.1, by port. Runs on one event loop."""
+    """Keep-alive connections to workers, by address (127.0.0.1 and the port, or a cluster
+    node's). Runs on one event loop."""
 
     def __init__(self) -> None:
-        # Per port, idle connections and when each was given back (monotonic).
-        self._idle: dict[int, list[tuple[_Connection, float]]] = {}
+        # Per worker, idle connections and when each was given back (monotonic).
+        self._idle: dict[Target, list[tuple[_Connection, float]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
 
     async def request(
@@ -142,22 +145,25 @@ class UpstreamPool:
         body: bytes,
         headers: Iterable[tuple[str, str]],
         idle_timeout: float | None = None,
+        host: str = LOCAL_HOST,
     ) -> UpstreamResponse:
-        """POST `body` to the worker on `port`; returns once the reply's headers are in.
+        """POST `body` to the worker on `host`:`port`; returns once the reply's headers
+        are in.
 
         Raises UpstreamError when no reply comes, UpstreamTimeout when nothing came for
         `idle_timeout` seconds (here or later, reading the body). A kept-alive connection
         the worker closed meanwhile is retried once on a new one (nothing was processed
         on it).
         """
-        head = [f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"]
+        target = (host, port)
+        head = [f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\n"]
         head.extend(f"{name}: {value}\r\n" for name, value in headers)
         head.append(f"content-length: {len(body)}\r\n\r\n")
         message = "".join(head).encode("latin-1") + body
         while True:
-            connection, reused = await self._connect(port)
+            connection, reused = await self._connect(target)
             try:
-                return await self._exchange(port, connection, message, idle_timeout)
+                return await self._exchange(target, connection, message, idle_timeout)
             except TimeoutError as exc:
                 connection[1].close()
                 raise UpstreamTimeout(f"the worker sent nothing for {idle_timeout:g} s") from exc
@@ -173,21 +179,21 @@ class UpstreamPool:
                 connection[1].close()  # our client left before the reply began
                 raise
 
-    async def _connect(self, port: int) -> tuple[_Connection, bool]:
-        idle = self._idle.get(port)
+    async def _connect(self, target: Target) -> tuple[_Connection, bool]:
+        idle = self._idle.get(target)
         while idle:
             (reader, writer), _since = idle.pop()
             if not writer.is_closing() and not reader.at_eof():
                 return (reader, writer), True
             writer.close()
         try:
-            connection = await asyncio.open_connection("127.0.0.1", port, limit=MAX_HEADER_BYTES)
+            connection = await asyncio.open_connection(*target, limit=MAX_HEADER_BYTES)
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to 127.0.0.1:{port}: {exc}") from exc
+            raise UpstreamError(f"cannot connect to {target[0]}:{target[1]}: {exc}") from exc
         return connection, False
 
     async def _exchange(
-        self, port: int, connection: _Connection, message: bytes, idle_timeout: float | None
+        self, target: Target, connection: _Connection, message: bytes, idle_timeout: float | None
     ) -> UpstreamResponse:
         reader, writer = connection
         writer.write(message)
@@ -199,10 +205,10 @@ class UpstreamPool:
         for line in lines:
             name, _, value = line.partition(":")
             headers.append((name.strip().lower(), value.strip()))
-        return UpstreamResponse(int(status), headers, connection, self, port, idle_timeout)
+        return UpstreamResponse(int(status), headers, connection, self, target, idle_timeout)
 
-    def give_back(self, port: int, connection: _Connection) -> None:
-        idle = self._idle.setdefault(port, [])
+    def give_back(self, target: Target, connection: _Connection) -> None:
+        idle = self._idle.setdefault(target, [])
         if len(idle) < MAX_IDLE_PER_PORT:
             idle.append((connection, time.monotonic()))
             if self._sweep is None:
@@ -216,7 +222,7 @@ class UpstreamPool:
         while any are left."""
         self._sweep = None
         oldest = time.monotonic() - IDLE_SECONDS
-        for port, idle in list(self._idle.items()):
+        for target, idle in list(self._idle.items()):
             keep = []
             for (reader, writer), since in idle:
                 if since < oldest or reader.at_eof() or writer.is_closing():
@@ -224,23 +230,23 @@ class UpstreamPool:
                 else:
                     keep.append(((reader, writer), since))
             if keep:
-                self._idle[port] = keep
+                self._idle[target] = keep
             else:
-                del self._idle[port]
+                del self._idle[target]
         if self._idle:
             self._sweep = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep_idle)
 
     def idle_connections(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
-    def forget(self, port: int) -> None:
-        """Close the idle connections to `port` (its worker is gone)."""
-        for (_reader, writer), _since in self._idle.pop(port, []):
+    def forget(self, port: int, host: str = LOCAL_HOST) -> None:
+        """Close the idle connections to the worker at `host`:`port` (it is gone)."""
+        for (_reader, writer), _since in self._idle.pop((host, port), []):
             writer.close()
 
     def close(self) -> None:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        for port in list(self._idle):
-            self.forget(port)
+        for host, port in list(self._idle):
+            self.forget(port, host)

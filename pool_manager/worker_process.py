@@ -25,8 +25,9 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from model_service.auth import ADMIN_KEY_ENV
 from model_service.contract import (
@@ -103,11 +104,79 @@ def worker_environment() -> dict[str, str]:
     }
 
 
+class ProcessHandle(Protocol):
+    """What WorkerProcess needs of its process: an asyncio subprocess here, a process on
+    a cluster node through its WorkerHost actor there (pool_manager/cluster.py)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, signal: int) -> None: ...
+
+
+class ControlChannel(Protocol):
+    """Where WorkerProcess sends commands: the control socket, or a WorkerHost actor."""
+
+    def send(self, data: bytes, /) -> int: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SpareOptions:
+    """How a spare process is started (`python -m model_service.spare`'s arguments)."""
+
+    graceful_seconds: float
+    log_level: str
+    reserve_mb: int = 0
+    sandbox: bool = False  # model_service/sandbox.py's, without network unless `network`
+    network: bool = False
+
+
+async def spawn_spare(
+    options: SpareOptions, env: dict[str, str]
+) -> tuple[asyncio.subprocess.Process, socket.socket]:
+    """Start `python -m model_service.spare` on this machine; the process and our end of
+    its control socket. Also what a cluster node's WorkerHost does (pool_manager/cluster.py)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    network = ["--network"] if options.network else []
+    command = [
+        *(sys.executable, "-m", "model_service.spare"),
+        *(["--sandbox", *network] if options.sandbox else []),
+        *("--control-fd", str(theirs.fileno())),
+        *("--graceful-seconds", str(options.graceful_seconds)),
+        *("--log-level", options.log_level),
+        *("--reserve-mb", str(options.reserve_mb)),
+    ]
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.DEVNULL,
+            env=env,
+            pass_fds=(theirs.fileno(),),
+            # The manager's session, not one of its own: the worker leaves our process
+            # group itself (model_service/spare.py says why).
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return process, ours
+
+
 class WorkerProcess:
     """Started by `start_spare`, given a model by `assign`; methods run on the event loop."""
 
-    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
+    def __init__(self, process: ProcessHandle, control: ControlChannel) -> None:
         self.model_id: str | None = None
+        self.host = "127.0.0.1"  # where it listens, once assigned: a cluster node's address
+        self.node: dict[str, str] | None = None  # the cluster node it runs on, if any
         self.port: int = 0
         self.reserved_bytes = 0  # heap mapped ahead while a spare (see model_service.heap)
         self.threads: int | None = None  # the share of the cores last sent
@@ -175,34 +244,8 @@ class WorkerProcess:
         `sandbox`: in the sandbox of model_service/sandbox.py, without network access
         unless `network` (for a remote backend).
         """
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        sandboxing = ["--sandbox", *(["--network"] if network else [])] if sandbox else []
-        command = [
-            *(sys.executable, "-m", "model_service.spare"),
-            *sandboxing,
-            "--control-fd",
-            str(theirs.fileno()),
-            "--graceful-seconds",
-            str(graceful_seconds),
-            "--log-level",
-            log_level,
-            "--reserve-mb",
-            str(reserve_mb),
-        ]
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.DEVNULL,
-                env=worker_environment(),
-                pass_fds=(theirs.fileno(),),
-                # The manager's session, not one of its own: the worker leaves our process
-                # group itself (model_service/spare.py says why).
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+        options = SpareOptions(graceful_seconds, log_level, reserve_mb, sandbox, network)
+        process, ours = await spawn_spare(options, worker_environment())
         worker = cls(process, ours)
         worker.reserved_bytes = reserve_mb * 2**20
         reader, writer = await asyncio.open_unix_connection(sock=ours.dup())
@@ -241,6 +284,7 @@ class WorkerProcess:
                 )
         line = LoadCommand(settings=settings).encode()
         try:
+            assert isinstance(self._control, socket.socket)  # a local worker's
             socket.send_fds(self._control, [line], [sock.fileno()])
         finally:
             sock.close()

@@ -4,9 +4,9 @@ Each lies between `<!-- section:NAME -->` and `<!-- /section:NAME -->`. A script
 its own section (`write_section`); bench.py, which rewrites the rest of the file, keeps
 them (`kept_sections`). `python scripts/doc_sections.py` renders the agent-protocol
 sections from their committed JSON runs (docs/bench_tools.json,
-docs/bench_embeddings.json), the swap and tenancy sections from theirs
-(docs/bench_swap.json, docs/bench_tenancy.json), so every figure there comes from a run of
-committed code.
+docs/bench_embeddings.json), the swap, tenancy and cluster sections from theirs
+(docs/bench_swap.json, docs/bench_tenancy.json, docs/bench_cluster.json), so every
+figure there comes from a run of committed code.
 """
 
 from __future__ import annotations
@@ -275,6 +275,13 @@ def main() -> int:
 
         write_section("tenancy", tenancy_section(json.loads(tenancy_json.read_text())))
         written.append("tenancy")
+    cluster_json = docs / "bench_cluster.json"
+    if cluster_json.exists():
+        sys.path.insert(0, str(REPO))
+        from scripts.bench_cluster import section as cluster_section  # it imports this module
+
+        write_section("cluster", cluster_section(json.loads(cluster_json.read_text())))
+        written.append("cluster")
     print(f"wrote the {', '.join(written)} sections of {BENCHMARKS_MD.relative_to(REPO)}")
     return 0
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from pool_manager.upstream import UpstreamError, UpstreamPool, UpstreamTimeout
+from pool_manager.upstream import LOCAL_HOST, UpstreamError, UpstreamPool, UpstreamTimeout
 
 Scope = dict[str, Any]
 
@@ -70,7 +70,7 @@ async def test_streams_chunks_and_reads_fixed_length_bodies(server: int) -> None
     assert [chunk async for chunk in reply.body()] == [b"one ", b"two ", b"three"]
     reply = await pool.request(server, "/fixed", b'{"a": 1}', [])
     assert (reply.status, reply.header("x-seen"), await reply.read()) == (201, "POST", b'{"a": 1}')
-    assert len(pool._idle[server]) == 1, "both requests used one kept-alive connection"
+    assert len(pool._idle[(LOCAL_HOST, server)]) == 1, "both requests on one kept-alive connection"
     pool.close()
 
 
@@ -98,11 +98,12 @@ async def test_a_connection_the_worker_closed_while_idle_is_replaced(server: int
     assert await (await pool.request(server, "/fixed", b"1", [])).read() == b"1"
     assert pool._sweep is not None
     pool._sweep.cancel()  # what this test is about happens between two sweeps
-    (reader, _writer), _since = pool._idle[server][0]
+    (reader, _writer), _since = pool._idle[(LOCAL_HOST, server)][0]
     # uvicorn closes connections idle for timeout_keep_alive (1 s here).
     async with asyncio.timeout(10):
         await reader.read()
-    assert reader.at_eof() and len(pool._idle[server]) == 1, "still pooled, but closed"
+    idle = pool._idle[(LOCAL_HOST, server)]
+    assert reader.at_eof() and len(idle) == 1, "still pooled, but closed"
     assert await (await pool.request(server, "/fixed", b"2", [])).read() == b"2"
     pool.close()
 

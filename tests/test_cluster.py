@@ -1,0 +1,180 @@
+"""Cluster mode on a real two-node Ray cluster on loopback (pool_manager/local_cluster.py): the
+manager joins it, places each model's worker on a node by Ray resources, serves the real
+model through 8050 with the official `openai` client, and when a node dies loads its
+models again on the node that is left, losing only what was generating there.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from pool_manager.local_cluster import LocalRayCluster, node_address
+from tests.conftest import Manager, ManagerFactory, model_entry, pid_alive, wait_for
+
+PINNED_TO_A = "on-a:1"  # asks for node A's label resource: runs there or nowhere
+PREFERS_B = "prefers-b:1"  # prefers node B (soft): runs on A when B is gone
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[LocalRayCluster]:
+    pytest.importorskip("ray", reason="Ray is not installed: pip install '.[cluster]'")
+    with LocalRayCluster.start(nodes=2) as cluster:
+        yield cluster
+
+
+def _cluster_manager(
+    start_manager: ManagerFactory,
+    cluster: LocalRayCluster,
+    models: list[dict[str, Any]],
+    **config: Any,
+) -> Manager:
+    full = {"cluster": {"address": cluster.address}, "load_timeout_seconds": 90, **config}
+    return start_manager(config=full, models=models)
+
+
+def _one_on_a_one_preferring_b(
+    start_manager: ManagerFactory, cluster: LocalRayCluster, pinned: bool = False
+) -> Manager:
+    """PINNED_TO_A, which needs node A's label (pinned: a warmup model), and PREFERS_B."""
+    on_a = model_entry(PINNED_TO_A, placement={"resources": {"node_a": 0.1}}, warmup=pinned)
+    prefers_b = model_entry(PREFERS_B, placement={"node": cluster.node_ids["node_b"]})
+    return _cluster_manager(start_manager, cluster, [on_a, prefers_b])
+
+
+def _chat(client: openai.OpenAI, model: str, text: str = "Say hi.") -> str:
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], max_tokens=8
+    )
+    return reply.choices[0].message.content or ""
+
+
+def _client(manager: Manager) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{manager.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_each_model_runs_on_the_node_its_placement_asks_for(
+    start_manager: ManagerFactory, ray_cluster: LocalRayCluster
+) -> None:
+    ids = ray_cluster.node_ids
+    manager = _one_on_a_one_preferring_b(start_manager, ray_cluster)
+    client = _client(manager)
+    assert _chat(client, PINNED_TO_A) and _chat(client, PREFERS_B)
+    models = manager.models()
+    assert models[PINNED_TO_A]["node"]["node_id"] == ids["node_a"]
+    assert models[PREFERS_B]["node"]["node_id"] == ids["node_b"]
+    assert models[PINNED_TO_A]["node"]["address"] == node_address(0)
+    assert models[PREFERS_B]["node"]["address"] == node_address(1)
+    for model in models.values():
+        assert model["state"] == "HOT"
+        assert model["endpoint"] == f"http://{model['node']['address']}:{model['port']}"
+        assert model["memory_rss_mb"] is None, "a node's pid is not measured here"
+    health = manager.request("GET", "/health").json()
+    assert health["cluster"]["alive"] == 2
+    assert {n["node_id"] for n in health["cluster"]["nodes"]} == set(ids.values())
+    # Unloading ends the worker's process on its node, and its actor with it.
+    pid = models[PREFERS_B]["pid"]
+    assert manager.request("POST", f"/models/{PREFERS_B}/unload").status_code == 200
+    wait_for(lambda: not pid_alive(pid), 30, message="the unloaded worker's process to exit")
+
+
+def test_a_model_no_node_has_room_for_fails_to_load_with_a_clear_error(
+    start_manager: ManagerFactory, ray_cluster: LocalRayCluster
+) -> None:
+    manager = _cluster_manager(
+        start_manager,
+        ray_cluster,
+        [model_entry("nowhere:1", placement={"resources": {"node_z": 1}})],
+        load_timeout_seconds=3,
+        max_load_failures=1,
+    )
+    reply = manager.request("POST", "/models/nowhere:1/load", timeout=60)
+    assert reply.status_code == 503, reply.text
+    assert "could not place the worker on the cluster" in reply.json()["error"]["message"]
+
+
+def test_a_lost_node_s_model_comes_back_on_another_node_and_only_what_ran_there_is_lost(
+    start_manager: ManagerFactory, ray_cluster: LocalRayCluster
+) -> None:
+    ids = ray_cluster.node_ids
+    manager = _one_on_a_one_preferring_b(start_manager, ray_cluster, pinned=True)
+    client = _client(manager)
+    assert _chat(client, PREFERS_B)
+    assert manager.model(PREFERS_B)["node"]["node_id"] == ids["node_b"]
+    events = _EventLog(manager)
+
+    results: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                _chat(client, PREFERS_B)
+                results.append("ok")
+            except openai.APIError as exc:
+                results.append(f"failed: {exc}")
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(traffic) for _ in range(2)]
+        wait_for(lambda: len(results) >= 4, 60, message="traffic before the node's death")
+        before = len(results)
+        ray_cluster.kill("node_b")
+        wait_for(
+            lambda: (
+                (m := manager.model(PREFERS_B))["node"] is not None
+                and m["node"]["node_id"] == ids["node_a"]
+            ),
+            90,
+            interval=0.2,
+            message=f"{PREFERS_B} on node A",
+        )
+        wait_for(lambda: len(results) >= before + 8, 90, message="traffic after the node's death")
+        stop.set()
+        for run in runs:
+            run.result(timeout=120)
+    failed = [r for r in results if r != "ok"]
+    # Two clients: at most the two requests generating on node B when it died fail.
+    assert len(failed) <= 2, failed
+    assert results[-4:] == ["ok"] * 4
+    assert manager.model(PINNED_TO_A)["state"] == "HOT", "node A's model never noticed"
+    lost = events.wait_for(lambda e: e.get("type") == "node" and e["change"] == "lost")
+    assert lost["node"]["node_id"] == ids["node_b"]
+    assert events.wait_for(lambda e: e.get("model") == PREFERS_B and e.get("detail") == "node lost")
+    events.close()
+
+
+class _EventLog:
+    """GET /events read on a thread from now on; `wait_for` finds an event in it."""
+
+    def __init__(self, manager: Manager) -> None:
+        self._events: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._url = f"{manager.url}/events"
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with httpx.stream("GET", self._url, timeout=None) as reply:
+            for line in reply.iter_lines():
+                if self._stop.is_set():
+                    return
+                if line.startswith("data:"):
+                    self._events.append(json.loads(line[5:]))
+
+    def wait_for(self, match: Any, timeout: float = 60) -> dict[str, Any]:
+        found: dict[str, Any] = wait_for(
+            lambda: next((e for e in list(self._events) if match(e)), None),
+            timeout,
+            message="an event",
+        )
+        return found
+
+    def close(self) -> None:
+        self._stop.set()  # the reader ends at the stream's next line (a snapshot, 2 s)
