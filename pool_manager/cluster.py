@@ -34,6 +34,7 @@ from typing import Any
 
 from model_service.contract import LoadCommand, ModelSettings
 from pool_manager.config import ClusterConfig, ModelSpec
+from pool_manager.ports import listen_on_first_free
 from pool_manager.worker_process import (
     ActivityCallback,
     SpareOptions,
@@ -96,7 +97,7 @@ class WorkerHost:
         the load command with it, as the manager does for a local worker; the port."""
         assert self._control is not None
         host = _node_address()
-        listener = _bind_in_range(host, *self._ports)
+        listener = listen_on_first_free(host, *self._ports)
         try:
             socket.send_fds(self._control, [line], [listener.fileno()])
             port: int = listener.getsockname()[1]
@@ -121,22 +122,16 @@ def _node_address() -> str:
     return address
 
 
+def _cause(error: Exception) -> str:
+    """What went wrong in an actor's method, without Ray's traceback and colours."""
+    cause = getattr(error, "cause", None)
+    return f"{type(cause).__name__}: {cause}" if isinstance(cause, Exception) else str(error)
+
+
 def _node_alive(node_id: str) -> bool:
     import ray
 
     return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
-
-
-def _bind_in_range(host: str, start: int, end: int) -> socket.socket:
-    for port in range(start, end + 1):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.bind((host, port))
-            listener.listen(128)
-            return listener
-        except OSError:
-            listener.close()
-    raise OSError(f"no free port in {start}-{end} on {host}")
 
 
 class _RemoteProcess:
@@ -214,7 +209,7 @@ class ClusterWorker(WorkerProcess):
         try:
             self.port = await self.actor.load.remote(LoadCommand(settings=settings).encode())
         except RayError as exc:
-            raise OSError(f"the worker's node did not take the model: {exc}") from exc
+            raise OSError(f"the worker's node did not take the model: {_cause(exc)}") from exc
 
 
 class ClusterPlacement:
@@ -342,7 +337,7 @@ class ClusterPlacement:
             where = await asyncio.wait_for(actor.start.remote(), timeout)
         except (TimeoutError, RayError) as exc:
             ray.kill(actor)
-            reason = "no node has room for it" if isinstance(exc, TimeoutError) else str(exc)
+            reason = "no node has room for it" if isinstance(exc, TimeoutError) else _cause(exc)
             raise OSError(f"could not place the worker on the cluster: {reason}") from exc
         process = _RemoteProcess(actor, int(where["pid"]), str(where["node_id"]))
         worker = ClusterWorker(process, _RemoteControl(actor))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Collection
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -43,6 +44,27 @@ class NoFreePort(Exception):
     pass
 
 
+def listen_on_first_free(
+    host: str, start: int, end: int, skip: Collection[int] = ()
+) -> socket.socket:
+    """A listening socket on the lowest port of `start`-`end` (not in `skip`) that can be
+    bound on `host`; a TIME_WAIT leftover of an earlier worker does not count as taken.
+    Raises NoFreePort."""
+    for port in range(start, end + 1):
+        if port in skip:
+            continue
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(1024)
+        except OSError:
+            sock.close()  # someone else's port
+            continue
+        return sock
+    raise NoFreePort(f"no free port in {start}-{end} on {host}")
+
+
 class PortAllocator:
     def __init__(self, host: str, start: int, end: int) -> None:
         self.host = host
@@ -56,20 +78,9 @@ class PortAllocator:
 
     def allocate(self) -> socket.socket:
         """A listening socket on the lowest free port. Raises NoFreePort."""
-        for port in range(self.start, self.end + 1):
-            if port in self._taken:
-                continue
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((self.host, port))
-                sock.listen(1024)
-            except OSError:
-                sock.close()  # someone else's port
-                continue
-            self._taken.add(port)
-            return sock
-        raise NoFreePort(f"no free port in {self.start}-{self.end}")
+        sock = listen_on_first_free(self.host, self.start, self.end, skip=self._taken)
+        self._taken.add(sock.getsockname()[1])
+        return sock
 
     def release(self, port: int) -> None:
         self._taken.discard(port)

@@ -37,7 +37,8 @@ def _cluster_manager(
     **config: Any,
 ) -> Manager:
     full = {"cluster": {"address": cluster.address}, "load_timeout_seconds": 90, **config}
-    return start_manager(config=full, models=models)
+    # One port: the range is each node's own (its worker binds there, on its address).
+    return start_manager(config=full, models=models, ports=1)
 
 
 def _one_on_a_one_preferring_b(
@@ -72,6 +73,7 @@ def test_each_model_runs_on_the_node_its_placement_asks_for(
     assert models[PREFERS_B]["node"]["node_id"] == ids["node_b"]
     assert models[PINNED_TO_A]["node"]["address"] == node_address(0)
     assert models[PREFERS_B]["node"]["address"] == node_address(1)
+    assert models[PINNED_TO_A]["port"] == models[PREFERS_B]["port"], "one port, two nodes"
     for model in models.values():
         assert model["state"] == "HOT"
         assert model["endpoint"] == f"http://{model['node']['address']}:{model['port']}"
@@ -83,6 +85,15 @@ def test_each_model_runs_on_the_node_its_placement_asks_for(
     pid = models[PREFERS_B]["pid"]
     assert manager.request("POST", f"/models/{PREFERS_B}/unload").status_code == 200
     wait_for(lambda: not pid_alive(pid), 30, message="the unloaded worker's process to exit")
+    # Loaded again, and again: a new worker process on its node each time, on the same
+    # port there (the one of the range), which the last one's connections left in TIME_WAIT.
+    for _ in range(2):
+        assert _chat(client, PREFERS_B)
+        again = manager.model(PREFERS_B)
+        assert (
+            again["node"]["node_id"] == ids["node_b"] and again["port"] == models[PREFERS_B]["port"]
+        )
+        assert manager.request("POST", f"/models/{PREFERS_B}/unload").status_code == 200
 
 
 def test_a_model_no_node_has_room_for_fails_to_load_with_a_clear_error(
