@@ -209,8 +209,10 @@ def section(run: dict[str, Any]) -> str:
             "",
             f"Cluster against one machine, medians: time to first token "
             f"{lat['ttft_ratio_p50']}x ({lat['ttft_added_ms_p50']:+} ms), total "
-            f"{lat['total_ratio_p50']}x. On loopback the network adds nothing measurable; "
-            "between hosts add the network's round trip to each request.",
+            f"{lat['total_ratio_p50']}x. Both workers are on this machine, so this is not the "
+            "network: the cluster pool's manager also carries a Ray driver, and the worker's "
+            "events reach it as actor calls (where the difference goes is not profiled yet). "
+            "Between hosts, add the network's round trip to each request.",
             "",
             f"**Scale from zero** ({zero['local']['ttft_ms']['n']} times each: unload, then "
             "one request with `max_tokens` 1), time to first token in ms, the load "
