@@ -78,6 +78,17 @@ def model_view(pool: ModelPool, record: ModelRecord, *, admin: bool = True) -> d
         "pid": worker.pid if worker and admin else None,
         # Cluster mode: the node the worker runs on (id, address, host name).
         "node": worker.node if worker else None,
+        # Every worker serving it (one unless the registry asks for replicas).
+        "replicas": [
+            {
+                "port": w.port,
+                "endpoint": f"http://{w.host if w.node else host}:{w.port}",
+                "pid": w.pid if admin else None,
+                "node": w.node,
+                "in_flight": record.worker_load.get(w, 0),
+            }
+            for w in record.workers
+        ],
         "warmup": pool.is_pinned(record),
         "backend": spec.backend,
         "model_type": spec.model_type,

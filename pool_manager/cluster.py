@@ -321,7 +321,8 @@ class ClusterPlacement:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         placement = spec.placement
-        strategy: Any = "DEFAULT"
+        # A model's replicas on different nodes where they can be (Ray spreads them).
+        strategy: Any = "SPREAD" if spec.most_replicas > 1 else "DEFAULT"
         if placement is not None and placement.node:
             strategy = NodeAffinitySchedulingStrategy(self._node_id(placement.node), soft=True)
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIX)}

@@ -155,6 +155,12 @@ class PoolConfig(BaseModel):
     semantic_cache_entries: int = Field(default=10_000, ge=0, le=10_000_000)
     responses_max_stored: int = Field(default=1000, ge=0, le=1_000_000)
     responses_max_stored_mb: int = Field(default=256, ge=0, le=65_536)
+    # An extra replica of a model (above its `replicas`) with no request for this long
+    # is stopped; how the gateway picks a model's replica for a request: "prefix"
+    # (requests sharing a prompt prefix to the same one, within a bound on its load) or
+    # "round_robin" (for comparison).
+    replica_idle_seconds: float = Field(default=60, ge=0.1, le=86_400)
+    replica_routing: Literal["prefix", "round_robin"] = "prefix"
     # Workers on the nodes of a Ray cluster instead of this machine (read at start);
     # null: this machine only.
     cluster: ClusterConfig | None = None
@@ -244,6 +250,12 @@ class ModelSpec(BaseModel):
     defaults: dict[str, Any] = Field(default_factory=dict)
     # Cluster mode only: the Ray resources and node the worker's placement asks for.
     placement: Placement | None = None
+    # Workers serving the model once it is loaded (replicas), and the most it may get:
+    # one more each time requests queue (more in flight than the replicas have slots),
+    # one less each time an extra one idles for replica_idle_seconds. The gateway sends
+    # requests that share a prompt prefix to the same replica while its load allows.
+    replicas: int = Field(default=1, ge=1, le=16)
+    max_replicas: int | None = Field(default=None, ge=1, le=16)
 
     @field_validator("model_id")
     @classmethod
@@ -298,6 +310,16 @@ class ModelSpec(BaseModel):
     def _known_backend(cls, value: str) -> str:
         kind_of(value)  # raises ValueError naming the kinds there are
         return value
+
+    @model_validator(mode="after")
+    def _replicas_within_maximum(self) -> ModelSpec:
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError("max_replicas must not be below replicas")
+        return self
+
+    @property
+    def most_replicas(self) -> int:
+        return self.max_replicas if self.max_replicas is not None else self.replicas
 
     @model_validator(mode="after")
     def _batch_within_context(self) -> ModelSpec:

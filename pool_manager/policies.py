@@ -1,5 +1,6 @@
 """The pool's choices as small policies: which model to evict, which to load ahead, which
-to cool and unload, how many threads busy workers get (issue 16, point 5).
+to cool and unload, how many threads busy workers get (issue 16, point 5), which replica
+serves a request and how many replicas a model wants (issue 18).
 
 Each is a pure function of what it is shown (snapshots of the models, the clock's `now`,
 byte budgets) and returns a decision; none holds a process, a lock or a clock of its own.
@@ -15,6 +16,8 @@ them fade).
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -220,3 +223,60 @@ class CoreShare:
             self._peak, self._peak_until = busy, math.inf
         recheck = None if self._peak_until == math.inf else self._peak_until - now
         return max(1, cores // max(1, self._peak)), recheck
+
+
+# --- replicas ----------------------------------------------------------------------------
+
+VIRTUAL_NODES = 64  # points per replica on the hash ring: an even split of the keys
+LOAD_BOUND = 1.25  # a replica takes a key while its load stays within 1.25x the mean
+
+
+def affinity_key(body: bytes, length: int = 512) -> bytes:
+    """What requests that share a prompt prefix share: the first `length` bytes of the
+    body from its conversation on (`messages`, `input`, `prompt`, whichever comes first),
+    as sent; the whole start of the body when it has none of them."""
+    starts = [
+        at for name in (b'"messages"', b'"input"', b'"prompt"') if (at := body.find(name)) >= 0
+    ]
+    start = min(starts, default=0)
+    return body[start : start + length]
+
+
+def _point(text: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
+
+
+def choose_replica(key: bytes, replicas: Sequence[tuple[str, int]]) -> int:
+    """The index of the replica for a request with `key` (`affinity_key`), among
+    `replicas` given as (a stable name, requests in flight on it): consistent hashing
+    with bounded loads, as KubeAI routes. The key's point on a ring of the replicas'
+    points names a replica; one whose load would pass LOAD_BOUND x the mean load (this
+    request counted) passes the key on to the next replica clockwise. Requests sharing a
+    prefix so go to the replica that has it in its cache while its load allows, and
+    adding or removing a replica moves only the keys that were its neighbours'."""
+    if len(replicas) <= 1:
+        return 0
+    total = sum(load for _, load in replicas) + 1
+    bound = math.ceil(LOAD_BOUND * total / len(replicas))
+    ring = sorted(
+        (_point(f"{name}#{i}".encode()), index)
+        for index, (name, _load) in enumerate(replicas)
+        for i in range(VIRTUAL_NODES)
+    )
+    start = bisect.bisect(ring, (_point(key), len(replicas)))
+    for step in range(len(ring)):
+        index = ring[(start + step) % len(ring)][1]
+        if replicas[index][1] + 1 <= bound:
+            return index
+    return min(range(len(replicas)), key=lambda i: replicas[i][1])  # unreachable: bound >= 1
+
+
+def replicas_wanted(
+    current: int, minimum: int, maximum: int, in_flight: int, slots_per_replica: int
+) -> int:
+    """How many replicas a model should have now: one more than `current` when requests
+    queue (more in flight than the replicas have slots), within `minimum`-`maximum`.
+    Fewer is the reaper's call (a replica idle for replica_idle_seconds)."""
+    if in_flight > current * slots_per_replica and current < maximum:
+        return current + 1
+    return max(current, minimum)

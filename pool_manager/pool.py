@@ -63,9 +63,11 @@ from pool_manager.policies import (
     Expiring,
     Resident,
     choose_preload,
+    choose_replica,
     choose_victim,
     expire,
     reload_seconds,
+    replicas_wanted,
 )
 from pool_manager.ports import NoFreePort, PortAllocator
 from pool_manager.spares import SparePool
@@ -193,6 +195,14 @@ class ModelRecord:
     parked: int = 0  # of `reserved`, the requests waiting for it to be evicted
     demand: Demand = field(default_factory=Demand)  # how often and lately it was asked for
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # Replicas: workers serving the model besides `worker` (which drives its state), the
+    # requests in flight on each worker, since when an extra one has had none (monotonic),
+    # and whether one is being started.
+    replicas: list[WorkerProcess] = field(default_factory=list)
+    worker_load: dict[WorkerProcess, int] = field(default_factory=dict)
+    idle_since: dict[WorkerProcess, float] = field(default_factory=dict)
+    adding_replica: bool = False
+    next_in_turn: int = 0  # round-robin routing's counter
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -205,6 +215,11 @@ class ModelRecord:
     def unused(self) -> bool:
         """No request runs on it or is on its way to it (parked ones are not)."""
         return self.in_flight == 0 and self.reserved == self.parked
+
+    @property
+    def workers(self) -> list[WorkerProcess]:
+        """Every worker serving it: `worker` first, then the replicas."""
+        return [self.worker, *self.replicas] if self.worker is not None else []
 
 
 class ModelPool:
@@ -815,12 +830,7 @@ class ModelPool:
         """One attempt in cluster mode: a worker process on a node with room for the model
         (Ray places it), its port bound there, its ready report. Raises WorkerStartError."""
         started = time.perf_counter()
-        options = SpareOptions(
-            self.config.graceful_shutdown_seconds,
-            self.config.log_level,
-            sandbox=self._sandboxed,
-            network=not record.spec.is_local,
-        )
+        options = self._cluster_options(record)
         try:
             settings = self._worker_settings(record.spec)  # no ceiling: nodes differ
             worker = await cluster.start_worker(
@@ -842,6 +852,14 @@ class ModelPool:
                 raise WorkerStartError(str(exc)) from exc
             raise
         self._loaded(record, worker, ready, started)
+
+    def _cluster_options(self, record: ModelRecord) -> SpareOptions:
+        return SpareOptions(
+            self.config.graceful_shutdown_seconds,
+            self.config.log_level,
+            sandbox=self._sandboxed,
+            network=not record.spec.is_local,
+        )
 
     def _loaded(
         self, record: ModelRecord, worker: WorkerProcess, ready: ReadyEvent, started: float
@@ -874,6 +892,7 @@ class ModelPool:
         record.watch_task = self._spawn_background(
             self._watch_worker(record, worker), f"watch:{record.model_id}"
         )
+        self._scale_up_if_queued(record)  # to `replicas`, if more than one
 
     def _worker_settings(
         self, spec: ModelSpec, ceiling: MemoryCeiling | None = None
@@ -1000,7 +1019,7 @@ class ModelPool:
         """Wait up to `timeout` for the pool to free `worker` (it died, or was unloaded);
         False if it is still the model's worker then."""
         deadline = time.monotonic() + timeout
-        while record.worker is worker:
+        while worker in record.workers:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -1109,20 +1128,30 @@ class ModelPool:
 
     def _models_estimate(self) -> int:
         """The estimates of the models holding a worker, in bytes."""
-        return sum(r.memory_estimate for r in self._records.values() if r.state in OCCUPYING)
+        return sum(
+            r.memory_estimate * max(1, len(r.workers))
+            for r in self._records.values()
+            if r.state in OCCUPYING
+        )
 
     def _why_it_does_not_fit(
-        self, occupying: list[ModelRecord], need: int, takes_spare: bool = True
+        self,
+        occupying: list[ModelRecord],
+        need: int,
+        takes_spare: bool = True,
+        *,
+        new_model: bool = True,
     ) -> str | None:
         """The rules are pool_manager.memory's; this gathers the numbers. The spare the
         load takes (`takes_spare`) is the model's worker-to-be: not counted apart, and the
-        heap it mapped ahead serves the model's buffers."""
-        if len(occupying) >= self.config.max_concurrent_models:
+        heap it mapped ahead serves the model's buffers. A replica of a loaded model
+        (`new_model` false) takes no slot of max_concurrent_models."""
+        if new_model and len(occupying) >= self.config.max_concurrent_models:
             return f"max_concurrent_models={self.config.max_concurrent_models} models are loaded"
         return why_it_does_not_fit(
             need,
             limit=self.config.memory_limit_mb * MB,
-            models=sum(r.memory_estimate for r in occupying),
+            models=sum(r.memory_estimate * max(1, len(r.workers)) for r in occupying),
             spares=self._spares.memory(but_next=takes_spare),
             # In cluster mode, what the roomiest node has left (Ray's `memory` resource).
             available=(
@@ -1236,6 +1265,10 @@ class ModelPool:
                 )
                 for waiting in pending:
                     waiting.cancel()
+            replicas, record.replicas = record.replicas, []
+            await asyncio.gather(
+                *(self._stop_replica(record, replica, force=force) for replica in replicas)
+            )
             recycled = False
             if self._recyclable(record, worker, keep_process):
                 # Its process serves the next load: no new process, the weights still
@@ -1271,10 +1304,17 @@ class ModelPool:
             and worker.recyclable
         )
 
+    def _release_port(self, worker: WorkerProcess) -> None:
+        if worker.node is None:  # a port of ours, not one of a cluster node's
+            self._ports.release(worker.port)
+
     def _release_worker(self, record: ModelRecord) -> None:
-        if record.worker is not None and record.worker.node is None:  # a port of ours
-            self._ports.release(record.worker.port)
+        for worker in record.workers:
+            self._release_port(worker)
         record.worker = None
+        record.replicas = []
+        record.worker_load.clear()
+        record.idle_since.clear()
         record.in_flight = 0
         record.evicting = False
         record.idle.set()
@@ -1319,14 +1359,19 @@ class ModelPool:
         """A request started or ended on the model's worker (reported by the worker)."""
         if isinstance(event, EndEvent) and self.request_ended is not None:
             self.request_ended(record.model_id, event)  # its usage, even from a late report
-        if record.worker is not worker:
+        if worker not in record.workers:
             return  # a late report from a worker already released
         now = time.monotonic()
         record.last_used_mono = now
         record.last_used_at = time.time()
+        load = record.worker_load.get(worker, 0) + (1 if isinstance(event, StartEvent) else -1)
+        record.worker_load[worker] = max(0, load)
+        if load <= 0:
+            record.idle_since[worker] = now
         if isinstance(event, StartEvent):
             record.demand.add(now)
             record.in_flight += 1
+            self._scale_up_if_queued(record)
             if record.in_flight == 1:
                 self._share_cores()
             record.requests_total += 1
@@ -1362,12 +1407,14 @@ class ModelPool:
         `n_threads`); a worker alone gets them all back once the others stay quiet.
         """
         local = [
-            r.worker
+            worker
             for r in self._records.values()
-            if r.worker is not None and r.spec.is_local and r.state in OCCUPYING
+            if r.spec.is_local and r.state in OCCUPYING
+            for worker in r.workers
+            if worker.node is None
         ]
         busy = sum(
-            1
+            max(1, sum(1 for w in r.workers if r.worker_load.get(w)))
             for r in self._records.values()
             if r.spec.is_local and (r.in_flight or r.state is S.WARMING)
         )
@@ -1384,7 +1431,7 @@ class ModelPool:
     async def _reap_idle_models(self) -> None:
         while True:
             self._reaper_wakeup.clear()
-            next_due = self._expire_idle_models()
+            next_due = min(self._expire_idle_models(), self._retire_idle_replicas())
             timeout = min(next_due, self.config.check_interval_seconds)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reaper_wakeup.wait(), timeout)
@@ -1415,6 +1462,164 @@ class ModelPool:
             self._spawn_background(unload, f"expire:{model_id}")
         return expiry.next_due
 
+    # --- replicas ---------------------------------------------------------------------------
+
+    def route(self, record: ModelRecord, key: bytes) -> WorkerProcess | None:
+        """The worker a request for `record` goes to: its only one, or the replica
+        `choose_replica` names for the request's `affinity_key` (replica_routing
+        "prefix"), or the next in turn ("round_robin"). None with no worker."""
+        workers = [w for w in record.workers if w.returncode is None] or record.workers
+        if len(workers) <= 1:
+            return workers[0] if workers else None
+        if self.config.replica_routing == "round_robin":
+            record.next_in_turn += 1
+            return workers[record.next_in_turn % len(workers)]
+        loads = [(f"{w.host}:{w.port}", record.worker_load.get(w, 0)) for w in workers]
+        return workers[choose_replica(key, loads)]
+
+    def _scale_up_if_queued(self, record: ModelRecord) -> None:
+        """Start one more replica when `replicas_wanted` says so (one at a time)."""
+        spec = record.spec
+        if record.adding_replica or record.state is not S.HOT or record.evicting:
+            return
+        if self._closing or spec.most_replicas <= 1:
+            return
+        current = len(record.workers)
+        wanted = replicas_wanted(
+            current, spec.replicas, spec.most_replicas, record.in_flight, spec.max_concurrent
+        )
+        if wanted > current:
+            record.adding_replica = True
+            self._spawn_background(self._add_replica(record), f"replica:{record.model_id}")
+
+    async def _add_replica(self, record: ModelRecord) -> None:
+        try:
+            reason = self._no_room_for_replica(record)
+            if reason is not None:
+                log.info(
+                    "no room for another replica",
+                    extra={"model": record.model_id, "reason": reason},
+                )
+                return
+            try:
+                worker = await self._launch_replica(record)
+            except (WorkerStartError, PoolError, InvalidModel, OSError) as exc:
+                log.warning(
+                    "a replica did not start", extra={"model": record.model_id, "reason": str(exc)}
+                )
+                return
+            if record.worker is None or record.state not in SERVING or record.unload_task:
+                await worker.stop(self.config.graceful_shutdown_seconds)  # unloaded meanwhile
+                self._release_port(worker)
+                return
+            record.replicas.append(worker)
+            record.worker_load[worker] = 0
+            record.idle_since[worker] = time.monotonic()
+            self._spawn_background(self._watch_worker(record, worker), f"watch:{worker.pid}")
+            log.info(
+                "replica added",
+                extra={
+                    "model": record.model_id,
+                    "pid": worker.pid,
+                    "replicas": len(record.workers),
+                },
+            )
+            self._share_cores()
+            self._reaper_wakeup.set()  # its idle deadline
+        finally:
+            record.adding_replica = False
+        self._scale_up_if_queued(record)  # still short: one more
+
+    def _no_room_for_replica(self, record: ModelRecord) -> str | None:
+        """Why another replica does not fit in memory now (replicas evict nothing)."""
+        occupying = [r for r in self._records.values() if r.state in OCCUPYING]
+        return self._why_it_does_not_fit(occupying, record.memory_estimate, new_model=False)
+
+    async def _launch_replica(self, record: ModelRecord) -> WorkerProcess:
+        """One more worker serving `record`'s model, ready. Raises WorkerStartError,
+        PoolFull (no port), InvalidModel or OSError."""
+        on_activity = partial(self._on_activity, record)
+        timeout = self.config.load_timeout_seconds
+        sock: socket.socket | None = None
+        worker: WorkerProcess
+        if self._cluster is not None:
+            settings = self._worker_settings(record.spec)
+            worker = await self._cluster.start_worker(
+                record.spec, self._cluster_options(record), record.memory_estimate, timeout
+            )
+        else:
+            settings = self._worker_settings(record.spec, self._memory_ceiling(record))
+            sock = self._allocate_port()
+            port = sock.getsockname()[1]
+            try:
+                worker = await self._take_worker(record, settings.served_model_path)
+            except BaseException:
+                sock.close()
+                self._ports.release(port)
+                raise
+        try:
+            if isinstance(worker, ClusterWorker):
+                await worker.assign_on_node(settings, on_activity)
+            else:
+                assert sock is not None
+                worker.assign(settings, sock, on_activity, self._cgroups)
+            await worker.wait_ready(timeout)
+        except BaseException:
+            worker.kill()
+            await worker.wait_exit()
+            self._release_port(worker)
+            raise
+        return worker
+
+    def _retire_idle_replicas(self) -> float:
+        """Stop each replica beyond the model's `replicas` that has had no request for
+        replica_idle_seconds; seconds until the next one may be due."""
+        now = time.monotonic()
+        idle_for = self.config.replica_idle_seconds
+        next_due = math.inf
+        for record in self._records.values():
+            extra = len(record.workers) - record.spec.replicas
+            for worker in list(record.replicas):
+                if extra <= 0 or record.worker_load.get(worker, 0):
+                    continue
+                due = record.idle_since.get(worker, now) + idle_for
+                if due > now:
+                    next_due = min(next_due, due - now)
+                    continue
+                extra -= 1
+                record.replicas.remove(worker)
+                log.info(
+                    "idle replica stopped", extra={"model": record.model_id, "pid": worker.pid}
+                )
+                self._spawn_background(
+                    self._stop_replica(record, worker, force=False), f"retire:{worker.pid}"
+                )
+        return next_due
+
+    async def _stop_replica(self, record: ModelRecord, worker: WorkerProcess, force: bool) -> None:
+        """Stop a replica taken out of `record.replicas` (drained first unless `force`)."""
+        if force:
+            await worker.abort(FORCED_STOP_SECONDS)
+        else:
+            await worker.stop(self.config.graceful_shutdown_seconds)
+        self._drop_replica(record, worker, "stopped")
+
+    def _drop_replica(self, record: ModelRecord, worker: WorkerProcess, why: str) -> None:
+        """Forget a worker of `record` that is gone or stopped, once: its place among the
+        replicas, its port, its load (requests cut with it)."""
+        if worker in record.replicas:
+            record.replicas.remove(worker)
+        log.info("replica gone", extra={"model": record.model_id, "pid": worker.pid, "why": why})
+        self._release_port(worker)
+        lost = record.worker_load.pop(worker, 0)
+        record.idle_since.pop(worker, None)
+        if lost:
+            record.in_flight = max(0, record.in_flight - lost)
+            if record.in_flight == 0:
+                record.idle.set()
+                self._capacity_changed()
+        self._share_cores()
+
     # --- crashes ----------------------------------------------------------------------------
 
     async def _kill_hung_workers(self) -> None:
@@ -1424,23 +1629,37 @@ class ModelPool:
         while True:
             await asyncio.sleep(HANG_CHECK_SECONDS)
             for record in list(self._records.values()):
-                worker = record.worker
-                if worker is None or record.state is S.WARMING or worker.hung:
+                if record.state is S.WARMING:
                     continue
-                reason = worker.hang(
-                    self.config.hang_timeout_seconds, self.config.decode_stall_seconds
-                )
-                if reason is not None:
-                    log.error(
-                        "killing a hung worker",
-                        extra={"model": record.model_id, "pid": worker.pid, "reason": reason},
+                for worker in record.workers:
+                    if worker.hung:
+                        continue
+                    reason = worker.hang(
+                        self.config.hang_timeout_seconds, self.config.decode_stall_seconds
                     )
-                    worker.kill_as_hung(reason)
+                    if reason is not None:
+                        log.error(
+                            "killing a hung worker",
+                            extra={"model": record.model_id, "pid": worker.pid, "reason": reason},
+                        )
+                        worker.kill_as_hung(reason)
 
     async def _watch_worker(self, record: ModelRecord, worker: WorkerProcess) -> None:
         code = await worker.wait_exit()
+        if worker in record.replicas:
+            self._drop_replica(record, worker, f"exited with code {code}")
+            return
         if record.worker is not worker or record.state is S.UNLOADING:
             return  # an unload we asked for
+        if record.replicas:
+            # Another replica serves on: it becomes the model's worker, the state stays.
+            self._drop_replica(record, worker, f"exited with code {code}")
+            record.worker = record.replicas.pop(0)
+            log.warning(
+                "a replica takes over from the model's worker that died",
+                extra={"model": record.model_id, "exit_code": code, "pid": record.worker.pid},
+            )
+            return
         now = time.monotonic()
         record.crashes += 1
         node_lost = isinstance(worker, ClusterWorker) and worker.node_lost

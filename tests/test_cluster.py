@@ -34,20 +34,21 @@ def _cluster_manager(
     start_manager: ManagerFactory,
     cluster: LocalRayCluster,
     models: list[dict[str, Any]],
+    ports: int = 4,
     **config: Any,
 ) -> Manager:
+    """`ports`: the port range, each node's own (its workers bind there, on its address)."""
     full = {"cluster": {"address": cluster.address}, "load_timeout_seconds": 90, **config}
-    # One port: the range is each node's own (its worker binds there, on its address).
-    return start_manager(config=full, models=models, ports=1)
+    return start_manager(config=full, models=models, ports=ports)
 
 
 def _one_on_a_one_preferring_b(
-    start_manager: ManagerFactory, cluster: LocalRayCluster, pinned: bool = False
+    start_manager: ManagerFactory, cluster: LocalRayCluster, pinned: bool = False, ports: int = 4
 ) -> Manager:
     """PINNED_TO_A, which needs node A's label (pinned: a warmup model), and PREFERS_B."""
     on_a = model_entry(PINNED_TO_A, placement={"resources": {"node_a": 0.1}}, warmup=pinned)
     prefers_b = model_entry(PREFERS_B, placement={"node": cluster.node_ids["node_b"]})
-    return _cluster_manager(start_manager, cluster, [on_a, prefers_b])
+    return _cluster_manager(start_manager, cluster, [on_a, prefers_b], ports)
 
 
 def _chat(client: openai.OpenAI, model: str, text: str = "Say hi.") -> str:
@@ -58,14 +59,14 @@ def _chat(client: openai.OpenAI, model: str, text: str = "Say hi.") -> str:
 
 
 def _client(manager: Manager) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{manager.url}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{manager.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def test_each_model_runs_on_the_node_its_placement_asks_for(
     start_manager: ManagerFactory, ray_cluster: LocalRayCluster
 ) -> None:
     ids = ray_cluster.node_ids
-    manager = _one_on_a_one_preferring_b(start_manager, ray_cluster)
+    manager = _one_on_a_one_preferring_b(start_manager, ray_cluster, ports=1)
     client = _client(manager)
     assert _chat(client, PINNED_TO_A) and _chat(client, PREFERS_B)
     models = manager.models()
@@ -134,22 +135,26 @@ def test_a_lost_node_s_model_comes_back_on_another_node_and_only_what_ran_there_
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         runs = [pool.submit(traffic) for _ in range(2)]
-        wait_for(lambda: len(results) >= 4, 60, message="traffic before the node's death")
-        before = len(results)
-        ray_cluster.kill("node_b")
-        wait_for(
-            lambda: (
-                (m := manager.model(PREFERS_B))["node"] is not None
-                and m["node"]["node_id"] == ids["node_a"]
-            ),
-            90,
-            interval=0.2,
-            message=f"{PREFERS_B} on node A",
-        )
-        wait_for(lambda: len(results) >= before + 8, 90, message="traffic after the node's death")
-        stop.set()
+        try:
+            wait_for(lambda: len(results) >= 4, 60, message="traffic before the node's death")
+            before = len(results)
+            ray_cluster.kill("node_b")
+            wait_for(
+                lambda: (
+                    (m := manager.model(PREFERS_B))["node"] is not None
+                    and m["node"]["node_id"] == ids["node_a"]
+                ),
+                90,
+                interval=0.2,
+                message=f"{PREFERS_B} on node A",
+            )
+            wait_for(
+                lambda: len(results) >= before + 8, 90, message="traffic after the node's death"
+            )
+        finally:
+            stop.set()  # the clients stop whatever happened, so the pool can shut down
         for run in runs:
-            run.result(timeout=120)
+            run.result(timeout=150)
     failed = [r for r in results if r != "ok"]
     # Two clients: at most the two requests generating on node B when it died fail.
     assert len(failed) <= 2, failed
@@ -189,3 +194,32 @@ class _EventLog:
 
     def close(self) -> None:
         self._stop.set()  # the reader ends at the stream's next line (a snapshot, 2 s)
+
+
+def test_a_replica_set_serves_one_model_from_both_nodes(
+    start_manager: ManagerFactory, ray_cluster: LocalRayCluster
+) -> None:
+    manager = _cluster_manager(
+        start_manager, ray_cluster, [model_entry("replicated:1", replicas=2, warmup=True)]
+    )
+    wait_for(
+        lambda: len(manager.model("replicated:1")["replicas"]) == 2, 120, message="two replicas"
+    )
+    replicas = manager.model("replicated:1")["replicas"]
+    assert {r["node"]["node_id"] for r in replicas} == set(ray_cluster.node_ids.values())
+    client = _client(manager)
+    served_before = [_served(r) for r in replicas]
+    for i in range(20):
+        reply = client.chat.completions.create(
+            model="replicated:1",
+            messages=[{"role": "user", "content": f"Conversation {i}: say hi."}],
+            max_tokens=1,
+        )
+        assert reply.choices
+    grown = [_served(r) - before for r, before in zip(replicas, served_before, strict=True)]
+    assert sum(grown) == 20 and min(grown) > 0, f"both nodes serve: {grown}"
+
+
+def _served(replica: dict[str, Any]) -> int:
+    served: int = httpx.get(f"{replica['endpoint']}/health", timeout=10).json()["requests_served"]
+    return served

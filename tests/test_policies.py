@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
+
+import pytest
 
 from pool_manager.policies import (
     MB,
@@ -11,11 +14,14 @@ from pool_manager.policies import (
     Demand,
     Expiring,
     Resident,
+    affinity_key,
     choose_preload,
+    choose_replica,
     choose_victim,
     expire,
     keep_value,
     reload_seconds,
+    replicas_wanted,
     split_preload,
 )
 
@@ -157,3 +163,62 @@ def test_spares_split_the_files_to_load_ahead_each_keeping_what_it_has() -> None
     assert split_preload(paths, [{"/m/x"}, {"/m/c"}]) == [["/m/a", "/m/d"], ["/m/b", "/m/c"]]
     assert split_preload(paths, [{"/m/b"}]) == [paths], "one spare: all of them"
     assert split_preload(paths, []) == []
+
+
+# --- replicas -----------------------------------------------------------------------------
+
+
+def test_a_prompt_prefix_goes_to_the_same_replica_and_others_spread() -> None:
+    names = [("10.0.0.1:8051", 0), ("10.0.0.2:8051", 0), ("10.0.0.3:8051", 0)]
+    key = affinity_key(b'{"model": "m", "messages": [{"role": "system", "content": "You are A"}]}')
+    chosen = {choose_replica(key, names) for _ in range(5)}
+    assert len(chosen) == 1, "one prefix, one replica"
+    spread = Counter(
+        choose_replica(affinity_key(f'{{"messages": "conversation {i}"}}'.encode()), names)
+        for i in range(300)
+    )
+    assert set(spread) == {0, 1, 2} and min(spread.values()) > 50, spread
+
+
+def test_a_replica_past_its_load_bound_passes_the_prefix_on() -> None:
+    key = affinity_key(b'{"messages": [{"role": "user", "content": "same prefix"}]}')
+    idle = [("a:1", 0), ("b:1", 0)]
+    home = choose_replica(key, idle)
+    # 1.25 x the mean load (this request counted): 4 on one and 0 on the other is past it.
+    busy = [(name, 4 if index == home else 0) for index, (name, _) in enumerate(idle)]
+    assert choose_replica(key, busy) != home
+    within = [(name, 1 if index == home else 0) for index, (name, _) in enumerate(idle)]
+    assert choose_replica(key, within) == home, "a little busier still keeps its prefix"
+
+
+def test_removing_a_replica_moves_only_its_own_keys() -> None:
+    three = [("a:1", 0), ("b:1", 0), ("c:1", 0)]
+    keys = [f'{{"messages": "k{i}"}}'.encode() for i in range(200)]
+    before = {k: three[choose_replica(k, three)][0] for k in keys}
+    two = [("a:1", 0), ("c:1", 0)]
+    after = {k: two[choose_replica(k, two)][0] for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    assert moved and all(before[k] == "b:1" for k in moved)
+
+
+def test_the_conversation_is_the_key_whatever_comes_before_it() -> None:
+    one = affinity_key(b'{"model": "m", "stream": true, "messages": [{"content": "hi"}]}')
+    two = affinity_key(b'{"messages": [{"content": "hi"}], "model": "m"}')
+    assert one.startswith(b'"messages": [{"content": "hi"}]') and two.startswith(one[:30])
+    assert affinity_key(b'{"model": "m", "input": "text"}').startswith(b'"input"')
+
+
+@pytest.mark.parametrize(
+    ("current", "minimum", "maximum", "in_flight", "slots", "wanted"),
+    [
+        (1, 1, 3, 4, 4, 1),  # every request has a slot: no more
+        (1, 1, 3, 5, 4, 2),  # one waits: one more
+        (3, 1, 3, 99, 4, 3),  # at the maximum
+        (1, 2, 2, 0, 4, 2),  # below the minimum (a replica died): back to it
+        (2, 1, 3, 1, 4, 2),  # fewer is the reaper's call (idle for a while), not this
+    ],
+)
+def test_replicas_wanted_grow_on_queued_requests(
+    current: int, minimum: int, maximum: int, in_flight: int, slots: int, wanted: int
+) -> None:
+    assert replicas_wanted(current, minimum, maximum, in_flight, slots) == wanted
