@@ -10,6 +10,15 @@ from typing import TypeVar
 
 LOW_PRIORITY_NICE = 19  # where SCHED_IDLE is missing
 T = TypeVar("T")
+# False in a process a load is waiting for (`python -m model_service.spare --urgent`):
+# low priority would leave it starved on a busy machine while that load waits.
+_low_priority_allowed = True
+
+
+def run_everything_now() -> None:
+    """From now on `at_low_priority` runs its work at the caller's own priority."""
+    global _low_priority_allowed
+    _low_priority_allowed = False
 
 
 def usable_cores() -> int:
@@ -23,19 +32,25 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def lower_this_thread() -> None:
+def lower_this_thread(idle: bool = True) -> None:
     """Let the calling thread run only on CPU time other threads leave (Linux: per thread;
-    the threads it starts inherit it). SCHED_IDLE, not just nice 19: a nice-19 thread that
-    is running keeps its core until its slice ends when a busy thread wakes up, and
-    llama.cpp's threads wake at every barrier of a forward pass, so a nice-19 import beside
-    a first request made it 3-5x slower; a SCHED_IDLE thread yields at once. A process
-    cannot lower a thread's nice again without privileges, hence a thread of its own.
+    the threads it starts inherit it). A process cannot lower a thread's nice again
+    without privileges, hence a thread of its own.
+
+    `idle`: SCHED_IDLE, not just nice 19: a nice-19 thread that is running keeps its core
+    until its slice ends when a busy thread wakes up, and llama.cpp's threads wake at
+    every barrier of a forward pass, so a nice-19 import beside a first request made it
+    3-5x slower; a SCHED_IDLE thread yields at once. But a SCHED_IDLE thread holding the
+    GIL may not run again for as long as other threads keep the cores busy: only for
+    work no other thread of the process waits on (a spare's import, while its main
+    thread only waits for it). Otherwise (`idle` False) nice 19.
     """
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
-    except (AttributeError, OSError):
+    if idle:
         with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY_NICE)
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+            return
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY_NICE)
 
 
 def at_low_priority(work: Callable[[], T], name: str) -> T:
@@ -45,6 +60,8 @@ def at_low_priority(work: Callable[[], T], name: str) -> T:
     Against other processes this counts only within one scheduling group (an autogroup
     is a session): the pool's workers share the manager's session (worker_process.py).
     """
+    if not _low_priority_allowed:
+        return work()
     results: list[T] = []
     failed: list[BaseException] = []
 

@@ -141,7 +141,9 @@ class Preloader:
     def _run(self) -> None:
         # Lowest priority: loading ahead must not slow the workers that serve, nor this
         # worker's first requests while it frees what it no longer needs (Linux: per thread).
-        lower_this_thread()
+        # Nice 19, not SCHED_IDLE: once the spare is handed a model, this thread shares
+        # the GIL with the threads that serve, and must not hold it while starved.
+        lower_this_thread(idle=False)
         while True:
             with self._changed:
                 while not self._taken and self._next_job() is None and not self._unwanted():

@@ -29,7 +29,7 @@ import sys
 import termios
 from collections.abc import Callable
 
-from model_service import heap, sandbox
+from model_service import cpus, heap, sandbox
 from model_service.cpus import at_low_priority
 
 WorkerMain = Callable[[list[str]], int]
@@ -68,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sandbox", action="store_true", help="enter the worker sandbox")
     parser.add_argument("--network", action="store_true", help="sandboxed, keep the network")
+    parser.add_argument(
+        "--urgent", action="store_true", help="a load waits: import at normal priority"
+    )
     own, worker_args = parser.parse_known_args(argv)
     leave_the_terminal()
+    if own.urgent:
+        cpus.run_everything_now()
     if own.sandbox:
         sandbox.enter(network=own.network)
     worker_main = import_worker_main()

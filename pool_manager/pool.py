@@ -309,13 +309,14 @@ class ModelPool:
         if self._cluster is not None:
             await self._cluster.close()
 
-    async def _start_spare(self, network: bool = False) -> WorkerProcess:
+    async def _start_spare(self, network: bool = False, urgent: bool = False) -> WorkerProcess:
         return await WorkerProcess.start_spare(
             graceful_seconds=self.config.graceful_shutdown_seconds,
             log_level=self.config.log_level,
             reserve_mb=0 if network else await self._spare_reserve_mb(),
             sandbox=self._sandboxed,
             network=network,
+            urgent=urgent,
         )
 
     async def _probe_sandbox(self) -> None:
@@ -337,7 +338,7 @@ class ModelPool:
         """A spare (one holding the `served` file's weights, if one does); but spares have
         no network, so a remote model gets a new process."""
         if self._sandboxed and not record.spec.is_local:
-            return await self._start_spare(network=True)
+            return await self._start_spare(network=True, urgent=True)
         return await self._spares.take(served)
 
     def _memory_ceiling(self, record: ModelRecord) -> MemoryCeiling | None:

@@ -33,7 +33,7 @@ SURPLUS_GRACE_SECONDS = 5.0
 # ready before the next cold start of a succession.
 REPLACEMENT_DEFER_SECONDS = 0.3
 
-StartSpare = Callable[[], Awaitable[WorkerProcess]]
+StartSpare = Callable[..., Awaitable[WorkerProcess]]  # urgent=True: a load waits for it
 
 
 class SparePool:
@@ -112,7 +112,8 @@ class SparePool:
         spare = self._next(path)
         self._spares = [w for w in self._spares if w.returncode is None and w is not spare]
         self._send_preload()  # what the taken one held ahead goes to the others
-        taken = spare if spare is not None else await self._start_spare()
+        # None left: a load waits for this one, which so imports at normal priority.
+        taken = spare if spare is not None else await self._start_spare(urgent=True)
         self.refill(after=taken)
         return taken
 

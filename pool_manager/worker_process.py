@@ -136,6 +136,7 @@ class SpareOptions:
     reserve_mb: int = 0
     sandbox: bool = False  # model_service/sandbox.py's, without network unless `network`
     network: bool = False
+    urgent: bool = False  # a load waits for it: no low-priority start
 
 
 async def spawn_spare(
@@ -148,6 +149,7 @@ async def spawn_spare(
     command = [
         *(sys.executable, "-m", "model_service.spare"),
         *(["--sandbox", *network] if options.sandbox else []),
+        *(["--urgent"] if options.urgent else []),
         *("--control-fd", str(theirs.fileno())),
         *("--graceful-seconds", str(options.graceful_seconds)),
         *("--log-level", options.log_level),
@@ -238,13 +240,15 @@ class WorkerProcess:
         reserve_mb: int = 0,
         sandbox: bool = False,
         network: bool = False,
+        urgent: bool = False,
     ) -> WorkerProcess:
         """Start a worker process with no model. Returns at once; it warms up meanwhile.
 
         `sandbox`: in the sandbox of model_service/sandbox.py, without network access
-        unless `network` (for a remote backend).
+        unless `network` (for a remote backend). `urgent`: a load waits for it, so it
+        imports at normal priority, not on CPU time others leave (model_service/spare.py).
         """
-        options = SpareOptions(graceful_seconds, log_level, reserve_mb, sandbox, network)
+        options = SpareOptions(graceful_seconds, log_level, reserve_mb, sandbox, network, urgent)
         process, ours = await spawn_spare(options, worker_environment())
         worker = cls(process, ours)
         worker.reserved_bytes = reserve_mb * 2**20

@@ -244,6 +244,19 @@ def test_low_priority_work_runs_on_an_idle_thread_and_leaves_the_caller_as_it_wa
         at_low_priority(fail, "t")
 
 
+def test_an_urgent_spare_runs_its_low_priority_work_at_normal_priority() -> None:
+    """`--urgent` (a load waits for the process): nothing at SCHED_IDLE."""
+    code = (
+        "import os\n"
+        "from model_service import cpus\n"
+        "cpus.run_everything_now()\n"
+        "print(cpus.at_low_priority(lambda: os.sched_getscheduler(0), 't') == os.SCHED_IDLE)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
 def test_a_spare_leaves_the_terminal_and_the_process_group_but_not_the_session() -> None:
     """Started from a terminal's session (a pty here), `leave_the_terminal` drops the
     controlling terminal (a worker cannot write into the operator's input) and the

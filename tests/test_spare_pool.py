@@ -40,14 +40,19 @@ class StandInWorker:
         return self.returncode or 0
 
 
-async def _pool_with_one_spare() -> tuple[SparePool, list[StandInWorker]]:
+async def _pool_with_one_spare(
+    urgent: list[bool] | None = None,
+) -> tuple[SparePool, list[StandInWorker]]:
+    """A pool of one spare; `urgent` collects how each later one was started."""
     started: list[StandInWorker] = []
 
-    async def start_spare() -> Any:
+    async def start_spare(urgent_start: bool = False, **_: Any) -> Any:
         started.append(StandInWorker())
+        if urgent is not None and len(started) > 1:
+            urgent.append(urgent_start)
         return started[-1]
 
-    pool = SparePool(1, start_spare)
+    pool = SparePool(1, lambda **kw: start_spare(kw.get("urgent", False)))
     pool.refill()
     await _until(lambda: pool.count == 1)
     return pool, started
@@ -83,4 +88,20 @@ async def test_the_replacement_starts_after_the_limit_when_no_request_comes(
     await pool.take()
     await _until(lambda: pool.count == 1)  # the first request never ends
     assert len(started) == 2
+    await pool.close()
+
+
+async def test_a_load_that_finds_no_spare_starts_an_urgent_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its import then runs at normal priority: on a busy machine a low-priority one
+    would starve while the load waits (the background refill's stay low-priority)."""
+    monkeypatch.setattr(spares, "REPLACEMENT_DEFER_SECONDS", 0.01)
+    urgent: list[bool] = []
+    pool, started = await _pool_with_one_spare(urgent)
+    await pool.take()  # the spare
+    await _until(lambda: pool.count == 1)  # its replacement, in the background
+    pool._spares.clear()  # as if it had just been taken too
+    taken = await pool.take()
+    assert taken is started[2] and urgent[:2] == [False, True], urgent
     await pool.close()
