@@ -8,7 +8,7 @@ as users reach them, in one run on one machine.
 2. **Scale from zero**: the model unloaded, then one request (`max_tokens` 1): its time
    to first token, the load included; on one machine with a spare worker ready, in
    cluster mode with none (a worker's process is started on its node per load).
-3. **Two replicas against one**: not measured, replicas are not built yet (issue 18).
+3. **Two replicas against one**: not measured yet.
 
 The Ray cluster is two nodes on loopback (pool_manager/local_cluster.py: two raylets, at
 127.0.0.2 and 127.0.0.3); the cluster pool's model prefers node B, so its worker runs
@@ -226,8 +226,10 @@ def section(run: dict[str, Any]) -> str:
             "worker's process through its actor (Ray's actor start, then the worker's "
             "imports) before the model's own load.",
             "",
-            "**Two replicas against one**: not measured; replicas of a model are not built "
-            "yet (issue 18, point 2).",
+            "**Two replicas against one**, and cache hits with prefix affinity against round "
+            "robin: not measured by this script yet (replicas came after this run; "
+            "tests/test_replicas.py checks that requests sharing a prefix go to one replica "
+            "and hit its cache, and that round robin does not).",
             "",
             "`.venv/bin/python scripts/bench_cluster.py --write-docs` reproduces it (about 3 "
             "minutes).",
