@@ -282,7 +282,10 @@ def replica_lines(replicas: dict[str, Any] | None) -> list[str]:
         f"streams of 32 tokens, 3 rounds: {two['median']} tokens/s with two replicas "
         f"against {one['median']} with one ({replicas['throughput_ratio']}x; rounds "
         f"{two['tokens_per_s']} and {one['tokens_per_s']}). Both nodes are this 2-core "
-        "machine, so a second replica adds no cores: on real hosts each brings its own.",
+        "machine, so a second replica adds no cores, and in cluster mode the pool does not "
+        "yet split a machine's cores between the workers on it (each keeps its 2 threads: "
+        "four threads spin on two cores, llama.cpp's worst case); on hosts of their own "
+        "each replica brings its own cores. Not a figure to plan by yet.",
     ]
 
 
