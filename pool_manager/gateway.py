@@ -23,7 +23,6 @@ from starlette.types import Receive, Scope, Send
 from model_service.errors import ApiError
 from model_service.logs import request_id
 from pool_manager.identity import Caller, current_caller
-from pool_manager.policies import affinity_key
 from pool_manager.pool import ModelPool, ModelRecord, PoolError
 from pool_manager.quotas import NO_GRANT, Grant, Quotas, RateLimited
 from pool_manager.response_cache import (
@@ -340,10 +339,9 @@ class Gateway:
     async def _relay_attempts(
         self, record: ModelRecord, path: str, body: bytes, forwarded: dict[str, str]
     ) -> Response:
-        key = affinity_key(body)
         for attempt in range(ATTEMPTS):
             await self._pool.load_record(record)
-            worker = self._pool.route(record, key)  # a replica, when it has several
+            worker = self._pool.route(record, body)  # a replica, when it has several
             if worker is None:
                 continue  # unloaded again in between: load once more
             idle_timeout = self._idle_timeout(record)

@@ -62,6 +62,7 @@ from pool_manager.policies import (
     Demand,
     Expiring,
     Resident,
+    affinity_key,
     choose_preload,
     choose_replica,
     choose_victim,
@@ -1465,10 +1466,11 @@ class ModelPool:
 
     # --- replicas ---------------------------------------------------------------------------
 
-    def route(self, record: ModelRecord, key: bytes) -> WorkerProcess | None:
-        """The worker a request for `record` goes to: its only one, or the replica
-        `choose_replica` names for the request's `affinity_key` (replica_routing
-        "prefix"), or the next in turn ("round_robin"). None with no worker."""
+    def route(self, record: ModelRecord, body: bytes) -> WorkerProcess | None:
+        """The worker a request (`body`) for `record` goes to: its only one, or the
+        replica `choose_replica` names for the body's `affinity_key` (replica_routing
+        "prefix"; the body is only read then), or the next in turn ("round_robin"). None
+        with no worker."""
         workers = [w for w in record.workers if w.returncode is None] or record.workers
         if len(workers) <= 1:
             return workers[0] if workers else None
@@ -1476,7 +1478,7 @@ class ModelPool:
             record.next_in_turn += 1
             return workers[record.next_in_turn % len(workers)]
         loads = [(f"{w.host}:{w.port}", record.worker_load.get(w, 0)) for w in workers]
-        return workers[choose_replica(key, loads)]
+        return workers[choose_replica(affinity_key(body), loads)]
 
     def _scale_up_if_queued(self, record: ModelRecord) -> None:
         """Start one more replica when `replicas_wanted` says so (one at a time)."""
