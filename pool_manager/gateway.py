@@ -339,6 +339,7 @@ class Gateway:
     async def _relay_attempts(
         self, record: ModelRecord, path: str, body: bytes, forwarded: dict[str, str]
     ) -> Response:
+        unloaded_meanwhile = False  # the last attempt's worker was unloaded, not lost
         for attempt in range(ATTEMPTS):
             await self._pool.load_record(record)
             worker = self._pool.route(record, body)  # a replica, when it has several
@@ -360,7 +361,8 @@ class Gateway:
                 # Most often it died (killed, crashed, hung): give the pool the moment it
                 # needs to notice and free it, so the next attempt loads a new worker
                 # instead of knocking on the dead one's port again.
-                await self._pool.wait_released(record, worker, WORKER_GONE_WAIT_SECONDS)
+                released = await self._pool.wait_released(record, worker, WORKER_GONE_WAIT_SECONDS)
+                unloaded_meanwhile = released and worker.left_on_request
                 continue
             if upstream.status == 503 and attempt + 1 < ATTEMPTS:
                 try:
@@ -373,6 +375,17 @@ class Gateway:
                 await self._wait_unloaded(record)
                 continue
             return await self._respond(record, upstream)
+        if unloaded_meanwhile:
+            # An operator's unloads (or evictions) kept winning the race: the model is
+            # fine, the client may simply retry, as for a worker that answered
+            # model_unloading.
+            raise ApiError(
+                503,
+                f"Model '{record.model_id}' was unloaded while this request was on its way; retry.",
+                type="server_error",
+                code="model_unloaded",
+                headers={"Retry-After": "1"},
+            )
         raise ApiError(
             502,
             f"The worker for model '{record.model_id}' could not be reached.",

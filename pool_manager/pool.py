@@ -602,9 +602,8 @@ class ModelPool:
         self._saved_config = saved
         self.config = saved.model_copy(update=self._overrides)
         self._ports.set_range(self.config.port_range.start, self.config.port_range.end)
-        self._spares.size = self.config.spare_workers
+        self._spares.resize(self.config.spare_workers)
         self._admission.max_waiting = self.config.admission_queue_max
-        self._spares.refill()
         self._refresh_preload()
         self._reaper_wakeup.set()
 

@@ -148,6 +148,18 @@ class SparePool:
         self._spares = [w for w in alive if w not in by_use[:surplus]]
         self._send_preload()
 
+    def resize(self, size: int) -> None:
+        """Keep `size` spares from now on: a smaller size lets the surplus go at once
+        (an operator who sets spare_workers 0 wants no spare left), a larger one starts
+        the missing ones. The same size changes nothing (a surplus keeps its grace)."""
+        shrunk = size < self.size
+        self.size = size
+        if shrunk:
+            if self._trim_timer is not None:
+                self._trim_timer.cancel()
+            self._trim()
+        self.refill()
+
     def refill(self, after: WorkerProcess | None = None) -> None:
         """Start spares in the background until there are `size`; after `after`'s first
         request when given (see REPLACEMENT_DEFER_SECONDS)."""
@@ -163,6 +175,10 @@ class SparePool:
                 spare = await self._start_spare()
             except OSError as exc:
                 log.error("could not start a spare worker", extra={"reason": str(exc)})
+                return
+            if self._closed or len(self._spares) >= self.size:
+                # Resized down while it started: `size` is the ceiling, not a target.
+                spare.kill()
                 return
             self._spares.append(spare)
             self._send_preload()

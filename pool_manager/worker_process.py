@@ -201,6 +201,10 @@ class WorkerProcess:
         self.last_beat: float | None = None  # monotonic; set once it serves
         self.step_seconds = 0.0
         self.hung: str | None = None  # why the pool killed it as hung, if it did
+        # The pool has stopped serving a model with it (unload, eviction, drain; kept once
+        # it serves another): a request that found its port closed met an unload, not a
+        # crash.
+        self.left_on_request = False
         self._cgroup: Path | None = None  # its memory ceiling's cgroup, if it has one
         self._oom_killed = False  # the kernel killed it for passing that ceiling
 
@@ -388,6 +392,7 @@ class WorkerProcess:
         context and keeps its weights loaded ahead (model_service/__main__.py). True once
         it says `spare` again, within `timeout`; False if it exited instead (a worker that
         cannot be recycled does) or did not answer in time (it is then killed)."""
+        self.left_on_request = True
         loop = asyncio.get_running_loop()
         self._spare_ready = loop.create_future()
         self._ready = loop.create_future()
@@ -408,6 +413,7 @@ class WorkerProcess:
 
     async def abort(self, timeout: float) -> int:
         """Fail the worker's requests with a clear error and stop it; SIGKILL after `timeout`."""
+        self.left_on_request = True
         self._command(AbortCommand())
         try:
             return await asyncio.wait_for(self.wait_exit(), timeout)
@@ -421,6 +427,7 @@ class WorkerProcess:
 
     async def stop(self, timeout: float) -> int:
         """SIGTERM (the worker drains), then SIGKILL after `timeout` seconds."""
+        self.left_on_request = True
         self._signal(signal.SIGTERM)
         try:
             return await asyncio.wait_for(self.wait_exit(), timeout)

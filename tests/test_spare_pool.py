@@ -105,3 +105,34 @@ async def test_a_load_that_finds_no_spare_starts_an_urgent_one(
     taken = await pool.take()
     assert taken is started[2] and urgent[:2] == [False, True], urgent
     await pool.close()
+
+
+async def test_resizing_to_zero_lets_the_spares_go_at_once() -> None:
+    pool, started = await _pool_with_one_spare()
+    pool.resize(0)
+    assert pool.count == 0 and started[0].returncode == -9
+    pool.resize(1)
+    await _until(lambda: pool.count == 1)
+    assert len(started) == 2
+    await pool.close()
+
+
+async def test_a_spare_that_finishes_starting_after_a_resize_down_is_not_kept() -> None:
+    """The bench's quick mode found a spare left with spare_workers 0: its start was
+    under way when the size dropped, and the fill loop added it anyway."""
+    release = asyncio.Event()
+    started: list[StandInWorker] = []
+
+    async def slow_start(**_: Any) -> Any:
+        started.append(StandInWorker())
+        await release.wait()
+        return started[-1]
+
+    pool = SparePool(1, slow_start)
+    pool.refill()
+    await _until(lambda: len(started) == 1)  # under way
+    pool.resize(0)
+    release.set()
+    await _until(lambda: started[0].returncode is not None)
+    assert pool.count == 0
+    await pool.close()
