@@ -274,9 +274,17 @@ class ClusterPlacement:
                 "hostname": n.get("NodeManagerHostname", ""),
                 "alive": bool(n["Alive"]),
                 "memory_bytes": int(n.get("Resources", {}).get("memory", 0)),
+                "cpus": int(n.get("Resources", {}).get("CPU", 0)),
             }
             for n in ray.nodes()
         ]
+
+    def node_cores(self, node_id: str) -> int:
+        """The cores a node offers (Ray's CPU resource: its cores unless its operator
+        said otherwise, as a test cluster of several nodes on one machine does), at
+        least 1; 1 for a node not seen yet."""
+        node = self._nodes.get(node_id)
+        return max(1, int(node["cpus"])) if node is not None else 1
 
     def largest_free_memory(self) -> int:
         """The most `memory` resource one live node has left (what a worker can get)."""

@@ -39,6 +39,7 @@ from pool_manager.response_cache import (
 from pool_manager.sse import close_stream
 from pool_manager.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from pool_manager.usage import Accounting
+from pool_manager.worker_process import WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,11 @@ class Gateway:
         # Keep-alive connections to the workers; no timeout on reads, since a generation
         # may take long (the worker enforces its own timeout_seconds).
         self._upstream = UpstreamPool()
+        pool.worker_lost = self._worker_lost
+
+    def _worker_lost(self, worker: WorkerProcess) -> None:
+        # A local worker's death resets its connections; a lost node's may not.
+        self._upstream.abort(worker.port, worker.host)
 
     async def close(self) -> None:
         self._upstream.close()

@@ -11,16 +11,27 @@ three misses) so that a test that kills a node sees it within seconds, not ~30 s
         cluster.address            # what the manager's config "cluster.address" takes
         cluster.node_ids["node_b"]  # the node started with the label `node_b`
         cluster.kill("node_b")      # SIGKILL of its raylet and the processes it runs
+        cluster.freeze("node_b")    # SIGSTOP of the same: a host that hangs or is cut off
+        cluster.revive("node_b")    # a new node in its place (same label, a new node id)
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import string
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
+
 NODE_MEMORY_BYTES = 3 * 2**30  # each node's `memory` resource: room for a few SmolLM2s
+NODE_RESOURCES: dict[str, Any] = {
+    "num_cpus": 1,
+    "memory": NODE_MEMORY_BYTES,
+    "object_store_memory": 80 * 2**20,
+}
 HEALTH_CHECKS = {
     "health_check_initial_delay_ms": 0,
     "health_check_period_ms": 500,
@@ -36,9 +47,11 @@ def node_address(index: int) -> str:
 
 
 class LocalRayCluster:
-    def __init__(self, cluster: Any, nodes: dict[str, Any]) -> None:
+    def __init__(self, cluster: Any, nodes: dict[str, Any], labels: list[str]) -> None:
         self._cluster = cluster
         self._nodes = nodes  # label: ray._private.node.Node
+        self._labels = labels  # every label, in order: a label's index is its address's
+        self._frozen: list[int] = []  # pids stopped by `freeze`, killed at shutdown
 
     @property
     def address(self) -> str:
@@ -52,6 +65,39 @@ class LocalRayCluster:
         """The node's death, as a crash: its raylet and workers SIGKILLed at once."""
         self._cluster.remove_node(self._nodes.pop(label), allow_graceful=False)
 
+    def freeze(self, label: str) -> None:
+        """The node stops, as a host that hangs or loses its network: its raylet and every
+        process under it (actors, the pool's workers) SIGSTOPped. Connections to it stay
+        open and silent; Ray declares it dead when its health checks fail. Its processes
+        are killed at shutdown."""
+        node = self._nodes.pop(label)
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        stopped = [raylet, *raylet.children(recursive=True)]
+        for process in stopped:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGSTOP)
+        self._frozen.extend(p.pid for p in stopped)
+        # Out of the Cluster's own list, or it would wait for this node in wait_for_nodes.
+        self._cluster.worker_nodes.discard(node)
+
+    def revive(self, label: str) -> None:
+        """A new node in the place of `label`'s (after `kill` or `freeze`): same label
+        resource and address, a new node id."""
+        if label in self._nodes:
+            return
+        index = self._labels.index(label)
+        self._nodes[label] = self._cluster.add_node(
+            **NODE_RESOURCES, resources={label: 1}, node_ip_address=node_address(index)
+        )
+        self._cluster.wait_for_nodes()
+
+    def kill_frozen(self) -> None:
+        """SIGKILL what `freeze` stopped (a stopped process acts on no other signal)."""
+        for pid in self._frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._frozen.clear()
+
     @classmethod
     @contextlib.contextmanager
     def start(cls, nodes: int = 2) -> Iterator[LocalRayCluster]:
@@ -59,28 +105,21 @@ class LocalRayCluster:
         from ray.cluster_utils import Cluster
 
         labels = [f"node_{letter}" for letter in string.ascii_lowercase[:nodes]]
-        common: dict[str, Any] = {
-            "num_cpus": 1,
-            "memory": NODE_MEMORY_BYTES,
-            "object_store_memory": 80 * 2**20,
-        }
         cluster = Cluster(
             initialize_head=True,
             head_node_args={
-                **common,
+                **NODE_RESOURCES,
                 "resources": {labels[0]: 1},
                 "include_dashboard": False,
                 "node_ip_address": node_address(0),
                 "_system_config": HEALTH_CHECKS,
             },
         )
-        started = {labels[0]: cluster.head_node}
+        local = cls(cluster, {labels[0]: cluster.head_node}, labels)
         try:
-            for index, label in enumerate(labels[1:], start=1):
-                started[label] = cluster.add_node(
-                    **common, resources={label: 1}, node_ip_address=node_address(index)
-                )
-            cluster.wait_for_nodes()
-            yield cls(cluster, started)
+            for label in labels[1:]:
+                local.revive(label)
+            yield local
         finally:
+            local.kill_frozen()
             cluster.shutdown()

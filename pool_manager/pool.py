@@ -223,6 +223,11 @@ class ModelRecord:
         return [self.worker, *self.replicas] if self.worker is not None else []
 
 
+def _machine(worker: WorkerProcess) -> str | None:
+    """Which machine's cores a worker uses: its cluster node's id, None for this one."""
+    return worker.node["node_id"] if worker.node is not None else None
+
+
 class ModelPool:
     def __init__(
         self,
@@ -245,12 +250,17 @@ class ModelPool:
         self.metrics = metrics
         # Told of every request a worker finished, with its usage (pool_manager/usage.py).
         self.request_ended: Callable[[str, EndEvent], None] | None = None
+        # Told of a serving worker that exited unasked (crash, kill, its node lost), before
+        # its port is released: the gateway breaks its connections to it.
+        self.worker_lost: Callable[[WorkerProcess], None] | None = None
         self._capacity_lock = asyncio.Lock()
         # Loads waiting for room, and the event that wakes them (replaced each time).
         self._admission = AdmissionQueue(config.admission_queue_max)
         self._capacity_event = asyncio.Event()
         self._reaper_wakeup = asyncio.Event()
-        self._core_share = CoreShare()
+        # Per machine (None: this one; else a cluster node's id): its cores are split
+        # among the workers there.
+        self._core_shares: dict[str | None, CoreShare] = {}
         self._share_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -267,14 +277,17 @@ class ModelPool:
             if config.cluster is not None
             else None
         )
-        spares = 0 if self._cluster is not None else self.config.spare_workers
-        self._spares = SparePool(spares, self._start_spare)
+        self._spares = SparePool(self._spares_wanted, self._start_spare)
         self._preload_targets: dict[str, str] = {}  # model id -> file spares load ahead
         # Workers' sandbox (read at start): what this machine gives it, found by `start`.
         self._sandboxed = config.sandbox
         self.sandbox: dict[str, Any] = {"enabled": config.sandbox, "mechanisms": {}}
         self._cgroups: MemoryCgroups | None = None
         metrics.attach(self)
+
+    @property
+    def _spares_wanted(self) -> int:
+        return 0 if self._cluster is not None else self.config.spare_workers
 
     # --- start and stop ---------------------------------------------------------------------
 
@@ -602,7 +615,7 @@ class ModelPool:
         self._saved_config = saved
         self.config = saved.model_copy(update=self._overrides)
         self._ports.set_range(self.config.port_range.start, self.config.port_range.end)
-        self._spares.resize(self.config.spare_workers)
+        self._spares.resize(self._spares_wanted)
         self._admission.max_waiting = self.config.admission_queue_max
         self._refresh_preload()
         self._reaper_wakeup.set()
@@ -1398,8 +1411,9 @@ class ModelPool:
             self._reaper_wakeup.set()
 
     def _share_cores(self) -> None:
-        """Split the cores among the local workers that are generating or loading
-        (pool_manager.policies.CoreShare: by the most busy at once lately).
+        """Split each machine's cores among the local workers there that are generating
+        or loading (pool_manager.policies.CoreShare: by the most busy at once lately); a
+        cluster node is a machine of its own, with the cores Ray says it has.
 
         llama.cpp's threads wait for each other by spinning: two workers with two threads
         each on a 2-core machine each got under 5 tokens/s (one thread each: 86 and 81).
@@ -1407,27 +1421,39 @@ class ModelPool:
         busy or loading each may use cores/k threads (at least 1, at most its
         `n_threads`); a worker alone gets them all back once the others stay quiet.
         """
-        local = [
-            worker
-            for r in self._records.values()
-            if r.spec.is_local and r.state in OCCUPYING
-            for worker in r.workers
-            if worker.node is None
-        ]
-        busy = sum(
-            max(1, sum(1 for w in r.workers if r.worker_load.get(w)))
-            for r in self._records.values()
-            if r.spec.is_local and (r.in_flight or r.state is S.WARMING)
-        )
-        share, recheck = self._core_share.threads(busy, usable_cores(), time.monotonic())
-        for worker in local:
-            worker.share_cores(share)
+        serving: dict[str | None, list[WorkerProcess]] = {}
+        busy: dict[str | None, int] = {}
+        for record in self._records.values():
+            if not record.spec.is_local:
+                continue
+            if record.state in OCCUPYING:
+                for worker in record.workers:
+                    serving.setdefault(_machine(worker), []).append(worker)
+            if record.in_flight or record.state is S.WARMING:
+                # A request still on its way, or a load, counts on the model's first worker
+                # (a load's process not started yet: here).
+                working = [w for w in record.workers if record.worker_load.get(w)]
+                for machine in [_machine(w) for w in working or record.workers[:1]] or [None]:
+                    busy[machine] = busy.get(machine, 0) + 1
+        now = time.monotonic()
+        rechecks = []
+        for machine in serving.keys() | busy.keys():
+            cores = usable_cores() if machine is None else self._node_cores(machine)
+            share = self._core_shares.setdefault(machine, CoreShare())
+            threads, recheck = share.threads(busy.get(machine, 0), cores, now)
+            for worker in serving.get(machine, []):
+                worker.share_cores(threads)
+            if recheck is not None:
+                rechecks.append(recheck)
         if self._share_timer is not None:
             self._share_timer.cancel()
             self._share_timer = None
-        if recheck is not None:
+        if rechecks:
             loop = asyncio.get_running_loop()
-            self._share_timer = loop.call_later(recheck, self._share_cores)
+            self._share_timer = loop.call_later(min(rechecks), self._share_cores)
+
+    def _node_cores(self, node_id: str) -> int:
+        return self._cluster.node_cores(node_id) if self._cluster is not None else usable_cores()
 
     async def _reap_idle_models(self) -> None:
         while True:
@@ -1648,6 +1674,8 @@ class ModelPool:
 
     async def _watch_worker(self, record: ModelRecord, worker: WorkerProcess) -> None:
         code = await worker.wait_exit()
+        if not worker.left_on_request and self.worker_lost is not None:
+            self.worker_lost(worker)
         if worker in record.replicas:
             self._drop_replica(record, worker, f"exited with code {code}")
             return

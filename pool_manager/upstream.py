@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterable
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -137,6 +138,10 @@ class UpstreamPool:
         # Per worker, idle connections and when each was given back (monotonic).
         self._idle: dict[Target, list[tuple[_Connection, float]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
+        # Per worker, every connection still open (idle or carrying a request), for
+        # `abort`; and when a worker's were last aborted.
+        self._open: dict[Target, weakref.WeakSet[asyncio.StreamWriter]] = {}
+        self._aborted_at: dict[Target, float] = {}
 
     async def request(
         self,
@@ -160,6 +165,7 @@ class UpstreamPool:
         head.extend(f"{name}: {value}\r\n" for name, value in headers)
         head.append(f"content-length: {len(body)}\r\n\r\n")
         message = "".join(head).encode("latin-1") + body
+        started = time.monotonic()
         while True:
             connection, reused = await self._connect(target)
             try:
@@ -169,7 +175,9 @@ class UpstreamPool:
                 raise UpstreamTimeout(f"the worker sent nothing for {idle_timeout:g} s") from exc
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 connection[1].close()
-                if reused and isinstance(exc, (asyncio.IncompleteReadError, OSError)):
+                aborted = self._aborted_at.get(target, float("-inf")) >= started
+                stale = isinstance(exc, (asyncio.IncompleteReadError, OSError))
+                if reused and stale and not aborted:
                     continue  # stale keep-alive connection: once more on a fresh one
                 raise UpstreamError(str(exc) or type(exc).__name__) from exc
             except ValueError as exc:
@@ -190,6 +198,7 @@ class UpstreamPool:
             connection = await asyncio.open_connection(*target, limit=MAX_HEADER_BYTES)
         except OSError as exc:
             raise UpstreamError(f"cannot connect to {target[0]}:{target[1]}: {exc}") from exc
+        self._open.setdefault(target, weakref.WeakSet()).add(connection[1])
         return connection, False
 
     async def _exchange(
@@ -243,6 +252,18 @@ class UpstreamPool:
         """Close the idle connections to the worker at `host`:`port` (it is gone)."""
         for (_reader, writer), _since in self._idle.pop((host, port), []):
             writer.close()
+
+    def abort(self, port: int, host: str = LOCAL_HOST) -> None:
+        """Break every connection to the worker at `host`:`port`, idle or not: it is gone
+        but its host may not say so (a cluster node that froze or lost its network
+        leaves the connections silent, not reset). A request waiting for its reply's
+        headers then fails with UpstreamError (the gateway sends it again) and a reply
+        under way breaks off, instead of both waiting out their idle timeout."""
+        target = (host, port)
+        self._aborted_at[target] = time.monotonic()
+        self._idle.pop(target, None)
+        for writer in list(self._open.pop(target, ())):
+            writer.transport.abort()
 
     def close(self) -> None:
         if self._sweep is not None:

@@ -112,8 +112,18 @@ def test_a_model_no_node_has_room_for_fails_to_load_with_a_clear_error(
     assert "could not place the worker on the cluster" in reply.json()["error"]["message"]
 
 
+@pytest.fixture
+def node_b_back(ray_cluster: LocalRayCluster) -> Iterator[None]:
+    """For a test that kills or freezes node B: a new node B for the tests after it.
+    Listed after `start_manager`, so that it ends first: a frozen worker is killed
+    before the manager's teardown looks for workers left behind."""
+    yield
+    ray_cluster.kill_frozen()
+    ray_cluster.revive("node_b")
+
+
 def test_a_lost_node_s_model_comes_back_on_another_node_and_only_what_ran_there_is_lost(
-    start_manager: ManagerFactory, ray_cluster: LocalRayCluster
+    start_manager: ManagerFactory, ray_cluster: LocalRayCluster, node_b_back: None
 ) -> None:
     ids = ray_cluster.node_ids
     manager = _one_on_a_one_preferring_b(start_manager, ray_cluster, pinned=True)
@@ -164,6 +174,70 @@ def test_a_lost_node_s_model_comes_back_on_another_node_and_only_what_ran_there_
     assert lost["node"]["node_id"] == ids["node_b"]
     assert events.wait_for(lambda e: e.get("model") == PREFERS_B and e.get("detail") == "node lost")
     events.close()
+
+
+def test_requests_queued_on_a_frozen_node_are_sent_again_at_once(
+    start_manager: ManagerFactory, ray_cluster: LocalRayCluster, node_b_back: None
+) -> None:
+    """A node that hangs (or loses its network) resets no connection: without the pool
+    breaking them when Ray declares the node dead, the requests queued there would wait
+    out their idle timeout (timeout_seconds 300 here). One slot, four streaming clients:
+    only the stream generating on node B when it froze may fail."""
+    ids = ray_cluster.node_ids
+    entry = model_entry(
+        PREFERS_B,
+        placement={"node": ids["node_b"]},
+        max_concurrent=1,
+        timeout_seconds=300,
+    )
+    manager = _cluster_manager(start_manager, ray_cluster, [entry])
+    client = _client(manager)
+    assert _chat(client, PREFERS_B)
+    assert manager.model(PREFERS_B)["node"]["node_id"] == ids["node_b"]
+
+    results: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                stream = client.chat.completions.create(
+                    model=PREFERS_B,
+                    messages=[{"role": "user", "content": "Count to twenty."}],
+                    max_tokens=24,
+                    stream=True,
+                )
+                pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+                results.append("ok" if pieces else "empty")
+            except openai.APIError as exc:
+                results.append(f"failed: {exc}")
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        runs = [pool.submit(traffic) for _ in range(4)]
+        try:
+            wait_for(lambda: len(results) >= 4, 60, message="traffic before the freeze")
+            ray_cluster.freeze("node_b")
+            frozen_at = len(results)
+            wait_for(
+                lambda: (
+                    (m := manager.model(PREFERS_B))["node"] is not None
+                    and m["node"]["node_id"] == ids["node_a"]
+                ),
+                90,
+                interval=0.2,
+                message=f"{PREFERS_B} on node A",
+            )
+            wait_for(
+                lambda: len(results) >= frozen_at + 8,
+                90,
+                message="traffic after the freeze (requests stuck on the frozen node?)",
+            )
+        finally:
+            stop.set()
+        for run in runs:
+            run.result(timeout=150)
+    failed = [r for r in results if r != "ok"]
+    assert len(failed) <= 1, f"more than the one generating stream lost: {failed}"
 
 
 class _EventLog:

@@ -152,3 +152,31 @@ async def test_idle_connections_the_worker_closed_are_swept(server: int) -> None
         while pool.idle_connections():
             await asyncio.sleep(0.1)
     pool.close()
+
+
+async def test_abort_breaks_a_silent_worker_s_connections_waiting_or_mid_reply(
+    server: int,
+) -> None:
+    """A worker on a node that froze keeps its connections open and silent; abort (the
+    pool saw it lost) ends the wait for headers and a reply under way at once, with no
+    retry on a fresh connection (that would wait as long again), even on a reused one."""
+    pool = UpstreamPool()
+    warm = await pool.request(server, "/fixed", b"{}", [])
+    await warm.read()  # one kept-alive connection: the next request reuses it
+    waiting = asyncio.create_task(pool.request(server, "/mute", b"{}", [], idle_timeout=60))
+    mid_reply = await pool.request(server, "/stall", b"{}", [], idle_timeout=60)
+    chunks = mid_reply.body()
+    assert await anext(chunks) == b"first"
+    reading = asyncio.create_task(anext(chunks))
+    await asyncio.sleep(0.05)  # both are now waiting on the worker
+    assert not waiting.done() and not reading.done()
+    pool.abort(server)
+    async with asyncio.timeout(5):
+        with pytest.raises(UpstreamError):
+            await waiting
+        with pytest.raises(UpstreamError):
+            await reading
+    assert pool.idle_connections() == 0
+    after = await pool.request(server, "/fixed", b"{}", [])  # a new request is not refused
+    assert await after.read() == b"{}"
+    pool.close()
