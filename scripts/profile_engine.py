@@ -14,7 +14,9 @@ shipped SmolLM2 in-process, with no HTTP, and splits the wall time of each run i
 on the Q8_0 copy of the weights (the kernels llama-server runs unpatched) and on the Q4_1
 file (this project's kernel patch), each with 8 slots of 1,024 cells and 2 threads, the
 same story prompts, `max_tokens` 128, temperature 0.7 as scripts/bench.py's head to head.
-Runs are interleaved across the cases; the figures are medians over the rounds. A run in
+Each round runs each file in a process of its own, as a worker does (two llama.cpp
+contexts computing from two threads of one process slowed each other by a third), the
+files taking turns; the figures are medians over the rounds. A run in
 which any generation fails fails the script. Results go to docs/engine_profile.json (with
 the commit) and, with --write-docs, to the "engine profile" section of BENCHMARKS.md.
 """
@@ -25,6 +27,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -111,55 +114,66 @@ async def one_run(engine: Engine, prompts: list[list[int]], seed: int) -> tuple[
     return produced, wall
 
 
-def profile(files: dict[str, Path], rounds: int) -> dict[str, Any]:
+def profile_one(path: Path, seed: int) -> dict[str, dict[str, float]]:
+    """One round on one file, in this process: a run of 1 stream, then one of 8."""
     clock = Clock()
     clock.install()
-    engines: dict[str, tuple[Engine, StepClock]] = {}
-    prompts: dict[str, list[list[int]]] = {}
-    for name, path in files.items():
-        backend = LlamaCppBackend(
-            {
-                "model_path": str(path),
-                "served_model_path": str(path),
-                "weights": "as_stored",
-                "n_ctx": N_CTX,
-                "max_concurrent": SLOTS,
-                "n_threads": THREADS,
-            }
-        )
-        backend.load()
-        engine = Engine(backend)
-        engines[name] = (engine, StepClock(engine))
-        engine.start()
-        prompts[name] = [backend.render_chat(story(i)).tokens for i in range(SLOTS)]
-    runs: dict[str, list[dict[str, float]]] = {}
+    backend = LlamaCppBackend(
+        {
+            "model_path": str(path),
+            "served_model_path": str(path),
+            "weights": "as_stored",
+            "n_ctx": N_CTX,
+            "max_concurrent": SLOTS,
+            "n_threads": THREADS,
+        }
+    )
+    backend.load()
+    engine = Engine(backend)
+    steps = StepClock(engine)
+    engine.start()
+    prompts = [backend.render_chat(story(i)).tokens for i in range(SLOTS)]
+    rows: dict[str, dict[str, float]] = {}
 
     async def measure() -> None:
-        for r in range(rounds):
-            for name, (engine, steps) in engines.items():
-                for streams in (1, 8):
-                    before = (clock.decode, clock.sample, steps.total, steps.steps)
-                    produced, wall = await one_run(engine, prompts[name][:streams], 100 * r)
-                    decode = clock.decode - before[0]
-                    sample = clock.sample - before[1]
-                    stepped = steps.total - before[2]
-                    runs.setdefault(f"{name}, {streams} stream{'s' if streams > 1 else ''}", [])
-                    runs[f"{name}, {streams} stream{'s' if streams > 1 else ''}"].append(
-                        {
-                            "tokens": produced,
-                            "wall_ms": wall * 1000,
-                            "tokens_per_s": produced / wall,
-                            "steps": steps.steps - before[3],
-                            "decode_ms": decode * 1000,
-                            "sample_ms": sample * 1000,
-                            "engine_ms": (stepped - decode - sample) * 1000,
-                            "outside_steps_ms": (wall - stepped) * 1000,
-                        }
-                    )
+        for streams in (1, 8):
+            before = (clock.decode, clock.sample, steps.total, steps.steps)
+            produced, wall = await one_run(engine, prompts[:streams], seed)
+            decode = clock.decode - before[0]
+            sample = clock.sample - before[1]
+            stepped = steps.total - before[2]
+            rows[str(streams)] = {
+                "tokens": produced,
+                "wall_ms": wall * 1000,
+                "tokens_per_s": produced / wall,
+                "steps": steps.steps - before[3],
+                "decode_ms": decode * 1000,
+                "sample_ms": sample * 1000,
+                "engine_ms": (stepped - decode - sample) * 1000,
+                "outside_steps_ms": (wall - stepped) * 1000,
+            }
 
     asyncio.run(measure())
-    for engine, _ in engines.values():
-        engine.stop()
+    engine.stop()
+    return rows
+
+
+def profile(files: dict[str, Path], rounds: int) -> dict[str, Any]:
+    """`rounds` rounds, each file in a new process of its own in turn."""
+    runs: dict[str, list[dict[str, float]]] = {}
+    for r in range(rounds):
+        for name, path in files.items():
+            reply = subprocess.run(
+                [sys.executable, __file__, "--one", str(path), "--seed", str(100 * r)],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=True,
+            )
+            rows = json.loads(reply.stdout.strip().splitlines()[-1])
+            for streams, row in rows.items():
+                label = f"{name}, {streams} stream{'s' if streams != '1' else ''}"
+                runs.setdefault(label, []).append(row)
     return {case: summary(rows) for case, rows in runs.items()}
 
 
@@ -192,7 +206,8 @@ def section(run: dict[str, Any]) -> str:
         "## Engine profile: where a step's time goes",
         "",
         f"Run on commit {run['commit'][:7]}, {run['cpu']}, 2 threads: the worker's Engine "
-        "in-process (no HTTP), 8 slots x 1,024 cells, the same story prompts, `max_tokens` "
+        "in a process of its own per round (no HTTP), 8 slots x 1,024 cells, the same "
+        "story prompts, `max_tokens` "
         f"{MAX_TOKENS}, temperature 0.7; {run['rounds']} interleaved rounds, medians. Shares "
         "of each run's wall time:",
         "",
@@ -223,7 +238,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # a round, in a child
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one is not None:
+        print(json.dumps(profile_one(args.one, args.seed)))
+        return 0
     source = package_file(MODEL)
     files = {
         "Q8_0 copy": ensure_served(source, widened_path(source, cache_dir())),
