@@ -235,9 +235,10 @@ def section(run: dict[str, Any]) -> str:
         + (
             f": {eight:.1%} of the time at 8 streams on the Q8_0 copy, so an engine that "
             f"added nothing would be {1 / (1 - eight):.3f}x as fast. Beating llama-server by "
-            "10% on the same kernels would take llama-server spending about a tenth of its "
-            "time outside them, where the head to head above finds the two within a few "
-            "percent of each other"
+            "10% with the same work in the same kernels would take llama-server spending "
+            "about a tenth of its time outside them, where the head to head above finds the "
+            "two within a few percent of each other; only less work in the kernels (a prompt "
+            "prefix computed once for concurrent requests, speculative decoding) could"
             if eight is not None
             else ""
         )
