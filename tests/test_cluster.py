@@ -35,11 +35,12 @@ def _cluster_manager(
     cluster: LocalRayCluster,
     models: list[dict[str, Any]],
     ports: int = 4,
+    env: dict[str, str] | None = None,
     **config: Any,
 ) -> Manager:
     """`ports`: the port range, each node's own (its workers bind there, on its address)."""
     full = {"cluster": {"address": cluster.address}, "load_timeout_seconds": 90, **config}
-    return start_manager(config=full, models=models, ports=ports)
+    return start_manager(config=full, models=models, ports=ports, env=env)
 
 
 def _one_on_a_one_preferring_b(
@@ -110,6 +111,88 @@ def test_a_model_no_node_has_room_for_fails_to_load_with_a_clear_error(
     reply = manager.request("POST", "/models/nowhere:1/load", timeout=60)
     assert reply.status_code == 503, reply.text
     assert "could not place the worker on the cluster" in reply.json()["error"]["message"]
+
+
+ADMIN_KEY = "admin-key-cluster-" + "1" * 16
+CLIENT_KEY = "client-key-cluster-" + "2" * 16
+
+
+def test_the_pool_s_rules_hold_with_every_worker_on_a_node(
+    start_manager: ManagerFactory, ray_cluster: LocalRayCluster
+) -> None:
+    """Auth, quotas, LRU, drain, fallbacks, TTL and metrics, as on one machine."""
+    models = [
+        model_entry("first:1", ttl_minutes=0.03, timeout_seconds=120),  # TTL 1.8 s
+        model_entry("second:1", timeout_seconds=120),
+        model_entry("nowhere:1", placement={"resources": {"node_z": 1}}, fallbacks=["second:1"]),
+    ]
+    manager = _cluster_manager(
+        start_manager,
+        ray_cluster,
+        models,
+        env={"POOL_ADMIN_KEY": ADMIN_KEY, "POOL_API_KEY": CLIENT_KEY},
+        max_concurrent_models=1,
+        min_ttl_minutes=0,
+        grace_period_seconds=1.0,
+        check_interval_seconds=0.5,
+        graceful_shutdown_seconds=60,
+        load_timeout_seconds=5,
+    )
+    chat = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+    url = f"{manager.url}/v1/chat/completions"
+    # Auth: no key, no answer; the client key gets one, from a worker on a node.
+    assert httpx.post(url, json={"model": "first:1", **chat}, timeout=60).status_code == 401
+    client = openai.OpenAI(base_url=f"{manager.url}/v1", api_key=CLIENT_KEY, max_retries=0)
+    assert client.chat.completions.create(model="first:1", **chat).choices  # type: ignore[call-overload]
+    assert manager.model("first:1")["node"] is not None
+    # Quotas: a named key over its hourly requests is refused with 429.
+    made = manager.request("POST", "/keys", json={"name": "q", "limits": {"requests_per_hour": 1}})
+    assert made.status_code == 201, made.text
+    limited = {"Authorization": f"Bearer {made.json()['key']}"}
+    first = {"model": "first:1", **chat}
+    assert httpx.post(url, json=first, headers=limited, timeout=60).is_success
+    refused = httpx.post(url, json=first, headers=limited, timeout=60)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+    # LRU: one model at a time, so a request for another evicts the idle one.
+    assert client.chat.completions.create(model="second:1", **chat).choices  # type: ignore[call-overload]
+    assert manager.model("first:1")["state"] == "COLD"
+    assert manager.model("second:1")["node"] is not None
+    # Drain: an unload lets the stream under way finish.
+    stream = client.chat.completions.create(
+        model="second:1",
+        messages=[{"role": "user", "content": "Tell a long story."}],
+        max_tokens=200,
+        temperature=0,
+        stream=True,
+    )
+    chunks = iter(stream)
+    next(chunks)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        unloading = pool.submit(manager.request, "POST", "/models/second:1/unload")
+        manager.wait_state("second:1", "UNLOADING", timeout=30)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+        assert finish[-1] == "length", "the stream ran to its end"
+        assert unloading.result(timeout=60).status_code == 200
+    manager.wait_state("second:1", "COLD", timeout=30)
+    # Fallback: no node can take nowhere:1 (it needs a node_z), second:1 answers for it.
+    reply = httpx.post(
+        url,
+        json={"model": "nowhere:1", **chat},
+        headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-pool-fallback-from"] == "nowhere:1"
+    # TTL: first:1, used again, walks COOLING to COLD by itself.
+    assert client.chat.completions.create(model="first:1", **chat).choices  # type: ignore[call-overload]
+    manager.wait_state("first:1", "COOLING", timeout=30)
+    manager.wait_state("first:1", "COLD", timeout=30)
+    # Metrics count all of it.
+    metrics = manager.request("GET", "/metrics").text
+    assert 'pool_model_unloads_total{model="first:1",reason="ttl"} 1.0' in metrics
+    assert 'pool_model_evictions_total{model="first:1"' in metrics
+    fell_back = 'pool_fallbacks_total{fallback="second:1",model="nowhere:1",reason="load_failed"}'
+    assert f"{fell_back} 1.0" in metrics
 
 
 @pytest.fixture
