@@ -189,6 +189,7 @@ class ClusterWorker(WorkerProcess):
     """A WorkerProcess whose process runs on a cluster node, through its WorkerHost."""
 
     actor: Any = None
+    memory_bytes = 0  # of the node's `memory` resource, held for it
 
     @property
     def node_lost(self) -> bool:
@@ -220,6 +221,7 @@ class ClusterPlacement:
         self._ports = port_range
         self._host_class: Any = None
         self._nodes: dict[str, dict[str, Any]] = {}  # node id: what we last saw of it
+        self._workers: set[ClusterWorker] = set()  # started here and not exited yet
         self._watch: asyncio.Task[None] | None = None
 
     async def connect(self, on_node_change: Any = None) -> None:
@@ -287,14 +289,20 @@ class ClusterPlacement:
         return max(1, int(node["cpus"])) if node is not None else 1
 
     def largest_free_memory(self) -> int:
-        """The most `memory` resource one live node has left (what a worker can get)."""
-        import ray
-
+        """The most `memory` resource one live node has left (what a worker can get): its
+        total less what the workers started here hold on it. Ray's own per-node count is
+        a private API; the pool's workers are what uses this resource on its nodes."""
+        held: dict[str, int] = {}
+        for worker in self._workers:
+            if worker.node is not None:
+                node_id = worker.node["node_id"]
+                held[node_id] = held.get(node_id, 0) + worker.memory_bytes
         free = [
-            int(resources.get("memory", 0))
-            for resources in ray._private.state.available_resources_per_node().values()
+            node["memory_bytes"] - held.get(node_id, 0)
+            for node_id, node in self._nodes.items()
+            if node["alive"]
         ]
-        return max(free, default=0)
+        return max(0, max(free, default=0))
 
     async def _watch_nodes(self, on_change: Any) -> None:
         """Log (and tell `on_change`) when a node joins or dies: Ray notices a dead node
@@ -351,6 +359,9 @@ class ClusterPlacement:
         process = _RemoteProcess(actor, int(where["pid"]), str(where["node_id"]))
         worker = ClusterWorker(process, _RemoteControl(actor))
         worker.actor = actor
+        worker.memory_bytes = max(1, memory_bytes)
+        self._workers.add(worker)
+        worker.on_exit(lambda: self._workers.discard(worker))
         worker.host = str(where["address"])
         worker.node = {k: str(where[k]) for k in ("node_id", "address", "hostname")}
         events = asyncio.StreamReader()

@@ -363,6 +363,10 @@ class WorkerProcess:
         """Block until the process has exited; returns its exit code."""
         return await asyncio.shield(self._exit_task)
 
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the event loop) once the process has exited."""
+        self._exit_task.add_done_callback(lambda _: callback())
+
     def share_cores(self, threads: int) -> None:
         """Tell the worker how many threads it may compute with now (sent on change)."""
         if threads != self.threads:
