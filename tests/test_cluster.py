@@ -9,7 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -226,28 +226,9 @@ def test_a_lost_node_s_model_comes_back_on_another_node_and_only_what_ran_there_
             except openai.APIError as exc:
                 results.append(f"failed: {exc}")
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        runs = [pool.submit(traffic) for _ in range(2)]
-        try:
-            wait_for(lambda: len(results) >= 4, 60, message="traffic before the node's death")
-            before = len(results)
-            ray_cluster.kill("node_b")
-            wait_for(
-                lambda: (
-                    (m := manager.model(PREFERS_B))["node"] is not None
-                    and m["node"]["node_id"] == ids["node_a"]
-                ),
-                90,
-                interval=0.2,
-                message=f"{PREFERS_B} on node A",
-            )
-            wait_for(
-                lambda: len(results) >= before + 8, 90, message="traffic after the node's death"
-            )
-        finally:
-            stop.set()  # the clients stop whatever happened, so the pool can shut down
-        for run in runs:
-            run.result(timeout=150)
+    _lose_node_b_under_traffic(
+        manager, ids, traffic, 2, stop, results, lambda: ray_cluster.kill("node_b")
+    )
     failed = [r for r in results if r != "ok"]
     # Two clients: at most the two requests generating on node B when it died fail.
     assert len(failed) <= 2, failed
@@ -295,12 +276,30 @@ def test_requests_queued_on_a_frozen_node_are_sent_again_at_once(
             except openai.APIError as exc:
                 results.append(f"failed: {exc}")
 
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        runs = [pool.submit(traffic) for _ in range(4)]
+    _lose_node_b_under_traffic(
+        manager, ids, traffic, 4, stop, results, lambda: ray_cluster.freeze("node_b")
+    )
+    failed = [r for r in results if r != "ok"]
+    assert len(failed) <= 1, f"more than the one generating stream lost: {failed}"
+
+
+def _lose_node_b_under_traffic(
+    manager: Manager,
+    ids: dict[str, str],
+    traffic: Callable[[], None],
+    clients: int,
+    stop: threading.Event,
+    results: list[str],
+    lose: Callable[[], None],
+) -> None:
+    """`clients` threads run `traffic` (each result appended to `results`) while node B is
+    lost; returns once PREFERS_B serves from node A and 8 more requests have ended."""
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        runs = [pool.submit(traffic) for _ in range(clients)]
         try:
-            wait_for(lambda: len(results) >= 4, 60, message="traffic before the freeze")
-            ray_cluster.freeze("node_b")
-            frozen_at = len(results)
+            wait_for(lambda: len(results) >= 4, 60, message="traffic before node B is lost")
+            lose()
+            lost_at = len(results)
             wait_for(
                 lambda: (
                     (m := manager.model(PREFERS_B))["node"] is not None
@@ -311,16 +310,14 @@ def test_requests_queued_on_a_frozen_node_are_sent_again_at_once(
                 message=f"{PREFERS_B} on node A",
             )
             wait_for(
-                lambda: len(results) >= frozen_at + 8,
+                lambda: len(results) >= lost_at + 8,
                 90,
-                message="traffic after the freeze (requests stuck on the frozen node?)",
+                message="traffic after node B was lost (requests stuck there?)",
             )
         finally:
-            stop.set()
+            stop.set()  # the clients stop whatever happened, so the pool can shut down
         for run in runs:
             run.result(timeout=150)
-    failed = [r for r in results if r != "ok"]
-    assert len(failed) <= 1, f"more than the one generating stream lost: {failed}"
 
 
 class _EventLog:
