@@ -55,8 +55,8 @@ class SparePool:
 
     @property
     def preloaded(self) -> set[str]:
-        """Files some spare has loaded ahead."""
-        return {path for w in self._spares if w.returncode is None for path in w.preloaded}
+        """Files some spare has loaded ahead and is to keep."""
+        return {path for w in self._spares if w.returncode is None for path in _kept(w)}
 
     def preload(self, paths: list[str], first_settings: ModelSettings | None = None) -> None:
         """Have the spares, now and later, keep these model files loaded ahead between
@@ -98,9 +98,7 @@ class SparePool:
         """The spare `take` would hand out now: a warm one first, among those one holding
         `path`'s weights loaded ahead."""
         alive = [w for w in self._spares if w.returncode is None]
-        return min(
-            alive, key=lambda w: (not w.is_warm_spare, path not in w.preloaded), default=None
-        )
+        return min(alive, key=lambda w: (not w.is_warm_spare, path not in _kept(w)), default=None)
 
     async def take(self, path: str | None = None) -> WorkerProcess:
         """A spare (warm ones first, holding `path`'s weights if one does), or a newly
@@ -197,6 +195,19 @@ class SparePool:
         for worker in self._spares:
             await worker.wait_exit()
         self._spares.clear()
+
+
+def _kept(worker: WorkerProcess) -> list[str]:
+    """The files a spare reported loaded ahead that its latest plan still has it keep.
+
+    Two spares may hold one file (a worker handed back keeps its model's weights); the
+    plan gives the file to one of them, and the other frees its copy as the plan reaches
+    it. Until it reports again, its report still lists the file: without this, a load
+    could take it and find the weights gone."""
+    plan = worker.preload_sent
+    if plan is None:
+        return list(worker.preloaded)
+    return [path for path in worker.preloaded if path in plan.paths]
 
 
 def _measure(worker: WorkerProcess) -> SpareMemory:

@@ -261,7 +261,7 @@ def main() -> int:
         print(json.dumps(profile_one(args.one, args.seed)))
         return 0
     if args.from_json is not None:
-        write_section("engine profile", section(json.loads(args.from_json.read_text())))
+        write_section("engine-profile", section(json.loads(args.from_json.read_text())))
         return 0
     source = package_file(MODEL)
     files = {
@@ -281,7 +281,7 @@ def main() -> int:
         print(case, s["tokens_per_s"], s["share"])
     if args.write_docs:
         DOCS_JSON.write_text(json.dumps(run, indent=2) + "\n")
-        write_section("engine profile", section(run))
+        write_section("engine-profile", section(run))
     return 0
 
 

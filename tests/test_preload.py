@@ -93,6 +93,28 @@ def test_a_cold_model_loads_from_weights_a_spare_loaded_ahead(
     )
 
 
+def test_unload_and_load_in_quick_succession_find_weights_and_context_ahead_each_time(
+    start_manager: ManagerFactory,
+) -> None:
+    """Each unload hands the worker back to the spares beside another spare, both then
+    holding the model's weights: the plan keeps them in one, the other frees its copy.
+    A load must take the one that keeps them (the benchmark's cold starts found the
+    other's stale report, and loaded the weights and made the context anew)."""
+    manager = start_manager(models=[model_entry("m:1")], config={"spare_preload": 1})
+    manager.load("m:1")
+    for cycle in range(6):
+        manager.request("POST", "/models/m:1/unload").raise_for_status()
+        manager.wait_state("m:1", "COLD")
+        wait_for(
+            lambda: "m:1" in _health(manager)["preloaded_models"],
+            60,
+            message="a spare to hold m:1's weights",
+        )
+        model = manager.load("m:1")
+        taken = (model["weights_preloaded"], model["context_preloaded"])
+        assert taken == (True, True), (cycle, model["load_breakdown_ms"])
+
+
 def test_a_spare_taken_by_a_load_is_replaced_after_the_first_request(
     start_manager: ManagerFactory,
 ) -> None:
