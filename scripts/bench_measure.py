@@ -189,6 +189,9 @@ class ColdCase:
     spare_workers: int = 1  # 0: no spare, the load starts a new Python process
     through_manager: bool = False  # one request to the manager's /v1, no load call
     decoy: str | None = None  # made the most in demand before each round: the spare's guess
+    # The model itself made the most in demand before each round, so that the spare's
+    # guess (weights and context ahead) is right whatever ran before the case.
+    likeliest: bool = False
     drop_cache: bool = False  # the served file out of the page cache before each round
     rotation: tuple[str, ...] = ()  # these cold-started in turn, each load evicting the last
 
@@ -681,6 +684,7 @@ class Bench:
                 "spare guessed right (weights and context loaded ahead)",
                 COLD,
                 spare_preload=4,
+                likeliest=True,
             ),
             ColdCase(
                 "cold_start_request",
@@ -688,6 +692,7 @@ class Bench:
                 COLD,
                 spare_preload=4,
                 through_manager=True,
+                likeliest=True,
             ),
             ColdCase(
                 "cold_start_spare_only",
@@ -776,10 +781,12 @@ class Bench:
             model = rotation[i % len(rotation)] if rotation else case.model
             if not rotation and not await self.unload(model):
                 break
-            # The decoy becomes the COLD model most in demand: the spare's guess.
-            if case.decoy is not None and not await self._make_the_guess(case.decoy):
+            # The decoy (or the model itself) becomes the COLD model most in demand: the
+            # spare's guess.
+            guessed = case.decoy or (model if case.likeliest else None)
+            if guessed is not None and not await self._make_the_guess(guessed):
                 break
-            guess = case.decoy or (model if case.spare_preload and not rotation else None)
+            guess = guessed or (model if case.spare_preload and not rotation else None)
             if case.spare_workers:
                 spare_wait = await self.manager.wait_spare(preloaded=guess)
             else:
