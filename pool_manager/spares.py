@@ -46,6 +46,7 @@ class SparePool:
         self._preload: list[str] = []  # model files spares should load ahead
         self._first_settings: ModelSettings | None = None  # the likeliest model's
         self._refill: asyncio.Task[None] | None = None
+        self._replan: asyncio.Task[None] | None = None  # see _replan_after
         self._trim_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -109,11 +110,25 @@ class SparePool:
         nearly."""
         spare = self._next(path)
         self._spares = [w for w in self._spares if w.returncode is None and w is not spare]
-        self._send_preload()  # what the taken one held ahead goes to the others
         # None left: a load waits for this one, which so imports at normal priority.
         taken = spare if spare is not None else await self._start_spare(urgent=True)
+        self._replan_after(taken)
         self.refill(after=taken)
         return taken
+
+    def _replan_after(self, taken: WorkerProcess) -> None:
+        """What the taken spare held ahead goes to the others, once the model's first
+        request ended (REPLACEMENT_DEFER_SECONDS at most): a new plan sets a spare
+        loading weights and zeroing a context, which beside that request's threads made
+        it 2-10x slower (30 ms became 100-220 ms)."""
+        if self._replan is not None:
+            self._replan.cancel()
+
+        async def replan() -> None:
+            await taken.wait_first_request(REPLACEMENT_DEFER_SECONDS)
+            self._send_preload()
+
+        self._replan = asyncio.create_task(replan(), name="spares-replan")
 
     @property
     def wants_workers_back(self) -> bool:
@@ -184,6 +199,8 @@ class SparePool:
     async def close(self) -> None:
         """Stop every spare (they hold no model and no request)."""
         self._closed = True
+        if self._replan is not None:
+            self._replan.cancel()
         if self._trim_timer is not None:
             self._trim_timer.cancel()
         if self._refill is not None:

@@ -136,3 +136,33 @@ async def test_a_spare_that_finishes_starting_after_a_resize_down_is_not_kept() 
     await _until(lambda: started[0].returncode is not None)
     assert pool.count == 0
     await pool.close()
+
+
+async def test_what_a_taken_spare_held_goes_to_the_others_after_the_first_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new plan sets a spare loading weights and making a context: not beside the
+    taken spare's first request."""
+    monkeypatch.setattr(spares, "REPLACEMENT_DEFER_SECONDS", 60.0)
+    started: list[StandInWorker] = []
+
+    async def start_spare(**_: Any) -> Any:
+        started.append(StandInWorker())
+        return started[-1]
+
+    pool = SparePool(2, start_spare)
+    pool.refill()
+    await _until(lambda: pool.count == 2)
+    pool.preload(["a.gguf", "b.gguf"])
+    holding_a = next(w for w in started if "a.gguf" in w.preloaded)
+    other = next(w for w in started if w is not holding_a)
+    before = list(other.preloaded)
+    assert "a.gguf" not in before
+    taken = await pool.take("a.gguf")
+    assert taken is holding_a
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert other.preloaded == before, "no new plan during the first request"
+    holding_a.first_request.set_result(None)
+    await _until(lambda: "a.gguf" in other.preloaded)
+    await pool.close()
