@@ -76,6 +76,9 @@ log = logging.getLogger("model_service")
 
 EXIT_LOAD_FAILED = 3
 HEARTBEAT_SECONDS = 1.0
+# A worker handed back to the spares lets its old preloader free what it still holds
+# before it waits for a model again; a load under way there is waited for this long.
+PRELOADER_FINISH_SECONDS = 5.0
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -540,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         # loaded ahead; what it freed stays mapped (heap.keep), as a new spare's reserve.
         sandbox.lift_address_space_limit()
         setup_logging("worker", args.log_level, file_suffix="-workers")
+        link.preloader.finish(PRELOADER_FINISH_SECONDS)
         link.be_spare()
         path, model = kept
         link.preloader.adopt(path, model, model.shape)

@@ -75,6 +75,7 @@ class Preloader:
         self._loading: str | None = None  # the file the thread is loading or fitting now
         self._taken = False
         self._thread: threading.Thread | None = None
+        self._hurry = threading.Event()  # free the rest now, not after free_delay
 
     def start(self) -> None:
         """Begin loading (after the spare's own warm-up, which needs the CPU first)."""
@@ -162,10 +163,22 @@ class Preloader:
                     self._fit_context(path)
         # Handed a model: the new worker's start and first requests come before freeing
         # the rest (freeing unmaps memory, which interrupts every core of the process).
-        time.sleep(self._free_delay)
+        self._hurry.wait(self._free_delay)
         with self._changed:
             unwanted = self._pop_unwanted()
         self._free(unwanted)
+
+    def finish(self, timeout: float) -> None:
+        """Free what is left now and wait (up to `timeout`) for the thread to end: the
+        worker stopped serving (it goes back to the spares), so no first request is left
+        to protect, and freeing later would land on its next model's first request
+        (unmapping interrupts every core of the process)."""
+        self._hurry.set()
+        with self._changed:
+            self._taken = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _load(self, path: str) -> None:
         version = _file_version(path)

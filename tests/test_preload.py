@@ -272,6 +272,21 @@ def test_preloader_hands_over_the_wanted_model_and_frees_the_rest(
     model.close()
 
 
+def test_finish_frees_the_rest_at_once_not_after_the_delay(model_copy: str, second: str) -> None:
+    """A worker handed back to the spares: what its old preloader still holds is freed
+    then, not free_delay later, during its next model's first request."""
+    closes = _Closes()
+    preloader = Preloader(open_model, closes, free_delay=3600.0)
+    preloader.want([model_copy, second])
+    preloader.start()
+    wait_for(lambda: len(preloader.loaded()) == 2, 30, message="both files loaded")
+    model = preloader.take(model_copy)
+    assert model is not None
+    preloader.finish(timeout=30)
+    assert len(closes.closed) == 1 and closes.closed[0] is not model
+    model.close()
+
+
 def test_preloader_frees_what_is_no_longer_wanted(model_copy: str) -> None:
     closes = _Closes()
     preloader = Preloader(open_model, closes)
