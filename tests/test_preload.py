@@ -409,6 +409,11 @@ def test_the_likeliest_model_gets_its_context_made_ahead_and_handed_over(
     assert context is not None
     assert llama_cpp.llama_n_ctx(context) == SMALL.n_ctx * SMALL.slots
     assert llama_cpp.llama_n_seq_max(context) == SMALL.slots
+    # Its first decode was done ahead (to warm it) and forgotten: every slot is empty.
+    memory = llama_cpp.llama_get_memory(context)
+    assert [llama_cpp.llama_memory_seq_pos_max(memory, s) for s in range(SMALL.slots)] == [
+        -1
+    ] * SMALL.slots
     assert item.take_context(SMALL) is None, "handed over once"
     llama_cpp.llama_free(context)
     item.close()
