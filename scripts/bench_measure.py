@@ -236,8 +236,10 @@ class Bench:
         """Time a phase and note how many cores other work on the machine used meanwhile.
 
         Other work = the machine's busy CPU time (steal included: in a VM that is CPU the
-        host gave to someone else) minus ours: this process, the manager, and its workers
-        (alive, or exited and reaped: their time then counts in the manager's children).
+        host gave to someone else) minus ours: this process and the tools it ran (the bare
+        loop: their time counts in its children once reaped), the manager, and its
+        workers (alive, or exited and reaped: their time then counts in the manager's
+        children), and llama-server.
         """
         started, machine_before, ours_before = (
             time.monotonic(),
@@ -255,7 +257,7 @@ class Bench:
         total = 0.0
         with contextlib.suppress(psutil.Error):
             times = psutil.Process().cpu_times()
-            total += times.user + times.system
+            total += times.user + times.system + times.children_user + times.children_system
         if self.manager.pid is not None:
             with contextlib.suppress(psutil.Error):
                 manager = psutil.Process(self.manager.pid)
