@@ -758,6 +758,7 @@ class Bench:
             "direct_ttft_ms": rounded(ms(median(direct)), 2),
             "routed_ttft_ms": rounded(ms(median(routed)), 2),
             "overhead_ms": rounded(ms(median(differences)), 2),
+            "overhead_ms_dist": dist([ms(x) for x in differences]),
         }
 
     async def memory(self) -> None:

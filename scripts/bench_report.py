@@ -1055,7 +1055,14 @@ def docs_markdown(results: dict[str, Any], plot: bool) -> str:
             f"{fmt(unified.get('routed_ttft_ms'), 2)} ms, straight to the worker: "
             f"{fmt(unified.get('direct_ttft_ms'), 2)} ms (medians); the overhead, the "
             f"median of the {fmt(unified.get('pairs'), 0)} pairs' differences: "
-            f"{fmt(unified.get('overhead_ms'), 2)} ms.",
+            f"{fmt(unified.get('overhead_ms'), 2)} ms"
+            + (
+                f" (the differences' p10-p90: {fmt(spread['p10'], 1)} to "
+                f"{fmt(spread['p90'], 1)} ms: each pair's two requests meet the machine's "
+                "noise apart, which is why the pairs are many)."
+                if (spread := unified.get("overhead_ms_dist"))
+                else "."
+            ),
         ]
     sections += [
         "## Problems seen during the run",
