@@ -295,11 +295,12 @@ class Engine:
                 outbox.put(job, Failed(self._abort_reason, code="model_unloaded"))
                 continue
             free = [s for s in range(backend.slots) if s not in self._active]
-            slot = backend.pick_slot(free, job.prompt_tokens)
+            room = backend.context_length - len(job.prompt_tokens)
+            budget = min(job.max_tokens, room)
+            slot = backend.pick_slot(free, job.prompt_tokens, budget)
             job.cached = backend.open_sequence(slot, job.prompt_tokens, job.params)
             self.prompt_tokens_cached += job.cached
-            room = backend.context_length - len(job.prompt_tokens)
-            self._active[slot] = _Active(job, min(job.max_tokens, room))
+            self._active[slot] = _Active(job, budget)
 
     def _step(self, outbox: _Outbox) -> None:
         backend = self.backend

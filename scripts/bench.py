@@ -28,9 +28,10 @@ adds a stock build, for the kernel's own gain. Every side runs 2 threads (`n_thr
    llama-server, stock llama-server, and (full runs) the pool and llama-server on the Q8_0
    copy; the in-process ceiling in each round too. Decode tokens/s (tokens after the
    first / time after the first token), median and p10/p90 per side;
-2. head to head, 8 concurrent streams: the same interleaving, aggregate tokens/s;
+2. head to head, 8 concurrent streams, then 4: the same interleaving, aggregate tokens/s
+   (at 4, the slots a server puts the requests in decide how many passes a step takes);
 3. warm time to first token (short prompt, `max_tokens` 1), median;
-4. the pool worker's sweep over 2, 4, 16 concurrent streams (1 and 8 from above);
+4. the pool worker's sweep over 2 and 16 concurrent streams (1, 4 and 8 from above);
 5. time to first token with a ~1,000-token system prompt, the first time and repeated;
 6. if the manager serves the unified endpoint, its overhead: time to first token through
    the manager minus straight to the worker, in alternating pairs;
@@ -227,7 +228,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 await bench.system_prompt_reuse()
             llm.close()  # the ceiling is measured; free its memory and threads
             with bench.phase("head to head, 8 streams"):
-                await bench.head_to_head_eight()
+                await bench.head_to_head_streams(8)
+            with bench.phase("head to head, 4 streams"):
+                await bench.head_to_head_streams(4)
             await bench.unload_q8_0_copy()
             with bench.phase("concurrency"):
                 await bench.concurrency()

@@ -426,35 +426,40 @@ class Bench:
                 "decode_tps": table["llama_server"]["decode_tps"]["median"]
             }
 
-    async def head_to_head_eight(self) -> None:
-        """8 concurrent streams, interleaved as the single stream: each round, one run of 8
-        stories on every side in turn, the order rotating each round."""
+    async def head_to_head_streams(self, streams: int) -> None:
+        """`streams` concurrent streams (8: every slot; 4: half of them, where the slots a
+        server picks decide how many passes a step takes), interleaved as the single
+        stream: each round, one run of `streams` stories on every side in turn, the order
+        rotating each round."""
         sides = self.sides()
-        log(f"head to head, 8 streams: {self.plan.eight_runs} rounds x {len(sides)} sides")
+        rounds = self.plan.eight_runs
+        log(f"head to head, {streams} streams: {rounds} rounds x {len(sides)} sides")
         runs: dict[str, list[dict[str, Any]]] = {side.key: [] for side in sides}
-        for i in range(self.plan.eight_runs):
+        for i in range(rounds):
             for side in _rotated(sides, i):
                 if side.file is not None:
-                    runs[side.key].append(await self._bare_loop_streams(side.file, 8, i))
+                    run = await self._bare_loop_streams(side.file, streams, i)
                 else:
-                    runs[side.key].append(await self._streams_run(side.model, side.url, 8, i))
+                    run = await self._streams_run(side.model, side.url, streams, i)
+                runs[side.key].append(run)
         table = {
-            side.key: {"label": side.label, **_level_summary(8, runs[side.key])} for side in sides
+            side.key: {"label": side.label, **_level_summary(streams, runs[side.key])}
+            for side in sides
         }
-        self.results.setdefault("head_to_head", {})["aggregate_8"] = table
+        self.results.setdefault("head_to_head", {})[f"aggregate_{streams}"] = table
 
     async def concurrency(self) -> None:
-        """The pool worker's sweep over concurrent streams (1 and 8 come from head to head,
-        measured there interleaved with the other sides)."""
+        """The pool worker's sweep over concurrent streams (1, 4 and 8 come from head to
+        head, measured there interleaved with the other sides)."""
         h2h = self.results.get("head_to_head") or {}
         levels: list[dict[str, Any]] = []
         for streams in self.plan.stream_levels:
             if streams == 1 and "single_stream" in h2h:
                 levels.append(h2h["single_stream"]["pool_worker"]["as_level"])
                 continue
-            if streams == 8 and "aggregate_8" in h2h:
-                eight = h2h["aggregate_8"]["pool_worker"]
-                levels.append({k: v for k, v in eight.items() if k != "label"})
+            if f"aggregate_{streams}" in h2h:
+                level = h2h[f"aggregate_{streams}"]["pool_worker"]
+                levels.append({k: v for k, v in level.items() if k != "label"})
                 continue
             log(f"{streams} concurrent streams x {MAX_TOKENS} tokens")
             runs = [
@@ -466,7 +471,11 @@ class Bench:
         if "llama_server" in (h2h.get("single_stream") or {}):
             self.results["router"]["concurrency"] = [
                 h2h["single_stream"]["llama_server"]["as_level"],
-                {k: v for k, v in h2h["aggregate_8"]["llama_server"].items() if k != "label"},
+                *(
+                    {k: v for k, v in h2h[key]["llama_server"].items() if k != "label"}
+                    for key in ("aggregate_4", "aggregate_8")
+                    if "llama_server" in (h2h.get(key) or {})
+                ),
             ]
 
     async def router_cold_start(self) -> None:

@@ -611,6 +611,7 @@ def head_to_head_section(results: dict[str, Any]) -> list[str]:
     phases = results.get("head_to_head") or {}
     single = phases.get("single_stream") or {}
     eight = phases.get("aggregate_8") or {}
+    four = phases.get("aggregate_4") or {}  # older runs have none
     if not single:
         return []
     rows = []
@@ -622,6 +623,7 @@ def head_to_head_section(results: dict[str, Any]) -> list[str]:
                 _spread(one.get("decode_tps")),
                 _spread(_get(one, "as_level", "aggregate_tps_dist")),
                 _spread(one.get("ttft_ms")),
+                *([_spread(_get(four, key, "aggregate_tps_dist"))] if four else []),
                 _spread(_get(eight, key, "aggregate_tps_dist")),
             ]
         )
@@ -631,6 +633,7 @@ def head_to_head_section(results: dict[str, Any]) -> list[str]:
             "single-stream decode tok/s",
             "1 stream, aggregate tok/s",
             "1 stream, TTFT ms",
+            *(["4 streams, aggregate tok/s"] if four else []),
             "8 streams, aggregate tok/s",
         ],
         rows,
@@ -650,6 +653,11 @@ def head_to_head_section(results: dict[str, Any]) -> list[str]:
                 [
                     label,
                     _x(h2h(results, "single_stream", ours), h2h(results, "single_stream", theirs)),
+                    *(
+                        [_x(h2h(results, "aggregate_4", ours), h2h(results, "aggregate_4", theirs))]
+                        if four
+                        else []
+                    ),
                     _x(h2h(results, "aggregate_8", ours), h2h(results, "aggregate_8", theirs)),
                 ]
             )
@@ -658,10 +666,12 @@ def head_to_head_section(results: dict[str, Any]) -> list[str]:
     text = (
         "Every side gets the same requests (the same story prompt, seed and `max_tokens` "
         f"{_setting(results, 'max_tokens')}), interleaved: each round sends one request "
-        "(single stream) or one run of 8 concurrent streams to every side in turn, the order "
-        "rotating by one side each round so that none always goes first, so drift on the "
-        f"machine hits every side alike ({plan.get('decode_runs', '-')} single-stream rounds, "
-        f"{plan.get('eight_runs', '-')} 8-stream rounds). Each cell: median (p10-p90 of the "
+        f"(single stream) or one run of {'8 (then 4)' if four else '8'} concurrent streams "
+        "to every side in turn, the order rotating by one side each round so that none "
+        "always goes first, so drift on the machine hits every side alike "
+        f"({plan.get('decode_runs', '-')} single-stream rounds, {plan.get('eight_runs', '-')} "
+        f"rounds of {'each number of streams' if four else '8 streams'}). Each cell: median "
+        "(p10-p90 of the "
         "rounds, n rounds). The pool is measured on its worker port and through the "
         "manager's `/v1/chat/completions` (what clients are told to use, port 8050 in a "
         "normal install; here a free loopback port). The HTTP client is the same for every "
@@ -689,11 +699,20 @@ def head_to_head_section(results: dict[str, Any]) -> list[str]:
             "server's first token comes from the prompt); a side's ratio to it is the share "
             "of the kernels' speed that reaches the client."
         )
+    if four:
+        text += (
+            " At 4 streams half the slots are busy: llama.cpp decodes each run of "
+            "consecutive busy slots in a pass of its own (each slot has its own KV cache "
+            "stream), so the slots a server puts concurrent requests in decide how many "
+            "passes a step takes; the pool puts them side by side unless a cached prefix is "
+            "worth more (`pick_slot`, model_service/backends/llama_cpp.py)."
+        )
     parts = ["### Head to head (interleaved)", text, table]
     if ratios:
-        parts.append(
-            md_table(["ratio (medians)", "single-stream decode", "8 streams, aggregate"], ratios)
-        )
+        header = ["ratio (medians)", "single-stream decode", "8 streams, aggregate"]
+        if four:
+            header.insert(2, "4 streams, aggregate")
+        parts.append(md_table(header, ratios))
     ceiling = steps_only_ceiling(results)
     if ceiling:
         parts.append(ceiling)

@@ -188,8 +188,31 @@ def _backend_with_caches(caches: dict[int, list[int]]) -> LlamaCppBackend:
 
 def test_slot_choice_prefers_the_cached_prefix() -> None:
     backend = _backend_with_caches({6: [1, 2, 3, 4, 5]})
-    # Slots 0-3 are busy; slot 6 holds the prompt's first four tokens.
-    assert backend.pick_slot([4, 5, 6, 7], [1, 2, 3, 4, 9]) == 6
+    # Nothing busy; slot 6 holds the prompt's first four tokens.
+    assert backend.pick_slot(list(range(8)), [1, 2, 3, 4, 9], 128) == 6
+
+
+def test_slot_choice_keeps_concurrent_requests_side_by_side() -> None:
+    """Busy slots 0-3 decode in one pass; a request in slot 6 would add a pass a step
+    for its whole reply, more than a short cached prefix saves."""
+    backend = _backend_with_caches({6: [1, 2, 3, 4, 5]})
+    assert backend.pick_slot([4, 5, 6, 7], [1, 2, 3, 4, 9], 128) == 4
+    # A slot that joins two runs saves a pass: of 10 slots, busy 0-2 and 4-7; slot 3
+    # joins them, 8 extends one, 9 would start a third (and was used least recently).
+    wide = LlamaCppBackend({"model_path": "unused.gguf", "max_concurrent": 10})
+    wide._sequences[3].last_used = wide._sequences[8].last_used = 1
+    assert wide.pick_slot([3, 8, 9], [1, 2], 128) == 3
+    assert wide.pick_slot([8, 9], [1, 2], 128) == 8
+
+
+def test_slot_choice_keeps_a_long_cached_prefix_apart() -> None:
+    """A cached prefix worth more than the extra passes over the reply keeps its slot:
+    a 1,000-token conversation against a 16-token reply's 96 token-equivalents."""
+    conversation = list(range(1, 1001))
+    backend = _backend_with_caches({6: conversation})
+    assert backend.pick_slot([4, 5, 6, 7], [*conversation, 7, 8], 16) == 6
+    # The same prefix against a long reply: the extra passes cost more.
+    assert backend.pick_slot([4, 5, 6, 7], [*conversation, 7, 8], 512) == 4
 
 
 def test_slot_choice_keeps_another_conversation_for_a_short_shared_prefix() -> None:
@@ -199,21 +222,21 @@ def test_slot_choice_keeps_another_conversation_for_a_short_shared_prefix() -> N
     first, second = [*opening, 10, 11, 12, 13, 14], [*opening, 20, 21, 22, 23, 24]
     backend = _backend_with_caches({0: first})
     backend._sequences[0].last_used = 1
-    slot = backend.pick_slot(list(range(8)), second)
+    slot = backend.pick_slot(list(range(8)), second, 128)
     assert slot != 0
     backend._sequences[slot].cached = list(second)
-    assert backend.pick_slot(list(range(8)), first) == 0
-    assert backend.pick_slot(list(range(8)), second) == slot
+    assert backend.pick_slot(list(range(8)), first, 128) == 0
+    assert backend.pick_slot(list(range(8)), second, 128) == slot
 
 
 def test_slot_choice_keeps_busy_slots_together_on_a_tie() -> None:
     backend = _backend_with_caches({})
     # Nothing cached anywhere: the slot next to the busy run 0-3, not the one used least.
     backend._sequences[4].last_used = 5
-    assert backend.pick_slot([4, 5, 6, 7], [1, 2, 3]) == 4
+    assert backend.pick_slot([4, 5, 6, 7], [1, 2, 3], 128) == 4
     # Nothing busy: the least recently used slot, so recent caches survive.
     backend._sequences[0].last_used = 9
-    assert backend.pick_slot(list(range(8)), [1, 2, 3]) == 1
+    assert backend.pick_slot(list(range(8)), [1, 2, 3], 128) == 1
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) is not installed")

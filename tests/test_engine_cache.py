@@ -128,7 +128,7 @@ class OneFailedStep(Backend):
         raise NotImplementedError
 
     def check_sampling(self, params: SamplingParams) -> None: ...
-    def pick_slot(self, free: list[int], tokens: list[int]) -> int:
+    def pick_slot(self, free: list[int], tokens: list[int], budget: int) -> int:
         return min(free)
 
     def open_sequence(self, slot: int, tokens: list[int], params: SamplingParams) -> int:

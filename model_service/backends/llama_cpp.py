@@ -56,6 +56,15 @@ DEFAULT_SLOTS = 4
 TOP_K, MIN_P = 40, 0.05
 # How many of the likeliest tokens a grammar is tried on before the whole vocabulary.
 GRAMMAR_SHORTLIST = 256
+# Busy slots in one run of ids decode in one pass (see `_decode`); each other run costs a
+# pass of its own every step, about what 6 prompt tokens cost computed in a batch
+# (SmolLM2 on 2 cores: a 1-token pass ~5 ms, a prompt ~1,200 tokens/s). Over a reply
+# that is worth more than most cached prefixes: 4 streams decoded 2x as fast in slots
+# 0-3 as in 0, 2, 4, 6.
+RUN_STEP_COST_TOKENS = 6
+# The reply length a slot choice counts on (a request's budget is often the whole
+# context, its reply seldom).
+EXPECTED_REPLY_TOKENS = 256
 
 
 @llama_cpp.llama_log_callback
@@ -642,26 +651,32 @@ class LlamaCppBackend(Backend):
     def is_end(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.model.vocab, token))
 
-    def pick_slot(self, free: list[int], tokens: list[int]) -> int:
-        """The free slot where the prompt saves the most and destroys the least: its
-        cached prefix of `tokens` is not computed again, and the rest of its cache
-        (another conversation's) is lost.
+    def pick_slot(self, free: list[int], tokens: list[int], budget: int) -> int:
+        """The free slot where the prompt saves the most and costs the least, in prompt
+        tokens: its cached prefix of `tokens` is not computed again; the rest of its
+        cache (another conversation's) is lost; and a slot that starts a new run of busy
+        ids costs a pass of its own each step while the others decode, for as long as
+        the reply (`budget` tokens at most): RUN_STEP_COST_TOKENS a step (one that joins
+        two runs saves as much).
 
         So two agents taking turns keep a slot each: sharing only the chat template's
         first tokens is not worth the other's cache (which longest-prefix-wins gave
-        away, and each turn then computed its whole prompt). Among slots of equal
-        worth: one next to a busy one (busy slots in one run of ids decode in one pass,
-        see `step`), then the one used least recently (an empty one first).
+        away, and each turn then computed its whole prompt). And concurrent requests sit
+        side by side unless a cached prefix is worth more than the extra passes. Among
+        slots of equal worth, the one used least recently (an empty one first).
         """
         self._uses += 1
         busy = set(range(self._shape.slots)).difference(free)
+        runs_now = _runs(busy)
+        reply = min(budget, EXPECTED_REPLY_TOKENS)
 
-        def worth(slot: int) -> tuple[int, bool, int]:
+        def worth(slot: int) -> tuple[int, int]:
             cached = self._sequences[slot].cached
             shared = _common_prefix(cached, tokens)
             lost = len(cached) - shared
-            next_to_busy = not busy or slot - 1 in busy or slot + 1 in busy
-            return shared - lost, next_to_busy, -self._sequences[slot].last_used
+            passes = (_runs(busy | {slot}) - runs_now) if busy else 0
+            cost = passes * reply * RUN_STEP_COST_TOKENS
+            return shared - lost - cost, -self._sequences[slot].last_used
 
         best = max(free, key=worth)
         self._sequences[best].last_used = self._uses
@@ -883,6 +898,11 @@ class LlamaCppBackend(Backend):
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
+
+
+def _runs(slots: set[int]) -> int:
+    """How many runs of consecutive ids `slots` make: llama.cpp decodes each in a pass."""
+    return sum(1 for slot in slots if slot - 1 not in slots)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
