@@ -297,7 +297,10 @@ class Engine:
             free = [s for s in range(backend.slots) if s not in self._active]
             room = backend.context_length - len(job.prompt_tokens)
             budget = min(job.max_tokens, room)
-            slot = backend.pick_slot(free, job.prompt_tokens, budget)
+            # The steps it may decode beside the running ones: a slot apart from theirs
+            # costs a pass each of those steps (see the backend's pick_slot).
+            beside = max((a.budget - a.job.produced for a in self._active.values()), default=0)
+            slot = backend.pick_slot(free, job.prompt_tokens, min(budget, beside))
             job.cached = backend.open_sequence(slot, job.prompt_tokens, job.params)
             self.prompt_tokens_cached += job.cached
             self._active[slot] = _Active(job, budget)

@@ -206,12 +206,12 @@ def test_slot_choice_keeps_concurrent_requests_side_by_side() -> None:
 
 
 def test_slot_choice_keeps_a_long_cached_prefix_apart() -> None:
-    """A cached prefix worth more than the extra passes over the reply keeps its slot:
-    a 1,000-token conversation against a 16-token reply's 96 token-equivalents."""
+    """A cached prefix worth more than the extra passes keeps its slot: a 1,000-token
+    conversation against 16 steps beside the busy slots (96 token-equivalents)."""
     conversation = list(range(1, 1001))
     backend = _backend_with_caches({6: conversation})
     assert backend.pick_slot([4, 5, 6, 7], [*conversation, 7, 8], 16) == 6
-    # The same prefix against a long reply: the extra passes cost more.
+    # The same prefix against a long time beside them: the extra passes cost more.
     assert backend.pick_slot([4, 5, 6, 7], [*conversation, 7, 8], 512) == 4
 
 

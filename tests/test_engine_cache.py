@@ -128,7 +128,7 @@ class OneFailedStep(Backend):
         raise NotImplementedError
 
     def check_sampling(self, params: SamplingParams) -> None: ...
-    def pick_slot(self, free: list[int], tokens: list[int], budget: int) -> int:
+    def pick_slot(self, free: list[int], tokens: list[int], beside: int) -> int:
         return min(free)
 
     def open_sequence(self, slot: int, tokens: list[int], params: SamplingParams) -> int:
@@ -164,3 +164,35 @@ async def test_only_the_requests_in_the_failed_batch_fail() -> None:
         engine.stop()
     assert first.result is not None and first.result.completion_tokens == 4
     assert backend.closed.count(1) == 1
+
+
+class SlotChoices(OneFailedStep):
+    """Records what the engine tells pick_slot; every step succeeds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.beside: list[int] = []
+
+    def pick_slot(self, free: list[int], tokens: list[int], beside: int) -> int:
+        self.beside.append(beside)
+        return min(free)
+
+    def step(self, slots: list[int]) -> dict[int, int]:
+        return {slot: 65 for slot in slots}
+
+
+async def test_a_slot_choice_counts_only_the_steps_beside_the_running_requests() -> None:
+    """A slot apart from the busy ones costs a pass per step they decode together: at
+    most the new request's budget, and no longer than the longest of theirs left."""
+    backend = SlotChoices()
+    engine = Engine(backend)
+    short = engine.submit([1], GREEDY, 4, [])
+    long = engine.submit([2], GREEDY, 40, [])
+    engine.start()
+    try:
+        assert await short.text() == "AAAA"
+        assert await long.text() == "A" * 40
+    finally:
+        engine.stop()
+    # The first found no one running; the second could decode 4 steps beside the first.
+    assert backend.beside == [0, 4]

@@ -141,9 +141,9 @@ class Backend(ABC):
         """How many sequences can be generated at once."""
 
     @abstractmethod
-    def pick_slot(self, free: list[int], tokens: list[int], budget: int) -> int:
-        """Choose one of the `free` slots for a prompt of `tokens` whose reply may run to
-        `budget` tokens (say, the one caching its prefix)."""
+    def pick_slot(self, free: list[int], tokens: list[int], beside: int) -> int:
+        """Choose one of the `free` slots for a prompt of `tokens` (say, the one caching
+        its prefix) that may decode `beside` steps alongside the busy slots."""
 
     @abstractmethod
     def open_sequence(self, slot: int, tokens: list[int], params: SamplingParams) -> int:

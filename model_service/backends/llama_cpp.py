@@ -62,8 +62,8 @@ GRAMMAR_SHORTLIST = 256
 # that is worth more than most cached prefixes: 4 streams decoded 2x as fast in slots
 # 0-3 as in 0, 2, 4, 6.
 RUN_STEP_COST_TOKENS = 6
-# The reply length a slot choice counts on (a request's budget is often the whole
-# context, its reply seldom).
+# The most steps a slot choice counts on decoding beside the busy slots (a request's
+# budget is often the whole context, its reply seldom).
 EXPECTED_REPLY_TOKENS = 256
 
 
@@ -651,13 +651,13 @@ class LlamaCppBackend(Backend):
     def is_end(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.model.vocab, token))
 
-    def pick_slot(self, free: list[int], tokens: list[int], budget: int) -> int:
+    def pick_slot(self, free: list[int], tokens: list[int], beside: int) -> int:
         """The free slot where the prompt saves the most and costs the least, in prompt
         tokens: its cached prefix of `tokens` is not computed again; the rest of its
         cache (another conversation's) is lost; and a slot that starts a new run of busy
-        ids costs a pass of its own each step while the others decode, for as long as
-        the reply (`budget` tokens at most): RUN_STEP_COST_TOKENS a step (one that joins
-        two runs saves as much).
+        ids costs a pass of its own each step it decodes beside them (`beside`: its
+        budget or the longest of theirs left, whichever is shorter; EXPECTED_REPLY_TOKENS
+        at most), RUN_STEP_COST_TOKENS a step (one that joins two runs saves as much).
 
         So two agents taking turns keep a slot each: sharing only the chat template's
         first tokens is not worth the other's cache (which longest-prefix-wins gave
@@ -668,14 +668,14 @@ class LlamaCppBackend(Backend):
         self._uses += 1
         busy = set(range(self._shape.slots)).difference(free)
         runs_now = _runs(busy)
-        reply = min(budget, EXPECTED_REPLY_TOKENS)
+        steps = min(beside, EXPECTED_REPLY_TOKENS)
 
         def worth(slot: int) -> tuple[int, int]:
             cached = self._sequences[slot].cached
             shared = _common_prefix(cached, tokens)
             lost = len(cached) - shared
             passes = (_runs(busy | {slot}) - runs_now) if busy else 0
-            cost = passes * reply * RUN_STEP_COST_TOKENS
+            cost = passes * steps * RUN_STEP_COST_TOKENS
             return shared - lost - cost, -self._sequences[slot].last_used
 
         best = max(free, key=worth)
