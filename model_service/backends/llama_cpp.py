@@ -150,14 +150,9 @@ def create_context(model: LlamaModel, shape: ContextShape, threads: int) -> Any:
 def _first_decode(ctx: Any, slots: int) -> None:
     """Decode one token in every slot of a new context, then forget it: a context made
     ahead whose first decode came with its first request made that request 2-4x slower
-    in a third of cold starts (the first decode's one-time costs: its buffers' pages);
-    measured with a spare's context, first request median 52 ms with outliers to 132 ms,
-    against 42 ms and none above 47 with this.
-
-    On one thread: with the context's two, the spare's thread got a llama.cpp (OpenMP)
-    thread team of its own that stayed in the process, and the swap benchmark's pool
-    answered 15-20% fewer requests a second (6.9-8.9 against 9.2-10.3, p99 1.3-1.9 s
-    against 0.9-1.0 s)."""
+    in a third of cold starts (the first decode's one-time costs: its buffers' pages,
+    llama.cpp's threads); measured with a spare's context, first request median 52 ms
+    with outliers to 132 ms, against 42 ms and none above 47 with this."""
     batch = llama_cpp.llama_batch_init(slots, 0, 1)
     try:
         for slot in range(slots):
@@ -167,10 +162,7 @@ def _first_decode(ctx: Any, slots: int) -> None:
             batch.seq_id[slot][0] = slot
             batch.logits[slot] = 1
         batch.n_tokens = slots
-        threads = llama_cpp.llama_n_threads(ctx)
-        llama_cpp.llama_set_n_threads(ctx, 1, 1)
         llama_cpp.llama_decode(ctx, batch)  # a failure here costs only the warming
-        llama_cpp.llama_set_n_threads(ctx, threads, threads)
     finally:
         llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), False)
