@@ -674,7 +674,7 @@ class LlamaCppBackend(Backend):
             cached = self._sequences[slot].cached
             shared = _common_prefix(cached, tokens)
             lost = len(cached) - shared
-            passes = (_runs(busy | {slot}) - runs_now) if busy else 0
+            passes = _runs(busy | {slot}) - runs_now  # with none busy, `steps` is 0
             cost = passes * steps * RUN_STEP_COST_TOKENS
             return shared - lost - cost, -self._sequences[slot].last_used
 
