@@ -136,6 +136,7 @@ class ManagerLink:
             # A context made ahead lives in the heap reserve; with none (spare_reserve_mb
             # 0, to keep spares small) it would be memory nobody budgeted.
             fit_model=Preloaded.fit if self._reserve_mb > 0 else None,
+            warm_model=Preloaded.warm,
         )
 
     def wait_for_model(self) -> tuple[ModelSettings, int] | None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
+
+import psutil
 
 LOW_PRIORITY_NICE = 19  # where SCHED_IDLE is missing
 T = TypeVar("T")
@@ -32,6 +35,29 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def idle_cores(window_s: float = 0.05) -> float:
+    """How many of the cores we may use were left over the next `window_s` seconds by
+    work at normal priority (the whole machine's, not only ours): idle, or running niced
+    work (a spare's, which yields to anything but other niced work). The kernel counts in
+    10 ms ticks per core, so a window of 50 ms tells a free core from a busy one, no finer."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = list(range(os.cpu_count() or 1))
+    before = psutil.cpu_times(percpu=True)
+    time.sleep(window_s)
+    after = psutil.cpu_times(percpu=True)
+    idle = 0.0
+    for cpu in allowed:
+        if cpu >= min(len(before), len(after)):
+            continue
+        total = sum(after[cpu]) - sum(before[cpu])
+        if total > 0:
+            free = (after[cpu].idle + after[cpu].nice) - (before[cpu].idle + before[cpu].nice)
+            idle += free / total
+    return idle
+
+
 def lower_this_thread(idle: bool = True) -> None:
     """Let the calling thread run only on CPU time other threads leave (Linux: per thread;
     the threads it starts inherit it). A process cannot lower a thread's nice again
@@ -48,7 +74,8 @@ def lower_this_thread(idle: bool = True) -> None:
     if idle:
         with contextlib.suppress(AttributeError, OSError):
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
-            return
+    # Nice 19 under SCHED_IDLE too: the kernel then counts its time as niced, which
+    # `idle_cores` leaves out of the busy time.
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY_NICE)
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 FREE_DELAY_SECONDS = 5.0
 INFLIGHT_WAIT_SECONDS = 1.0
+WARM_RETRY_SECONDS = 0.25  # between looks for idle cores to warm a context on
 FileVersion = tuple[int, int, int, int]  # device, inode, size, mtime: "the same file"
 
 
@@ -57,6 +58,7 @@ class Preloader:
         free_delay: float = FREE_DELAY_SECONDS,
         inflight_wait: float = INFLIGHT_WAIT_SECONDS,
         fit_model: Callable[[Any, Any], None] | None = None,
+        warm_model: Callable[[Any], bool] | None = None,
     ) -> None:
         self._free_delay = free_delay  # after `take`, before freeing the rest
         self._inflight_wait = inflight_wait  # the longest `take` waits for a load under way
@@ -64,6 +66,10 @@ class Preloader:
         self._close = close_model
         # fit_model(model, shape): give a loaded model a context of `shape` (None: none).
         self._fit = fit_model
+        # warm_model(model): warm its context if the machine lets it now; False: not yet.
+        # Idle-time work: `take` does not wait for it.
+        self._warm = warm_model
+        self._warmed: set[str] = set()  # paths whose context needs no more warming
         self._on_change = on_change  # told the loaded paths after each change
         self._changed = threading.Condition()
         self._wanted: list[str] = []
@@ -102,6 +108,7 @@ class Preloader:
             self._loaded[path] = (version, model)
             if fitted is not None:
                 self._fitted[path] = fitted
+                self._warmed.add(path)  # it has served
             self._wanted = self._wanted or [path]
             self._changed.notify_all()
         self._report()
@@ -134,6 +141,7 @@ class Preloader:
                 return None  # still in the thread's hands: it frees it later
             version, model = self._loaded.pop(path, (None, None))
             self._fitted.pop(path, None)
+            self._warmed.discard(path)
         if model is not None and version != _file_version(str(path)):
             self._close(model)  # the file was replaced after it was loaded
             return None
@@ -148,12 +156,15 @@ class Preloader:
         while True:
             with self._changed:
                 while not self._taken and self._next_job() is None and not self._unwanted():
+                    if self._to_warm() is not None:
+                        break
                     self._changed.wait()
                 if self._taken:
                     break
                 unwanted = self._pop_unwanted()
                 job = self._next_job()
                 self._loading = job[0] if job else None
+                to_warm = self._to_warm() if job is None and not unwanted else None
             self._free(unwanted)
             if job is not None:
                 path, action = job
@@ -161,6 +172,8 @@ class Preloader:
                     self._load(path)
                 else:
                     self._fit_context(path)
+            elif to_warm is not None:
+                self._warm_context(*to_warm)
         # Handed a model: the new worker's start and first requests come before freeing
         # the rest (freeing unmaps memory, which interrupts every core of the process).
         self._hurry.wait(self._free_delay)
@@ -216,8 +229,34 @@ class Preloader:
                 self._failed_fits.add((path, shape))
             else:
                 self._fitted[path] = shape
+                self._warmed.discard(path)
             self._changed.notify_all()
         self._report()
+
+    def _to_warm(self) -> tuple[str, Any] | None:
+        """(path, model) of the context made ahead that is not known to be warm yet."""
+        if self._warm is None or not self._wanted:
+            return None
+        path = self._wanted[0]
+        entry = self._loaded.get(path)
+        if entry is None or path in self._warmed or self._fitted.get(path) is None:
+            return None
+        return None if self._needs_fit(path) else (path, entry[1])
+
+    def _warm_context(self, path: str, model: Any) -> None:
+        """Warm `model`'s context if the cores are idle; else look again a little later
+        (or sooner, when the wanted list changes)."""
+        assert self._warm is not None
+        try:
+            done = self._warm(model)
+        except Exception as exc:  # it only costs the warming
+            log.warning("could not warm a context made ahead", extra={"reason": str(exc)})
+            done = True
+        with self._changed:
+            if done and self._fitted.get(path) is not None and path in self._loaded:
+                self._warmed.add(path)
+            elif not done and not self._taken:
+                self._changed.wait(WARM_RETRY_SECONDS)
 
     def _fit_target(self, path: str) -> Any:
         """The shape of context `path`'s model should hold (None: none). Only the first
@@ -259,6 +298,7 @@ class Preloader:
         unwanted = self._unwanted()
         for path in unwanted:
             self._fitted.pop(path, None)
+            self._warmed.discard(path)
         return [self._loaded.pop(path)[1] for path in unwanted]
 
     def _report(self) -> None:

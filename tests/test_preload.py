@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -409,7 +411,6 @@ def test_the_likeliest_model_gets_its_context_made_ahead_and_handed_over(
     assert context is not None
     assert llama_cpp.llama_n_ctx(context) == SMALL.n_ctx * SMALL.slots
     assert llama_cpp.llama_n_seq_max(context) == SMALL.slots
-    # Its first decode was done ahead (to warm it) and forgotten: every slot is empty.
     memory = llama_cpp.llama_get_memory(context)
     assert [llama_cpp.llama_memory_seq_pos_max(memory, s) for s in range(SMALL.slots)] == [
         -1
@@ -417,6 +418,109 @@ def test_the_likeliest_model_gets_its_context_made_ahead_and_handed_over(
     assert item.take_context(SMALL) is None, "handed over once"
     llama_cpp.llama_free(context)
     item.close()
+
+
+@pytest.mark.parametrize(("idle", "warmed"), [(0.0, False), (64.0, True)])
+def test_a_context_made_ahead_is_warmed_only_on_idle_cores(
+    model_copy: str, monkeypatch: pytest.MonkeyPatch, idle: float, warmed: bool
+) -> None:
+    """Beside busy workers the warming decode crawls at nice 19; on idle cores it is what
+    makes the next cold start fast."""
+    from model_service.backends import llama_cpp as backend
+
+    decodes: list[int] = []
+    real_first_decode = backend._first_decode
+
+    def first_decode(ctx: Any, slots: int) -> None:
+        decodes.append(slots)
+        real_first_decode(ctx, slots)
+
+    monkeypatch.setattr(backend, "idle_cores", lambda: idle)
+    monkeypatch.setattr(backend, "_first_decode", first_decode)
+    item = Preloaded.open(model_copy)
+    try:
+        item.fit(SMALL)
+        assert decodes == ([SMALL.slots] if warmed else []), "warmed with the context if idle"
+        assert item.warm() is warmed
+        assert item.warm() is warmed, "warm once, then nothing is left to do"
+        assert len(decodes) == (1 if warmed else 0)
+        context = item.take_context(SMALL)
+        assert context is not None
+        # The warming decode is forgotten: every slot is empty.
+        memory = llama_cpp.llama_get_memory(context)
+        assert [llama_cpp.llama_memory_seq_pos_max(memory, s) for s in range(SMALL.slots)] == [
+            -1
+        ] * SMALL.slots
+        llama_cpp.llama_free(context)
+    finally:
+        item.close()
+
+
+def test_the_preloader_warms_on_idle_time_and_a_take_does_not_wait_for_it(
+    model_copy: str,
+) -> None:
+    """The warming runs when nothing else is to do, is tried again while the cores are
+    busy, and a `take` gets the model at once even while a warming decode is under way."""
+    fits = _Fits()
+    tries: list[int] = []
+    busy_until = threading.Event()  # set: the cores are idle
+    warming = threading.Event()
+    release = threading.Event()
+
+    def warm(item: Preloaded) -> bool:
+        tries.append(1)
+        if not busy_until.is_set():
+            return False
+        warming.set()
+        release.wait(60)
+        return True
+
+    preloader = Preloader(
+        fits.open,
+        Preloaded.close,
+        free_delay=0.0,
+        fit_model=fits,
+        warm_model=warm,
+        inflight_wait=60.0,
+    )
+    preloader.want([model_copy], SMALL)
+    preloader.start()
+    wait_for(lambda: len(tries) >= 2, 30, message="tried again while the cores are busy")
+    assert preloader.loaded() == [model_copy], "ready to take before it is warm"
+    busy_until.set()
+    wait_for(warming.is_set, 30, message="a warming decode under way")
+    taken: list[Any] = []
+    taker = threading.Thread(target=lambda: taken.append(preloader.take(model_copy)))
+    taker.start()
+    try:
+        wait_for(lambda: bool(taken), 10, message="take did not wait for the warming")
+    finally:
+        release.set()
+        taker.join(30)
+    item = taken[0]
+    assert isinstance(item, Preloaded)
+    item.close()
+
+
+def test_idle_cores_counts_cores_busy_with_other_processes_as_not_idle() -> None:
+    from model_service.cpus import idle_cores, usable_cores
+
+    cores = usable_cores()
+    spin = "import time\nend = time.time() + 5\nwhile time.time() < end: pass\n"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(cores)]
+    try:
+        wait_for(
+            lambda: all(psutil.Process(p.pid).cpu_times().user > 0.1 for p in spinners),
+            10,
+            message="the spinners spin",
+        )
+        busy = idle_cores(0.2)
+    finally:
+        for process in spinners:
+            process.kill()
+            process.wait()
+    assert 0.0 <= busy <= 0.5, f"{busy:.2f} of {cores} cores idle while all spin"
+    assert 0.0 <= idle_cores() <= cores
 
 
 def test_a_context_of_another_shape_is_freed_not_handed_over(model_copy: str) -> None:
