@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from model_service import heap
 from model_service.cpus import lower_this_thread
 
 log = logging.getLogger(__name__)
@@ -176,10 +177,15 @@ class Preloader:
                 self._warm_context(*to_warm)
         # Handed a model: the new worker's start and first requests come before freeing
         # the rest (freeing unmaps memory, which interrupts every core of the process).
-        self._hurry.wait(self._free_delay)
+        recycled = self._hurry.wait(self._free_delay)
         with self._changed:
             unwanted = self._pop_unwanted()
         self._free(unwanted)
+        if unwanted and not recycled:
+            # What they held sits below the served model's buffers in the heap, where
+            # glibc's automatic trim (the heap's top only) does not reach; a recycled
+            # worker keeps it mapped instead, for its next model (heap.keep).
+            heap.release_unused()
 
     def finish(self, timeout: float) -> None:
         """Free what is left now and wait (up to `timeout`) for the thread to end: the

@@ -22,6 +22,7 @@ import openai
 import psutil
 import pytest
 
+from model_service import heap
 from model_service.backends.llama_cpp import ContextShape, Preloaded, open_model
 from model_service.model_files import package_file
 from model_service.preload import Preloader
@@ -257,8 +258,10 @@ def _vocab_size(model: Any) -> int:
 
 
 def test_preloader_hands_over_the_wanted_model_and_frees_the_rest(
-    model_copy: str, second: str
+    model_copy: str, second: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    trims: list[int] = []
+    monkeypatch.setattr(heap, "release_unused", lambda: trims.append(1))
     closes = _Closes()
     reports: list[list[str]] = []
     preloader = Preloader(open_model, closes, on_change=reports.append, free_delay=0.0)
@@ -271,12 +274,19 @@ def test_preloader_hands_over_the_wanted_model_and_frees_the_rest(
     assert model is not None and _vocab_size(model) == VOCAB_SIZE
     wait_for(lambda: len(closes.closed) == 1, 30, message="the other model to be freed")
     assert closes.closed[0] is not model and preloader.loaded() == []
+    # Its memory goes back to the system (it sat below the served model's in the heap).
+    wait_for(lambda: trims == [1], 30, message="the heap trimmed after the free")
     model.close()
 
 
-def test_finish_frees_the_rest_at_once_not_after_the_delay(model_copy: str, second: str) -> None:
+def test_finish_frees_the_rest_at_once_not_after_the_delay(
+    model_copy: str, second: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A worker handed back to the spares: what its old preloader still holds is freed
-    then, not free_delay later, during its next model's first request."""
+    then, not free_delay later, during its next model's first request; it stays mapped,
+    as heap for the next model's buffers (no trim)."""
+    trims: list[int] = []
+    monkeypatch.setattr(heap, "release_unused", lambda: trims.append(1))
     closes = _Closes()
     preloader = Preloader(open_model, closes, free_delay=3600.0)
     preloader.want([model_copy, second])
@@ -286,6 +296,7 @@ def test_finish_frees_the_rest_at_once_not_after_the_delay(model_copy: str, seco
     assert model is not None
     preloader.finish(timeout=30)
     assert len(closes.closed) == 1 and closes.closed[0] is not model
+    assert trims == []
     model.close()
 
 
