@@ -54,7 +54,7 @@ def idle_cores(window_s: float = 0.05) -> float:
         total = sum(after[cpu]) - sum(before[cpu])
         if total > 0:
             free = (after[cpu].idle + after[cpu].nice) - (before[cpu].idle + before[cpu].nice)
-            idle += free / total
+            idle += min(1.0, max(0.0, free / total))
     return idle
 
 

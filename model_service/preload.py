@@ -121,8 +121,11 @@ class Preloader:
 
     def take(self, path: str | None) -> Any | None:
         """The model loaded from `path`, if it is loaded and the file has not changed since;
-        None otherwise. Ends preloading: the thread frees the rest `free_delay` seconds
-        later.
+        None otherwise. Ends preloading: the other models' contexts are freed now (the
+        model this worker serves makes its own from their memory: a cold start of
+        another model than the likeliest spent 72 ms in page faults making its context
+        while that memory waited to be freed), and the thread frees the rest
+        `free_delay` seconds later.
 
         A load (or context) of `path` under way is waited for, `inflight_wait` seconds at
         most: it usually ends sooner than a new load would, but at low priority on a machine busy
@@ -138,11 +141,21 @@ class Preloader:
                 if left <= 0:
                     break
                 self._changed.wait(left)
-            if path is None or self._loading == path:
-                return None  # still in the thread's hands: it frees it later
-            version, model = self._loaded.pop(path, (None, None))
-            self._fitted.pop(path, None)
-            self._warmed.discard(path)
+            version, model = None, None
+            if path is not None and self._loading != path:  # else the thread frees it later
+                version, model = self._loaded.pop(path, (None, None))
+                self._fitted.pop(path, None)
+                self._warmed.discard(path)
+            with_context = [p for p, shape in self._fitted.items() if shape is not None]
+            if self._fit is None:  # nothing to free them with (an adopted model's)
+                with_context = []
+            for other in with_context:
+                self._fitted[other] = None
+                self._warmed.discard(other)
+            contexts = [self._loaded[p][1] for p in with_context if p in self._loaded]
+        for other_model in contexts:  # the heap keeps it mapped: freeing costs no unmapping
+            assert self._fit is not None
+            self._fit(other_model, None)
         if model is not None and version != _file_version(str(path)):
             self._close(model)  # the file was replaced after it was loaded
             return None

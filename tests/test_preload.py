@@ -431,6 +431,26 @@ def test_the_likeliest_model_gets_its_context_made_ahead_and_handed_over(
     item.close()
 
 
+def test_taking_another_model_frees_the_likeliest_models_context_at_once(
+    model_copy: str, second: str
+) -> None:
+    """The served model makes its context from that memory: freed with the weights,
+    free_delay later, it would leave the new context to fresh pages."""
+    fits = _Fits()
+    preloader = Preloader(fits.open, Preloaded.close, free_delay=3600.0, fit_model=fits)
+    preloader.want([model_copy, second], SMALL)
+    preloader.start()
+    wait_for(lambda: len(preloader.loaded()) == 2, 30, message="both files ready")
+    assert fits.calls == [(model_copy, SMALL)]
+
+    item = preloader.take(second)
+    assert isinstance(item, Preloaded)
+    assert fits.calls == [(model_copy, SMALL), (model_copy, None)], "freed before take returns"
+    assert item.take_context(SMALL) is None, "the taken model had no context made ahead"
+    preloader.finish(timeout=30)
+    item.close()
+
+
 @pytest.mark.parametrize(("idle", "warmed"), [(0.0, False), (64.0, True)])
 def test_a_context_made_ahead_is_warmed_only_on_idle_cores(
     model_copy: str, monkeypatch: pytest.MonkeyPatch, idle: float, warmed: bool
