@@ -146,13 +146,7 @@ class Preloader:
                 version, model = self._loaded.pop(path, (None, None))
                 self._fitted.pop(path, None)
                 self._warmed.discard(path)
-            with_context = [p for p, shape in self._fitted.items() if shape is not None]
-            if self._fit is None:  # nothing to free them with (an adopted model's)
-                with_context = []
-            for other in with_context:
-                self._fitted[other] = None
-                self._warmed.discard(other)
-            contexts = [self._loaded[p][1] for p in with_context if p in self._loaded]
+            contexts = self._pop_contexts() if self._fit is not None else []
         for other_model in contexts:  # the heap keeps it mapped: freeing costs no unmapping
             assert self._fit is not None
             self._fit(other_model, None)
@@ -251,6 +245,15 @@ class Preloader:
                 self._warmed.discard(path)
             self._changed.notify_all()
         self._report()
+
+    def _pop_contexts(self) -> list[Any]:
+        """The loaded models that hold a context, marked as holding none (the caller
+        frees their contexts)."""
+        holding = [p for p, shape in self._fitted.items() if shape is not None]
+        for path in holding:
+            self._fitted[path] = None
+            self._warmed.discard(path)
+        return [self._loaded[p][1] for p in holding if p in self._loaded]
 
     def _to_warm(self) -> tuple[str, Any] | None:
         """(path, model) of the context made ahead that is not known to be warm yet."""
