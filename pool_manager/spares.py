@@ -32,6 +32,12 @@ SURPLUS_GRACE_SECONDS = 5.0
 # they made it ~2x slower (issue 16). The replacement still has most of a second to get
 # ready before the next cold start of a succession.
 REPLACEMENT_DEFER_SECONDS = 0.3
+# Cold starts in a burst (two takes within BURST_WINDOW_SECONDS) keep one spare more than
+# `size` until BURST_HOLD_SECONDS after the last take: with one, the fifth of five cold
+# starts 1 s apart found its spare still importing (1,098 ms against ~60 ms, issue 16).
+# The hold ends well before an idle pool's memory is worth measuring again.
+BURST_WINDOW_SECONDS = 3.0
+BURST_HOLD_SECONDS = 10.0
 
 StartSpare = Callable[..., Awaitable[WorkerProcess]]  # urgent=True: a load waits for it
 
@@ -48,6 +54,9 @@ class SparePool:
         self._refill: asyncio.Task[None] | None = None
         self._replan: asyncio.Task[None] | None = None  # see _replan_after
         self._trim_timer: asyncio.TimerHandle | None = None
+        self._last_take: float | None = None  # loop time
+        self._burst_until = 0.0  # loop time; see BURST_WINDOW_SECONDS
+        self._burst_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
     @property
@@ -92,6 +101,33 @@ class SparePool:
         return [_measure(w) for w in self._spares if w.returncode is None and w is not skip]
 
     @property
+    def target(self) -> int:
+        """How many spares to keep now: `size`, one more during a burst of cold starts."""
+        if self.size == 0:
+            return 0
+        in_burst = asyncio.get_running_loop().time() < self._burst_until
+        return self.size + 1 if in_burst else self.size
+
+    def _note_take(self) -> None:
+        """A take that follows another within BURST_WINDOW_SECONDS starts (or extends) a
+        burst; its end lets the extra spare go."""
+        now = asyncio.get_running_loop().time()
+        if self._last_take is not None and now - self._last_take <= BURST_WINDOW_SECONDS:
+            self._burst_until = now + BURST_HOLD_SECONDS
+            if self._burst_timer is not None:
+                self._burst_timer.cancel()
+            self._burst_timer = asyncio.get_running_loop().call_later(
+                BURST_HOLD_SECONDS, self._end_burst
+            )
+        self._last_take = now
+
+    def _end_burst(self) -> None:
+        self._burst_timer = None
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+        self._trim()
+
+    @property
     def count(self) -> int:
         return sum(1 for w in self._spares if w.returncode is None)
 
@@ -108,6 +144,7 @@ class SparePool:
         load nor the requests after it: a spare imports at low priority
         (model_service/spare.py), so the next load, a second later, finds one ready or
         nearly."""
+        self._note_take()
         spare = self._next(path)
         self._spares = [w for w in self._spares if w.returncode is None and w is not spare]
         # None left: a load waits for this one, which so imports at normal priority.
@@ -138,21 +175,22 @@ class SparePool:
     def adopt(self, worker: WorkerProcess) -> None:
         """Take back a worker recycled from its model (WorkerProcess.recycle): a warm
         spare with that model's weights loaded ahead. Past `size`, the surplus goes after
-        SURPLUS_GRACE_SECONDS unless a load takes one meanwhile."""
+        SURPLUS_GRACE_SECONDS unless a load takes one meanwhile (`size` + 1 during a
+        burst of cold starts)."""
         if self._closed:
             worker.kill()
             return
         self._spares.append(worker)
         self._send_preload()
-        if self.count > self.size and self._trim_timer is None:
+        if self.count > self.target and self._trim_timer is None:
             loop = asyncio.get_running_loop()
             self._trim_timer = loop.call_later(SURPLUS_GRACE_SECONDS, self._trim)
 
     def _trim(self) -> None:
-        """Let the spares beyond `size` go: still-starting ones first, then the oldest."""
+        """Let the spares beyond `target` go: still-starting ones first, then the oldest."""
         self._trim_timer = None
         alive = [w for w in self._spares if w.returncode is None]
-        surplus = len(alive) - self.size
+        surplus = len(alive) - self.target
         if surplus <= 0:
             return
         by_use = sorted(alive, key=lambda w: w.is_warm_spare)  # stable: oldest first
@@ -174,8 +212,8 @@ class SparePool:
         self.refill()
 
     def refill(self, after: WorkerProcess | None = None) -> None:
-        """Start spares in the background until there are `size`; after `after`'s first
-        request when given (see REPLACEMENT_DEFER_SECONDS)."""
+        """Start spares in the background until there are `target`; after `after`'s
+        first request when given (see REPLACEMENT_DEFER_SECONDS)."""
         if self._closed or (self._refill is not None and not self._refill.done()):
             return
         self._refill = asyncio.create_task(self._fill(after), name="spares")
@@ -183,14 +221,14 @@ class SparePool:
     async def _fill(self, after: WorkerProcess | None = None) -> None:
         if after is not None:
             await after.wait_first_request(REPLACEMENT_DEFER_SECONDS)
-        while not self._closed and len(self._spares) < self.size:
+        while not self._closed and len(self._spares) < self.target:
             try:
                 spare = await self._start_spare()
             except OSError as exc:
                 log.error("could not start a spare worker", extra={"reason": str(exc)})
                 return
-            if self._closed or len(self._spares) >= self.size:
-                # Resized down while it started: `size` is the ceiling, not a target.
+            if self._closed or len(self._spares) >= self.target:
+                # Resized down (or the burst ended) while it started: no surplus kept.
                 spare.kill()
                 return
             self._spares.append(spare)
@@ -201,8 +239,9 @@ class SparePool:
         self._closed = True
         if self._replan is not None:
             self._replan.cancel()
-        if self._trim_timer is not None:
-            self._trim_timer.cancel()
+        for timer in (self._trim_timer, self._burst_timer):
+            if timer is not None:
+                timer.cancel()
         if self._refill is not None:
             self._refill.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -166,3 +166,42 @@ async def test_what_a_taken_spare_held_goes_to_the_others_after_the_first_reques
     holding_a.first_request.set_result(None)
     await _until(lambda: "a.gguf" in other.preloaded)
     await pool.close()
+
+
+async def test_a_burst_of_cold_starts_keeps_one_spare_more_until_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two takes within the burst window: the pool refills to size + 1 so that the next
+    cold start of the burst finds a spare even while the other one is still starting; the
+    hold after the last take lets the extra one go."""
+    monkeypatch.setattr(spares, "REPLACEMENT_DEFER_SECONDS", 0.01)
+    monkeypatch.setattr(spares, "BURST_HOLD_SECONDS", 0.5)
+    pool, _started = await _pool_with_one_spare()
+    await pool.take()
+    await _until(lambda: pool.count == 1)
+    assert pool.target == 1, "one take is not a burst"
+    await pool.take()
+    assert pool.target == 2
+    await _until(lambda: pool.count == 2)
+    kept = list(pool._spares)
+    await _until(lambda: pool.count == 1, timeout=5.0)  # the hold ran out
+    assert pool.target == 1
+    assert sum(w.returncode == -9 for w in kept) == 1, "the extra spare was let go"
+    await pool.close()
+
+
+async def test_takes_further_apart_than_the_window_are_no_burst(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(spares, "REPLACEMENT_DEFER_SECONDS", 0.01)
+    monkeypatch.setattr(spares, "BURST_WINDOW_SECONDS", 0.05)
+    pool, started = await _pool_with_one_spare()
+    await pool.take()
+    await _until(lambda: pool.count == 1)
+    await asyncio.sleep(0.1)  # past the window on purpose: the point of this test
+    await pool.take()
+    await _until(lambda: pool.count == 1)
+    for _ in range(20):  # the fill loop gets every chance to start a second one
+        await asyncio.sleep(0)
+    assert pool.target == 1 and pool.count == 1 and len(started) == 3
+    await pool.close()
