@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), and the body's length,
 # which the relay recomputes.
+SERVER_TIMING_WAIT = "pool-wait"  # metric name in the Server-Timing reply header
 _HOP_HEADERS = frozenset(
     {
         "connection",
@@ -346,8 +347,11 @@ class Gateway:
         self, record: ModelRecord, path: str, body: bytes, forwarded: dict[str, str]
     ) -> Response:
         unloaded_meanwhile = False  # the last attempt's worker was unloaded, not lost
+        waited = 0.0  # in load_record: the admission queue, a drain, the load
         for attempt in range(ATTEMPTS):
+            asked = time.perf_counter()
             await self._pool.load_record(record)
+            waited += time.perf_counter() - asked
             worker = self._pool.route(record, body)  # a replica, when it has several
             if worker is None:
                 continue  # unloaded again in between: load once more
@@ -380,7 +384,7 @@ class Gateway:
                 # It was draining or force-unloaded: the next load brings a fresh worker.
                 await self._wait_unloaded(record)
                 continue
-            return await self._respond(record, upstream)
+            return await self._respond(record, upstream, waited)
         if unloaded_meanwhile:
             # An operator's unloads (or evictions) kept winning the race: the model is
             # fine, the client may simply retry, as for a worker that answered
@@ -412,8 +416,14 @@ class Gateway:
         if record.unload_task is not None:
             await record.unload_task
 
-    async def _respond(self, record: ModelRecord, upstream: UpstreamResponse) -> Response:
+    async def _respond(
+        self, record: ModelRecord, upstream: UpstreamResponse, waited: float
+    ) -> Response:
         headers = _reply_headers(record, upstream)
+        # Why a request was slow, for clients and benchmarks: time spent getting the
+        # model placed (queued for a slot, a busy model draining, the load) apart from
+        # the worker's own.
+        headers["server-timing"] = f"{SERVER_TIMING_WAIT};dur={waited * 1000:.1f}"
         is_stream = upstream.header("content-type").startswith("text/event-stream")
         if not is_stream:
             try:

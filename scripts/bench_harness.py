@@ -284,6 +284,7 @@ class StreamResult:
     finish_reason: str | None = None
     done: bool = False  # saw `data: [DONE]` (HTTP) or the end of the iterator
     error: str | None = None
+    pool_wait_s: float | None = None  # the pool's Server-Timing `pool-wait`, when sent
 
     @property
     def tokens(self) -> int:
@@ -391,6 +392,7 @@ async def stream_http(client: httpx.AsyncClient, url: str, body: Any) -> StreamR
                     text = (await reply.aread())[:300].decode(errors="replace")
                     result.error = f"HTTP {reply.status_code}: {text}"
                     return result
+                result.pool_wait_s = pool_wait(reply.headers.get("server-timing", ""))
                 pending = b""
                 async for data in reply.aiter_raw():
                     now = time.perf_counter()
@@ -409,6 +411,18 @@ async def stream_http(client: httpx.AsyncClient, url: str, body: Any) -> StreamR
         if result.error is not None:
             FAILED_REQUESTS.append(f"{url}: {result.error}"[:300])
     return result
+
+
+def pool_wait(server_timing: str) -> float | None:
+    """Seconds from a Server-Timing header's `pool-wait;dur=<ms>`, if it has one."""
+    for metric in server_timing.split(","):
+        name, *params = (part.strip() for part in metric.split(";"))
+        if name == "pool-wait":
+            for param in params:
+                key, _, value = param.partition("=")
+                if key == "dur":
+                    return float(value) / 1000
+    return None
 
 
 def stream_inprocess(

@@ -78,6 +78,7 @@ SUCCESSION = 5  # cold starts in succession (one more model, registered for that
 SLOTS_TAKEN = 2  # max_concurrent_models / --models-max in the swap workload
 CLIENTS = 4
 ZIPF_S = 1.0  # popularity of the k-th model ~ 1 / k**s: 48 %, 24 %, 16 %, 12 % for 4
+SLOWEST_KEPT = 10  # requests per run whose time is split in the JSON
 MAX_TOKENS = 16  # short replies: the swaps, not the decoding, are what is measured
 N_CTX, SLOTS = 2048, 4  # per model: 4 sequences of 2,048 tokens (8,192 cells), both sides
 SUCCESSION_GAP_S = 1.0
@@ -372,6 +373,7 @@ async def swap_run(side: Side, sequence: list[str], names: dict[str, str]) -> di
     failures = Counter(kind for _, r in results if (kind := failure_kind(r)) is not None)
     latencies = [r.ended_at - r.sent_at for r in done if r.ended_at is not None]
     ttfts = [t for r in done if (t := r.ttft_s) is not None]
+    waits = [w for r in done if (w := r.pool_wait_s) is not None]
     return {
         "requests": len(results),
         "completed": len(done),
@@ -380,9 +382,28 @@ async def swap_run(side: Side, sequence: list[str], names: dict[str, str]) -> di
         "completed_per_s": round(len(done) / wall, 3),
         "latency_ms": spread(latencies),
         "ttft_ms": spread(ttfts),
+        # The pool's own Server-Timing (none from the router): where its tail goes.
+        "pool_wait_ms": spread(waits) if waits else None,
+        "slowest": slowest(done),
         "loads": after["loads"] - before["loads"],
         "evictions": after["evictions"] - before["evictions"],
     }
+
+
+def slowest(done: list[StreamResult], count: int = SLOWEST_KEPT) -> list[dict[str, Any]]:
+    """The slowest requests, each split into the pool's wait to place the model and the
+    rest (the worker's queue and generation, the relay)."""
+    timed = sorted(
+        (r for r in done if r.ended_at is not None), key=lambda r: r.sent_at - r.ended_at
+    )[:count]
+    return [
+        {
+            "latency_ms": _round(((r.ended_at or r.sent_at) - r.sent_at) * 1000),
+            "ttft_ms": _round(r.ttft_s * 1000) if r.ttft_s is not None else None,
+            "pool_wait_ms": _round(r.pool_wait_s * 1000) if r.pool_wait_s is not None else None,
+        }
+        for r in timed
+    ]
 
 
 async def succession_run(side: Side, models: list[str]) -> dict[str, Any]:

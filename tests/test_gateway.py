@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -47,6 +48,25 @@ def test_cold_model_loads_on_demand_and_streams_through(start_manager: ManagerFa
     )
     assert raw.headers["x-pool-model"] == COLD
     assert manager.model(COLD)["requests_total"] == 4, "requests through the manager count"
+
+
+def test_the_reply_says_how_long_it_waited_for_its_model(start_manager: ManagerFactory) -> None:
+    """Server-Timing's `pool-wait`: the time the pool took to place the model (here the
+    load a COLD model needs), apart from the worker's own; near nothing once HOT."""
+    manager = start_manager(models=[model_entry(COLD)])
+    body = {"model": COLD, "prompt": "Hi", "max_tokens": 2}
+    loading = httpx.post(f"{manager.url}/v1/completions", json=body, timeout=120)
+    hot = httpx.post(f"{manager.url}/v1/completions", json=body, timeout=120)
+    waits = [pool_wait(r.headers["server-timing"]) for r in (loading, hot)]
+    assert waits[0] > 10 * waits[1], f"a load ({waits[0]} s) against none ({waits[1]} s)"
+    assert waits[0] < 120
+
+
+def pool_wait(server_timing: str) -> float:
+    """Seconds from `pool-wait;dur=<ms>`, the reply's Server-Timing metric."""
+    match = re.fullmatch(r"pool-wait;dur=([0-9.]+)", server_timing)
+    assert match is not None, server_timing
+    return float(match.group(1)) / 1000
 
 
 def test_concurrent_first_requests_share_one_load(start_manager: ManagerFactory) -> None:
