@@ -67,7 +67,7 @@ from bench_measure import question
 
 from model_service.preload import FREE_DELAY_SECONDS
 from pool_manager.ports import free_port, free_port_range
-from pool_manager.spares import SURPLUS_GRACE_SECONDS
+from pool_manager.spares import BURST_HOLD_SECONDS, SURPLUS_GRACE_SECONDS
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS_JSON = REPO / "docs" / "bench_swap.json"
@@ -212,13 +212,7 @@ def pool_side(manager: SwapManager) -> Side:
             if (await manager.model(name))["state"] != "COLD":
                 reply = await manager.api.post(f"/models/{name}/unload", timeout=LOAD_TIMEOUT_S)
                 reply.raise_for_status()
-        # Unloaded workers come back as spares; the surplus goes after a while. Start from
-        # the steady state, with the configured number of spares, not from that surplus.
-        spares = int(manager.config()["spare_workers"])
-        await _wait_for(
-            lambda: _spare_count(manager), lambda n: n <= spares, SURPLUS_GRACE_SECONDS + 10
-        )
-        await manager.wait_spare()
+        await _steady_spares(manager)
 
     async def counters() -> dict[str, int]:
         text = (await manager.api.get("/metrics")).text
@@ -239,6 +233,19 @@ def pool_side(manager: SwapManager) -> Side:
         counters,
         pids,
     )
+
+
+async def _steady_spares(manager: Manager) -> None:
+    """Wait for the configured number of spares, ready: unloaded workers come back as
+    spares and a burst of loads keeps one more, and that surplus goes after a while.
+    Runs and memory start from the steady state, not from that surplus."""
+    spares = int(manager.config()["spare_workers"])
+    await _wait_for(
+        lambda: _spare_count(manager),
+        lambda n: n <= spares,
+        BURST_HOLD_SECONDS + SURPLUS_GRACE_SECONDS + 10,
+    )
+    await manager.wait_spare()
 
 
 async def _spare_count(manager: Manager) -> int:
@@ -451,7 +458,7 @@ async def pool_memory(manager: SwapManager, loaded: list[str]) -> dict[str, Any]
 
     await _configure(manager, spare_preload=0)
     await asyncio.sleep(FREE_DELAY_SECONDS + 1)  # a worker frees what its spare held ahead
-    await manager.wait_spare()
+    await _steady_spares(manager)
     assert manager.pid is not None
     pool = pss_mb([manager.pid, *worker_pids])
     spares_bare = pss_mb(await spare_pids())
