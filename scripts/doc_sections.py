@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 from collections import Counter
 from pathlib import Path
@@ -133,8 +134,13 @@ def _cell(value: Any, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:,}{suffix}"
 
 
-def swap_section(run: dict[str, Any]) -> str:
-    """docs/bench_swap.json (scripts/bench_swap.py) as the swap section."""
+SWAP_HEADING = "## Swapping: more models than slots, traffic that jumps between them"
+
+
+def swap_section(
+    run: dict[str, Any], heading: str = SWAP_HEADING, source: str = "docs/bench_swap.json"
+) -> str:
+    """A run of scripts/bench_swap.py (`source`, under `heading`) as a swap section."""
     work = run["workload"]
     swap, sides = run["swap"], list(run["swap"])
     labels = {
@@ -144,7 +150,7 @@ def swap_section(run: dict[str, Any]) -> str:
     }
     router = run.get("router") or {}
     lines = [
-        "## Swapping: more models than slots, traffic that jumps between them",
+        heading,
         "",
         f"Run on commit {_commit(run['commit'], run['dirty'])}, {run['machine']['cpu']}, "
         f"{run['machine']['cores']} cores. {work['models']} models, each on its own copy of "
@@ -198,6 +204,7 @@ def swap_section(run: dict[str, Any]) -> str:
             )
             + " |"
         )
+    lines += _pool_wait_lines(swap.get("pool", {}).get("runs", []))
     succession = run["succession"]
     lines += [
         "",
@@ -248,14 +255,36 @@ def swap_section(run: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "`.venv/bin/python scripts/bench_swap.py --build-router --write-docs` reproduces it "
+        "`.venv/bin/python scripts/bench_swap.py --build-router "
+        + ("--write-docs" if source == "docs/bench_swap.json" else f"--json-out {source}")
+        + "` reproduces it "
         "(it builds llama-server once, about 6 minutes; the run itself takes about "
         "10 minutes), and `.venv/bin/python scripts/doc_sections.py` renders this section "
-        "from `docs/bench_swap.json` again.",
+        f"from `{source}` again.",
     ]
     if run["problems"]:
         lines += ["", "Problems seen: " + "; ".join(map(str, run["problems"]))]
     return "\n".join(lines)
+
+
+def _pool_wait_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """Where the pool's slowest requests spent their time (Server-Timing `pool-wait`:
+    placing the model, i.e. queued for a slot, a busy model draining, the load), when
+    the run kept it."""
+    slowest = [s for r in runs for s in r.get("slowest", []) if s.get("pool_wait_ms") is not None]
+    waits = [r["pool_wait_ms"] for r in runs if r.get("pool_wait_ms")]
+    if not slowest or not waits:
+        return []
+    share = statistics.median(s["pool_wait_ms"] / s["latency_ms"] for s in slowest)
+    p50s = ", ".join(_cell(w["p50"]) for w in waits)
+    p99s = ", ".join(_cell(w["p99"]) for w in waits)
+    return [
+        "",
+        "**Where the pool's time goes** (its replies' Server-Timing `pool-wait`: placing the "
+        "model, i.e. queued for a slot, a busy model draining, the load): pool wait p50 "
+        f"{p50s} ms and p99 {p99s} ms (each round); of each round's {len(runs[0]['slowest'])} "
+        f"slowest requests, the median spent {share:.0%} of its time waiting for its model.",
+    ]
 
 
 def main() -> int:
@@ -268,6 +297,21 @@ def main() -> int:
     if swap_json.exists():
         write_section("swap", swap_section(json.loads(swap_json.read_text())))
         written.append("swap")
+    slow_json = docs / "bench_swap_slow_machine.json"
+    if slow_json.exists():
+        heading = (
+            "### The same swap benchmark on a slower machine\n\n"
+            "The same script on a slower machine of the same name (the tables above are "
+            "of the faster one; only ratios measured in one run compare). Its line for "
+            "the spare without weights ahead counts two spares: the loads just before it "
+            "were a burst, which keeps one spare more for 10 s, and the script did not "
+            "wait for it to go (it does since 12c5627)."
+        )
+        section = swap_section(
+            json.loads(slow_json.read_text()), heading, "docs/bench_swap_slow_machine.json"
+        )
+        write_section("swap-slow-machine", section)
+        written.append("swap-slow-machine")
     tenancy_json = docs / "bench_tenancy.json"
     if tenancy_json.exists():
         sys.path.insert(0, str(REPO))  # run as a script, only scripts/ is on the path
