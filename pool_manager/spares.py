@@ -84,16 +84,9 @@ class SparePool:
         """Tell each spare its part of the files to load ahead (policies.split_preload:
         each file to one spare, the one that has it if any); the first file's spare also
         makes its model's context ahead."""
-        # Warm spares first, and a plan sent to one still starting does not bind: it reads
-        # no command before its imports are done, seconds under load, while a warm one
-        # (often a worker just handed back) can start loading at once.
-        alive = sorted(
-            (w for w in self._spares if w.returncode is None), key=lambda w: not w.is_warm_spare
-        )
+        alive = [w for w in self._spares if w.returncode is None]
         holding = [
-            set(w.preloaded)
-            | set(w.preload_sent.paths if w.preload_sent and w.is_warm_spare else ())
-            for w in alive
+            set(w.preloaded) | set(w.preload_sent.paths if w.preload_sent else ()) for w in alive
         ]
         likeliest = self._preload[0] if self._preload else None
         for worker, paths in zip(alive, split_preload(self._preload, holding), strict=True):
