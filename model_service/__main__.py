@@ -179,7 +179,7 @@ class ManagerLink:
             if paths and first and first.served_model_path == paths[0]:
                 with contextlib.suppress(BackendError):  # its load will say what is wrong
                     shape = ContextShape.from_settings(first.model_dump())
-            self.preloader.want(paths, shape, urgent=command.urgent)
+            self.preloader.want(paths, shape)
         elif isinstance(command, DrainCommand):
             # New inference requests get 503; accepted ones finish.
             self.stats.draining = True

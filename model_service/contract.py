@@ -87,9 +87,6 @@ class PreloadCommand(_JsonLine):
     cmd: Literal["preload"] = "preload"
     paths: list[str] = Field(default_factory=list)
     first_settings: ModelSettings | None = None
-    # A load of the first one's model waits for room: load it (and its context) now, at
-    # the worker's normal priority, not on idle time.
-    urgent: bool = False
 
 
 class ThreadsCommand(_JsonLine):

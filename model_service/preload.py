@@ -80,10 +80,7 @@ class Preloader:
         self._failed: set[tuple[str, FileVersion | None]] = set()  # not tried again
         self._failed_fits: set[tuple[str, Any]] = set()
         self._loading: str | None = None  # the file the thread is loading or fitting now
-        self._hurrying: str | None = None  # the file `want(urgent=True)`'s thread works on
         self._taken = False
-        self._taking: str | None = None  # the file `take` was asked for
-        self._take_returned = False
         self._thread: threading.Thread | None = None
         self._hurry = threading.Event()  # free the rest now, not after free_delay
 
@@ -92,26 +89,13 @@ class Preloader:
         self._thread = threading.Thread(target=self._run, name="preload", daemon=True)
         self._thread.start()
 
-    def want(self, paths: list[str], shape: Any = None, urgent: bool = False) -> None:
+    def want(self, paths: list[str], shape: Any = None) -> None:
         """Keep these files loaded (in this order of preference); free any other. The
-        first one's model also gets a context of `shape` (with `fit_model`; None: none).
-
-        `urgent`: a load of the first one waits for room in the pool, so it is loaded
-        (and fitted) now, on a thread at the caller's priority: the preloading thread's
-        nice 19 gets next to no CPU beside busy workers, and the load would then run
-        after the wait instead of during it."""
+        first one's model also gets a context of `shape` (with `fit_model`; None: none)."""
         with self._changed:
             self._wanted = list(dict.fromkeys(paths))
             self._shape = shape if self._fit is not None else None
             self._changed.notify_all()
-            first = self._wanted[0] if urgent and self._wanted else None
-            hurry = first is not None and self._hurrying is None and not self._taken
-            if hurry:
-                self._hurrying = first
-        if hurry:
-            threading.Thread(
-                target=self._load_now, args=(first,), name="preload-now", daemon=True
-            ).start()
 
     def adopt(self, path: str, model: Any, fitted: Any = None) -> None:
         """Hold `model`, loaded from `path`, as if loaded ahead, with a context of shape
@@ -149,22 +133,20 @@ class Preloader:
         """
         deadline = time.monotonic() + self._inflight_wait
         with self._changed:
-            self._taken, self._taking = True, path
+            self._taken = True
             self._wanted = []
             self._changed.notify_all()
-            while path is not None and path in (self._loading, self._hurrying):
+            while path is not None and self._loading == path:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._changed.wait(left)
             version, model = None, None
-            # Else the thread still loading it frees it later.
-            if path is not None and path not in (self._loading, self._hurrying):
+            if path is not None and self._loading != path:  # else the thread frees it later
                 version, model = self._loaded.pop(path, (None, None))
                 self._fitted.pop(path, None)
                 self._warmed.discard(path)
             contexts = self._pop_contexts() if self._fit is not None else []
-            self._take_returned = True
         for other_model in contexts:  # the heap keeps it mapped: freeing costs no unmapping
             assert self._fit is not None
             self._fit(other_model, None)
@@ -224,7 +206,7 @@ class Preloader:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _load(self, path: str, hurried: bool = False) -> None:
+    def _load(self, path: str) -> None:
         version = _file_version(path)
         model = None
         try:
@@ -232,54 +214,18 @@ class Preloader:
         except (ValueError, RuntimeError, OSError) as exc:
             log.warning("could not preload", extra={"path": path, "reason": str(exc)})
         with self._changed:
-            if not hurried:
-                self._loading = None
+            self._loading = None
             if model is None:
                 self._failed.add((path, version))
-            elif version is not None and path not in self._loaded:
+            elif version is not None:
                 self._loaded[path] = (version, model)  # freed next round if unwanted
                 model = None
             self._changed.notify_all()
         if model is not None:
-            self._close(model)  # the file vanished while it loaded, or is loaded already
+            self._close(model)  # the file vanished while it loaded
         self._report()
 
-    def _load_now(self, path: str) -> None:
-        """`want(urgent=True)`'s thread: load `path` and fit its context, unless the
-        wanted list changes first or a model is taken. The preloading thread leaves
-        `path` alone meanwhile; one it was already loading may end up loaded twice (the
-        second copy is closed), one it was fitting is waited for."""
-        try:
-            while True:
-                with self._changed:
-                    while self._loading == path and path in self._loaded:
-                        self._changed.wait()  # its context is being made: not twice
-                    if self._taken or self._wanted[:1] != [path]:
-                        return
-                    if path not in self._loaded:
-                        if (path, _file_version(path)) in self._failed:
-                            return
-                        action = "load"
-                    elif self._needs_fit(path):
-                        action = "fit"
-                    else:
-                        return
-                if action == "load":
-                    self._load(path, hurried=True)
-                else:
-                    self._fit_context(path, hurried=True)
-        finally:
-            with self._changed:
-                self._hurrying = None
-                # Taken meanwhile (another model, or this one given up waiting for):
-                # nothing else would free it, the preloading thread may be done.
-                given_up = self._taken and (self._taking != path or self._take_returned)
-                left = self._loaded.pop(path, None) if given_up else None
-                self._changed.notify_all()
-            if left is not None:
-                self._close(left[1])
-
-    def _fit_context(self, path: str, hurried: bool = False) -> None:
+    def _fit_context(self, path: str) -> None:
         with self._changed:
             shape = self._fit_target(path)
             entry = self._loaded.get(path)
@@ -291,8 +237,7 @@ class Preloader:
                 log.warning("could not make a context ahead", extra={"reason": str(exc)})
                 failed = True
         with self._changed:
-            if not hurried:
-                self._loading = None
+            self._loading = None
             if failed:
                 self._failed_fits.add((path, shape))
             else:
@@ -355,16 +300,11 @@ class Preloader:
 
     def _next_job(self) -> tuple[str, str] | None:
         """(path, "load" or "fit"): contexts no longer wanted are freed first; then the
-        wanted files load in order, the first one's context made right after its load.
-        Not the file `want(urgent=True)`'s thread works on."""
+        wanted files load in order, the first one's context made right after its load."""
         for path in self._loaded:
-            if path == self._hurrying:
-                continue
             if self._needs_fit(path) and self._fit_target(path) is None:
                 return path, "fit"
         for path in self._wanted:
-            if path == self._hurrying:
-                continue
             if path not in self._loaded:
                 if (path, _file_version(path)) not in self._failed:
                     return path, "load"
@@ -373,9 +313,7 @@ class Preloader:
         return None
 
     def _unwanted(self) -> list[str]:
-        """Loaded files no longer wanted; not the one `want(urgent=True)`'s thread may be
-        fitting (it frees that one itself if a model is taken)."""
-        return [p for p in self._loaded if p not in self._wanted and p != self._hurrying]
+        return [p for p in self._loaded if p not in self._wanted]
 
     def _pop_unwanted(self) -> list[Any]:
         """Take the models no longer wanted out of the loaded set (the caller frees them)."""

@@ -108,19 +108,13 @@ class ColdModel:
     last_used: float  # monotonic; 0 when never used
 
 
-def choose_preload(
-    cold: Sequence[ColdModel], count: int, budget_bytes: int, waiting: Sequence[str] = ()
-) -> dict[str, str]:
-    """model id -> file, for the `count` COLD models likeliest to be asked for next: those
-    whose loads wait for room (`waiting`, first in line first: they are asked for
-    already), then the most in demand, then the most recently used, then the rest in the
-    order given (the registry's). A file is counted once however many models serve it; a
-    model whose file would take the total past `budget_bytes` is left out, and smaller
-    ones after it may still fit."""
-    line = {model_id: place for place, model_id in enumerate(waiting)}
-    ranked = sorted(
-        cold, key=lambda m: (line.get(m.model_id, len(line)), -m.demand, -m.last_used)
-    )  # stable
+def choose_preload(cold: Sequence[ColdModel], count: int, budget_bytes: int) -> dict[str, str]:
+    """model id -> file, for the `count` COLD models likeliest to be asked for next: the
+    most in demand first, then the most recently used, then the rest in the order given
+    (the registry's). A file is counted once however many models serve it; a model whose
+    file would take the total past `budget_bytes` is left out, and smaller ones after it
+    may still fit."""
+    ranked = sorted(cold, key=lambda m: (-m.demand, -m.last_used))  # stable
     files: dict[str, str] = {}
     left = budget_bytes
     for model in ranked:

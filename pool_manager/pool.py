@@ -406,22 +406,17 @@ class ModelPool:
 
     def _refresh_preload(self) -> None:
         """Tell the spares which models to load ahead (called whenever the set may change)."""
-        waiting = self._admission.waiting()
-        self._preload_targets = self._preload_files(waiting)
+        self._preload_targets = self._preload_files()
         first = next(iter(self._preload_targets), None)
         first_settings = None
         if first is not None:
             with contextlib.suppress(InvalidModel, BackendError, OSError):
                 first_settings = self._worker_settings(self._records[first].spec)
-        # A model whose load waits for room is loaded ahead at once, not on idle time:
-        # the spare's work then overlaps the wait instead of following it.
-        urgent = first is not None and first in waiting
-        self._spares.preload(list(self._preload_targets.values()), first_settings, urgent)
+        self._spares.preload(list(self._preload_targets.values()), first_settings)
 
-    def _preload_files(self, waiting: list[str]) -> dict[str, str]:
+    def _preload_files(self) -> dict[str, str]:
         """model id -> served file, for the spare_preload COLD local models likeliest to be
-        loaded next (pool_manager.policies.choose_preload: those whose loads are `waiting`
-        for room, then the most in demand). Only
+        loaded next (pool_manager.policies.choose_preload: the most in demand first). Only
         files that exist (a widened copy not made yet is made by the first load), and
         together no more than half the available memory, nor than memory_limit_mb leaves
         beside the models and the spares' reserves: a spare maps them whole."""
@@ -442,7 +437,7 @@ class ModelPool:
         reserves = [SpareMemory(0, 0, s.reserve) for s in self._spares.memory()]
         room = room_under_limit(self.config.memory_limit_mb * MB, self._models_estimate(), reserves)
         budget = preload_budget(psutil.virtual_memory().available, room, self._spares.size)
-        return choose_preload(cold, self.config.spare_preload, budget, waiting)
+        return choose_preload(cold, self.config.spare_preload, budget)
 
     def _spawn_background(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -993,7 +988,6 @@ class ModelPool:
             ) from None
         deadline = time.monotonic() + self.config.admission_timeout_seconds
         reason = "other loads are ahead of it in the admission queue"
-        waits = False
         try:
             while True:
                 changed = self._capacity_event  # taken first: a change meanwhile counts
@@ -1003,10 +997,6 @@ class ModelPool:
                         if not reason:
                             self._set_state(record, S.WARMING)
                             return
-                if not waits:
-                    # It waits for room: a spare loads its weights meanwhile, at once.
-                    waits = True
-                    self._refresh_preload()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     error = PoolFull if "max_concurrent_models" in reason else InsufficientMemory

@@ -51,7 +51,6 @@ class SparePool:
         self._spares: list[WorkerProcess] = []
         self._preload: list[str] = []  # model files spares should load ahead
         self._first_settings: ModelSettings | None = None  # the likeliest model's
-        self._urgent = False  # the likeliest model's load waits: load it at once
         self._refill: asyncio.Task[None] | None = None
         self._replan: asyncio.Task[None] | None = None  # see _replan_after
         self._trim_timer: asyncio.TimerHandle | None = None
@@ -69,15 +68,11 @@ class SparePool:
         """Files some spare has loaded ahead and is to keep."""
         return {path for w in self._spares if w.returncode is None for path in _kept(w)}
 
-    def preload(
-        self, paths: list[str], first_settings: ModelSettings | None = None, urgent: bool = False
-    ) -> None:
+    def preload(self, paths: list[str], first_settings: ModelSettings | None = None) -> None:
         """Have the spares, now and later, keep these model files loaded ahead between
-        them, and a context for the first one's model made with `first_settings`; at
-        normal priority when `urgent` (a load of that model waits), else on idle time."""
+        them, and a context for the first one's model made with `first_settings`."""
         self._preload = list(paths)
         self._first_settings = first_settings
-        self._urgent = urgent
         self._send_preload()
 
     def _send_preload(self) -> None:
@@ -91,7 +86,7 @@ class SparePool:
         likeliest = self._preload[0] if self._preload else None
         for worker, paths in zip(alive, split_preload(self._preload, holding), strict=True):
             first = self._first_settings if paths and paths[0] == likeliest else None
-            worker.preload(paths, first, urgent=self._urgent and first is not None)
+            worker.preload(paths, first)
 
     @property
     def reserved_bytes(self) -> int:
@@ -138,14 +133,9 @@ class SparePool:
 
     def _next(self, path: str | None = None) -> WorkerProcess | None:
         """The spare `take` would hand out now: a warm one first, among those one holding
-        `path`'s weights loaded ahead, else one told to load them first (it may be
-        loading them: the worker waits a moment for that load rather than start anew)."""
+        `path`'s weights loaded ahead."""
         alive = [w for w in self._spares if w.returncode is None]
-        return min(
-            alive,
-            key=lambda w: (not w.is_warm_spare, path not in _kept(w), not _first(w, path)),
-            default=None,
-        )
+        return min(alive, key=lambda w: (not w.is_warm_spare, path not in _kept(w)), default=None)
 
     async def take(self, path: str | None = None) -> WorkerProcess:
         """A spare (warm ones first, holding `path`'s weights if one does), or a newly
@@ -274,12 +264,6 @@ def _kept(worker: WorkerProcess) -> list[str]:
     if plan is None:
         return list(worker.preloaded)
     return [path for path in worker.preloaded if path in plan.paths]
-
-
-def _first(worker: WorkerProcess, path: str | None) -> bool:
-    """Whether the spare's latest plan has it load `path` before any other file."""
-    plan = worker.preload_sent
-    return path is not None and plan is not None and plan.paths[:1] == [path]
 
 
 def _measure(worker: WorkerProcess) -> SpareMemory:

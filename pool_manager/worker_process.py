@@ -373,13 +373,10 @@ class WorkerProcess:
             self.threads = threads
             self._command(ThreadsCommand(n=threads))
 
-    def preload(
-        self, paths: list[str], first_settings: ModelSettings | None = None, urgent: bool = False
-    ) -> None:
+    def preload(self, paths: list[str], first_settings: ModelSettings | None = None) -> None:
         """Tell a spare which models' files to load ahead, likeliest first, and the first
-        one's settings (its context is made ahead too); the first one at once when
-        `urgent`. Sent on change."""
-        plan = PreloadCommand(paths=paths, first_settings=first_settings, urgent=urgent)
+        one's settings (its context is made ahead too). Sent on change."""
+        plan = PreloadCommand(paths=paths, first_settings=first_settings)
         if plan != self.preload_sent:
             self.preload_sent = plan
             self._command(plan)

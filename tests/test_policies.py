@@ -108,13 +108,6 @@ def test_preload_takes_the_most_in_demand_then_the_most_recent_then_registry_ord
     assert choose_preload(cold, count=0, budget_bytes=10**12) == {}
 
 
-def test_preload_puts_the_models_waiting_for_room_first_in_line_order() -> None:
-    cold = [_cold("popular", 5.0, 10.0), _cold("second", 0, 0.0), _cold("first", 0, 0.0)]
-    chosen = choose_preload(cold, count=2, budget_bytes=10**12, waiting=["first", "second"])
-    assert list(chosen) == ["first", "second"], "asked for already beats likely to be"
-    assert list(choose_preload(cold, count=1, budget_bytes=10**12)) == ["popular"]
-
-
 def test_preload_keeps_within_the_budget_and_counts_a_shared_file_once() -> None:
     cold = [
         _cold("first", 3.0, 0.0, path="/m/shared.gguf", mb=300),

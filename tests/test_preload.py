@@ -451,61 +451,6 @@ def test_taking_another_model_frees_the_likeliest_models_context_at_once(
     item.close()
 
 
-def _open_held_on_the_preloading_thread(gate: threading.Event, fits: _Fits) -> Any:
-    """`fits.open`, held at `gate` on the preloading thread only: that thread starved
-    (nice 19 beside busy workers) while a load waits for room."""
-
-    def open_(path: str) -> Any:
-        if threading.current_thread().name == "preload":
-            assert gate.wait(30)
-        return fits.open(path)
-
-    return open_
-
-
-def test_an_urgent_want_loads_and_fits_the_first_file_beside_a_starved_preloader(
-    model_copy: str, second: str
-) -> None:
-    gate = threading.Event()
-    fits, closes = _Fits(), _Closes()
-    opener = _open_held_on_the_preloading_thread(gate, fits)
-    preloader = Preloader(opener, closes, free_delay=0.0, fit_model=fits)
-    preloader.want([second])
-    preloader.start()
-    wait_for(lambda: preloader._loading == second, 30, message="the starved load of `second`")
-    preloader.want([model_copy, second], SMALL, urgent=True)
-    wait_for(
-        lambda: model_copy in preloader.loaded(), 30, message="the urgent file loaded and fitted"
-    )
-    assert fits.calls == [(model_copy, SMALL)] and second not in preloader.loaded()
-    item = preloader.take(model_copy)
-    assert isinstance(item, Preloaded)
-    context = item.take_context(SMALL)
-    assert context is not None, "its context was made ahead too"
-    gate.set()
-    wait_for(lambda: len(closes.closed) == 1, 30, message="the late `second` freed")
-    llama_cpp.llama_free(context)
-    item.close()
-
-
-def test_an_urgent_want_of_a_file_being_loaded_keeps_one_copy(model_copy: str) -> None:
-    gate = threading.Event()
-    fits, closes = _Fits(), _Closes()
-    opener = _open_held_on_the_preloading_thread(gate, fits)
-    preloader = Preloader(opener, closes, free_delay=3600.0, inflight_wait=30.0)
-    preloader.want([model_copy])
-    preloader.start()
-    wait_for(lambda: preloader._loading == model_copy, 30, message="the starved load")
-    preloader.want([model_copy], urgent=True)
-    wait_for(lambda: preloader.loaded() == [model_copy], 30, message="the urgent copy loaded")
-    gate.set()
-    wait_for(lambda: len(closes.closed) == 1, 30, message="the second copy closed")
-    item = preloader.take(model_copy)
-    assert item is not None and item is not closes.closed[0]
-    preloader.finish(timeout=30)
-    item.close()
-
-
 @pytest.mark.parametrize(("idle", "warmed"), [(0.0, False), (64.0, True)])
 def test_a_context_made_ahead_is_warmed_only_on_idle_cores(
     model_copy: str, monkeypatch: pytest.MonkeyPatch, idle: float, warmed: bool

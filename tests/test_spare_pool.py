@@ -27,9 +27,8 @@ class StandInWorker:
         self.reserved_bytes = 0
         self.first_request: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def preload(self, paths: list[str], first_settings: Any = None, urgent: bool = False) -> None:
+    def preload(self, paths: list[str], first_settings: Any = None) -> None:
         self.preloaded = list(paths)
-        self.urgent = urgent
 
     async def wait_first_request(self, timeout: float) -> None:
         await asyncio.wait({self.first_request}, timeout=timeout)
@@ -205,39 +204,4 @@ async def test_takes_further_apart_than_the_window_are_no_burst(
     for _ in range(20):  # the fill loop gets every chance to start a second one
         await asyncio.sleep(0)
     assert pool.target == 1 and pool.count == 1 and len(started) == 3
-    await pool.close()
-
-
-async def test_an_urgent_plan_goes_to_the_spare_with_the_first_file_which_a_load_takes() -> None:
-    """A load waits for room: the spare told to load its file first is told so urgently,
-    and that load takes it even before it reports the weights loaded."""
-    started: list[StandInWorker] = []
-
-    async def start_spare(**_: Any) -> Any:
-        started.append(StandInWorker())
-        return started[-1]
-
-    class Plan:
-        def __init__(self, paths: list[str]) -> None:
-            self.paths = paths
-
-    pool = SparePool(2, start_spare)
-    pool.refill()
-    await _until(lambda: pool.count == 2)
-    for worker in started:  # as WorkerProcess.preload keeps it; no weights loaded yet
-        worker.preload = (  # type: ignore[method-assign]
-            lambda paths, first=None, urgent=False, w=worker: (
-                setattr(w, "preload_sent", Plan(paths)),
-                setattr(w, "urgent", urgent),
-            )
-        )
-    # The second spare was asked for the waiting file before (and has not loaded it yet):
-    # the plan keeps it there, and a take without that preference would pick the first.
-    started[1].preload_sent = Plan(["/m/waiting.gguf"])
-    settings: Any = object()
-    pool.preload(["/m/waiting.gguf", "/m/other.gguf"], first_settings=settings, urgent=True)
-    told = [w for w in started if w.preload_sent.paths[:1] == ["/m/waiting.gguf"]]
-    assert told == [started[1]] and told[0].urgent is True
-    assert [w.urgent for w in started if w is not told[0]] == [False]
-    assert await pool.take("/m/waiting.gguf") is told[0]
     await pool.close()
