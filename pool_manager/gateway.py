@@ -43,9 +43,9 @@ from pool_manager.worker_process import WorkerProcess
 
 log = logging.getLogger(__name__)
 
+SERVER_TIMING_WAIT = "pool-wait"  # metric name in the Server-Timing reply header
 # Headers that describe one hop, not the message (RFC 9110 §7.6.1), and the body's length,
 # which the relay recomputes.
-SERVER_TIMING_WAIT = "pool-wait"  # metric name in the Server-Timing reply header
 _HOP_HEADERS = frozenset(
     {
         "connection",

@@ -55,8 +55,7 @@ class SparePool:
         self._replan: asyncio.Task[None] | None = None  # see _replan_after
         self._trim_timer: asyncio.TimerHandle | None = None
         self._last_take: float | None = None  # loop time
-        self._burst_until = 0.0  # loop time; see BURST_WINDOW_SECONDS
-        self._burst_timer: asyncio.TimerHandle | None = None
+        self._burst_timer: asyncio.TimerHandle | None = None  # set while a burst lasts
         self._closed = False
 
     @property
@@ -103,9 +102,7 @@ class SparePool:
     @property
     def target(self) -> int:
         """How many spares to keep now: `size`, one more during a burst of cold starts."""
-        if self.size == 0:
-            return 0
-        in_burst = asyncio.get_running_loop().time() < self._burst_until
+        in_burst = self._burst_timer is not None and self.size > 0
         return self.size + 1 if in_burst else self.size
 
     def _note_take(self) -> None:
@@ -113,7 +110,6 @@ class SparePool:
         burst; its end lets the extra spare go."""
         now = asyncio.get_running_loop().time()
         if self._last_take is not None and now - self._last_take <= BURST_WINDOW_SECONDS:
-            self._burst_until = now + BURST_HOLD_SECONDS
             if self._burst_timer is not None:
                 self._burst_timer.cancel()
             self._burst_timer = asyncio.get_running_loop().call_later(

@@ -400,16 +400,15 @@ async def swap_run(side: Side, sequence: list[str], names: dict[str, str]) -> di
 def slowest(done: list[StreamResult], count: int = SLOWEST_KEPT) -> list[dict[str, Any]]:
     """The slowest requests, each split into the pool's wait to place the model and the
     rest (the worker's queue and generation, the relay)."""
-    timed = sorted(
-        (r for r in done if r.ended_at is not None), key=lambda r: r.sent_at - r.ended_at
-    )[:count]
+    ended = [(r.ended_at - r.sent_at, r) for r in done if r.ended_at is not None]
+    ended.sort(key=lambda pair: pair[0], reverse=True)
     return [
         {
-            "latency_ms": _round(((r.ended_at or r.sent_at) - r.sent_at) * 1000),
+            "latency_ms": _round(latency * 1000),
             "ttft_ms": _round(r.ttft_s * 1000) if r.ttft_s is not None else None,
             "pool_wait_ms": _round(r.pool_wait_s * 1000) if r.pool_wait_s is not None else None,
         }
-        for r in timed
+        for latency, r in ended[:count]
     ]
 
 
