@@ -187,8 +187,41 @@ Event = Annotated[
     Field(discriminator="event"),
 ]
 
+# --- the fork server (model_service/fork_server.py) ------------------------------------------
+
+
+class ForkCommand(_JsonLine):
+    """Fork a spare: the worker's arguments (the fork server adds `--control-fd` for the
+    spare's control socket, attached to the line), the environment it runs with, and
+    whether a load waits for it (model_service/spare.py's `--urgent`)."""
+
+    cmd: Literal["fork"] = "fork"
+    args: list[str]
+    env: dict[str, str]
+    urgent: bool = False
+
+
+class ForkServerReadyEvent(_JsonLine):
+    """The fork server's imports are done: it forks from now on."""
+
+    event: Literal["fork_server_ready"] = "fork_server_ready"
+    pid: int
+
+
+class ForkedEvent(_JsonLine):
+    """A spare was forked; it is the manager's child now (model_service/fork_server.py)."""
+
+    event: Literal["forked"] = "forked"
+    pid: int
+
+
+ForkServerEvent = Annotated[
+    ForkServerReadyEvent | ForkedEvent | FailedEvent, Field(discriminator="event")
+]
+
 _COMMANDS: TypeAdapter[Command] = TypeAdapter(Command)
 _EVENTS: TypeAdapter[Event] = TypeAdapter(Event)
+_FORK_SERVER_EVENTS: TypeAdapter[ForkServerEvent] = TypeAdapter(ForkServerEvent)
 
 
 def parse_command(line: bytes) -> Command:
@@ -199,3 +232,13 @@ def parse_command(line: bytes) -> Command:
 def parse_event(line: bytes) -> Event:
     """One line from a worker. Raises ValueError (a ValidationError) if it is none."""
     return _EVENTS.validate_json(line)
+
+
+def parse_fork_command(line: bytes) -> ForkCommand:
+    """One line from the manager to the fork server. Raises ValueError if it is none."""
+    return ForkCommand.model_validate_json(line)
+
+
+def parse_fork_server_event(line: bytes) -> ForkServerEvent:
+    """One line from the fork server. Raises ValueError (a ValidationError) if it is none."""
+    return _FORK_SERVER_EVENTS.validate_json(line)

@@ -1,5 +1,7 @@
 """How the pool manager starts a worker process:
-`python -m model_service.spare [--sandbox [--network]] WORKER-ARGS`.
+`python -m model_service.spare [--sandbox [--network]] WORKER-ARGS`, or the fork server
+that forks spares from itself: `python -m model_service.spare [--sandbox] --fork-server
+--control-fd N` (model_service/fork_server.py).
 
 1. With `--sandbox`, it enters the worker sandbox first (model_service/sandbox.py),
    while the process has one thread: namespaces belong to threads, and importing the
@@ -25,11 +27,12 @@ import argparse
 import contextlib
 import fcntl
 import os
+import socket
 import sys
 import termios
 from collections.abc import Callable
 
-from model_service import cpus, heap, sandbox
+from model_service import cpus, fork_server, heap, sandbox
 from model_service.cpus import at_low_priority
 
 WorkerMain = Callable[[list[str]], int]
@@ -71,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--urgent", action="store_true", help="a load waits: import at normal priority"
     )
+    parser.add_argument(
+        "--fork-server", action="store_true", help="fork spares for the manager on --control-fd"
+    )
     own, worker_args = parser.parse_known_args(argv)
     leave_the_terminal()
     if own.urgent:
@@ -78,10 +84,24 @@ def main(argv: list[str] | None = None) -> int:
     if own.sandbox:
         sandbox.enter(network=own.network)
     worker_main = import_worker_main()
+    if own.fork_server:
+        return _serve_forks(worker_args, worker_main)
     try:
         return worker_main(worker_args)
     except MemoryError:
         return sandbox.EXIT_OUT_OF_MEMORY
+
+
+def _serve_forks(args: list[str], worker_main: WorkerMain) -> int:
+    """The fork server's loop, after what each spare would do first anyway (its spares
+    inherit it): serving's first-use costs (model_service/warmup.py)."""
+    parser = argparse.ArgumentParser(prog="python -m model_service.spare --fork-server")
+    parser.add_argument("--control-fd", type=int, required=True)
+    control = socket.socket(fileno=parser.parse_args(args).control_fd)
+    from model_service.warmup import warm_up_serving  # imported with the worker: no cost
+
+    at_low_priority(warm_up_serving, "warm-up")
+    return fork_server.serve(control, worker_main)
 
 
 if __name__ == "__main__":

@@ -428,6 +428,7 @@ def create_app(
         if caller_role(request.scope) is Role.ADMIN:  # what the workers' sandbox has here
             detail["sandbox"] = pool.sandbox
             detail["spare_pids"] = pool.spare_pids
+            detail["fork_server_pid"] = pool.fork_server_pid
         return detail
 
     # Left out of the OpenAPI schema: an endless stream is no operation to fuzz or generate.

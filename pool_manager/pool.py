@@ -47,6 +47,7 @@ from pool_manager.config import (
     effective_ttl_seconds,
     match_alias,
 )
+from pool_manager.fork_server import ForkServerKeeper
 from pool_manager.gpu import GpuMonitor
 from pool_manager.memory import (
     SpareMemory,
@@ -84,6 +85,7 @@ from pool_manager.worker_process import (
     WorkerProcess,
     WorkerStartError,
     probe_sandbox,
+    worker_environment,
 )
 
 log = logging.getLogger(__name__)
@@ -278,6 +280,7 @@ class ModelPool:
             else None
         )
         self._spares = SparePool(self._spares_wanted, self._start_spare)
+        self._fork_server = ForkServerKeeper(config.sandbox)  # spares fork from it
         self._preload_targets: dict[str, str] = {}  # model id -> file spares load ahead
         # Workers' sandbox (read at start): what this machine gives it, found by `start`.
         self._sandboxed = config.sandbox
@@ -297,6 +300,7 @@ class ModelPool:
         if self._cluster is not None:
             await self._cluster.connect(self._on_node_change)
         await self._probe_sandbox()
+        self._fork_server.start(self._spares_wanted > 0, worker_environment())
         self._refresh_preload()
         self._spares.refill()
         self._spawn_background(self._reap_idle_models(), "reaper")
@@ -320,11 +324,15 @@ class ModelPool:
             return_exceptions=True,
         )
         await self._spares.close()
+        await self._fork_server.close()
         if self._cluster is not None:
             await self._cluster.close()
 
     async def _start_spare(self, network: bool = False, urgent: bool = False) -> WorkerProcess:
-        return await WorkerProcess.start_spare(
+        """A new spare: forked from the fork server when it can (milliseconds), else a
+        process of its own (seconds of imports). A remote model's has the network, which
+        the fork server's sandbox has not."""
+        options = SpareOptions(
             graceful_seconds=self.config.graceful_shutdown_seconds,
             log_level=self.config.log_level,
             reserve_mb=0 if network else await self._spare_reserve_mb(),
@@ -332,6 +340,14 @@ class ModelPool:
             network=network,
             urgent=urgent,
         )
+        forks = not (network and self._sandboxed)
+        server = await self._fork_server.usable(urgent=urgent) if forks else None
+        if server is not None:
+            try:
+                return await WorkerProcess.start_spare(options, server)
+            except OSError as exc:
+                log.warning("the fork server could not fork a spare", extra={"reason": str(exc)})
+        return await WorkerProcess.start_spare(options)
 
     async def _probe_sandbox(self) -> None:
         """Find what the workers' sandbox gets here; warn about each mechanism it lacks."""
@@ -380,7 +396,7 @@ class ModelPool:
         written = [(await self._estimate_memory(r)).written_at_load for r in local]
         largest = max(written, default=0)
         room = room_under_limit(
-            self.config.memory_limit_mb * MB, self._models_estimate(), self._spares.memory()
+            self.config.memory_limit_mb * MB, self._models_estimate(), self._spare_memory()
         )
         available = psutil.virtual_memory().available
         return spare_reserve_bytes(largest, available, room) // MB
@@ -393,6 +409,14 @@ class ModelPool:
     @property
     def spare_pids(self) -> list[int]:
         return self._spares.pids
+
+    def _spare_memory(self, *, but_next: bool = False) -> list[SpareMemory]:
+        """What the spares hold, and the fork server that makes them (SparePool.memory)."""
+        return [*self._spares.memory(but_next=but_next), *self._fork_server.memory()]
+
+    @property
+    def fork_server_pid(self) -> int | None:
+        return self._fork_server.pid
 
     @property
     def preloaded_model_ids(self) -> list[str]:
@@ -434,7 +458,7 @@ class ModelPool:
                     ColdModel(record.model_id, str(path), size, demand, record.last_used_mono)
                 )
         # The spares' processes and reserves only: their weights are what this decides.
-        reserves = [SpareMemory(0, 0, s.reserve) for s in self._spares.memory()]
+        reserves = [SpareMemory(0, 0, s.reserve) for s in self._spare_memory()]
         room = room_under_limit(self.config.memory_limit_mb * MB, self._models_estimate(), reserves)
         budget = preload_budget(psutil.virtual_memory().available, room, self._spares.size)
         return choose_preload(cold, self.config.spare_preload, budget)
@@ -522,7 +546,7 @@ class ModelPool:
             "limit_mb": self.config.memory_limit_mb,
             "estimated_use_mb": self._models_estimate() // MB,
             # Counted against limit_mb too: what the spare workers hold (measured RSS).
-            "spares_mb": sum(s.held for s in self._spares.memory()) // MB,
+            "spares_mb": sum(s.held for s in self._spare_memory()) // MB,
             "available_mb": psutil.virtual_memory().available // MB,
             "gpu_available": self.gpu.available,
             "gpu_free_mb": None if gpu_free is None else gpu_free // MB,
@@ -616,6 +640,7 @@ class ModelPool:
         self.config = saved.model_copy(update=self._overrides)
         self._ports.set_range(self.config.port_range.start, self.config.port_range.end)
         self._spares.resize(self._spares_wanted)
+        self._fork_server.want(self._spares_wanted > 0, worker_environment())
         self._admission.max_waiting = self.config.admission_queue_max
         self._refresh_preload()
         self._reaper_wakeup.set()
@@ -1166,7 +1191,7 @@ class ModelPool:
             need,
             limit=self.config.memory_limit_mb * MB,
             models=sum(r.memory_estimate * max(1, len(r.workers)) for r in occupying),
-            spares=self._spares.memory(but_next=takes_spare),
+            spares=self._spare_memory(but_next=takes_spare),
             # In cluster mode, what the roomiest node has left (Ray's `memory` resource).
             available=(
                 self._cluster.largest_free_memory()

@@ -56,6 +56,7 @@ from model_service.sandbox import (
     Report,
 )
 from model_service.secrets import SECRET_ENV_PREFIX
+from pool_manager.fork_server import ForkServer
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,14 @@ class SpareOptions:
     network: bool = False
     urgent: bool = False  # a load waits for it: no low-priority start
 
+    def worker_args(self) -> list[str]:
+        """The worker's own arguments (model_service/__main__.py), less `--control-fd`."""
+        return [
+            *("--graceful-seconds", str(self.graceful_seconds)),
+            *("--log-level", self.log_level),
+            *("--reserve-mb", str(self.reserve_mb)),
+        ]
+
 
 async def spawn_spare(
     options: SpareOptions, env: dict[str, str]
@@ -151,9 +160,7 @@ async def spawn_spare(
         *(["--sandbox", *network] if options.sandbox else []),
         *(["--urgent"] if options.urgent else []),
         *("--control-fd", str(theirs.fileno())),
-        *("--graceful-seconds", str(options.graceful_seconds)),
-        *("--log-level", options.log_level),
-        *("--reserve-mb", str(options.reserve_mb)),
+        *options.worker_args(),
     ]
     try:
         process = await asyncio.create_subprocess_exec(
@@ -237,25 +244,24 @@ class WorkerProcess:
 
     @classmethod
     async def start_spare(
-        cls,
-        *,
-        graceful_seconds: float,
-        log_level: str,
-        reserve_mb: int = 0,
-        sandbox: bool = False,
-        network: bool = False,
-        urgent: bool = False,
+        cls, options: SpareOptions, fork_server: ForkServer | None = None
     ) -> WorkerProcess:
         """Start a worker process with no model. Returns at once; it warms up meanwhile.
 
-        `sandbox`: in the sandbox of model_service/sandbox.py, without network access
-        unless `network` (for a remote backend). `urgent`: a load waits for it, so it
-        imports at normal priority, not on CPU time others leave (model_service/spare.py).
+        Options' `sandbox`: in the sandbox of model_service/sandbox.py, without network
+        access unless `network` (for a remote backend). `urgent`: a load waits for it, so
+        it prepares at normal priority, not on CPU time others leave
+        (model_service/spare.py). With `fork_server` (whose sandbox must be the one asked
+        for), the spare is forked from it, its imports done; OSError if it cannot be.
         """
-        options = SpareOptions(graceful_seconds, log_level, reserve_mb, sandbox, network, urgent)
-        process, ours = await spawn_spare(options, worker_environment())
+        env = worker_environment()
+        process: ProcessHandle
+        if fork_server is not None:
+            process, ours = await fork_server.fork(options.worker_args(), env, options.urgent)
+        else:
+            process, ours = await spawn_spare(options, env)
         worker = cls(process, ours)
-        worker.reserved_bytes = reserve_mb * 2**20
+        worker.reserved_bytes = options.reserve_mb * 2**20
         reader, writer = await asyncio.open_unix_connection(sock=ours.dup())
         worker._events_writer = writer  # dropping the writer would close the transport
         worker._events_task = asyncio.create_task(

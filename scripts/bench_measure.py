@@ -773,13 +773,15 @@ class Bench:
     async def memory(self) -> None:
         hot = await self.manager.model(HOT)
         children = self.manager.note_children()
-        model_pids = {hot.get("pid")}
+        fork_server = (await self.manager.health())["fork_server_pid"]
+        model_pids = {hot.get("pid"), fork_server}
         spares = [c.pid for c in children if c.pid not in model_pids]
         self.results["memory"] = {
             "worker_rss_mb": rss_mb(hot.get("pid")),
             "worker_rss_mb_reported": hot.get("memory_rss_mb"),
             "worker_estimate_mb": hot.get("memory_estimate_mb"),
             "spare_rss_mb": [rss_mb(pid) for pid in spares],
+            "fork_server_rss_mb": rss_mb(fork_server),
             "manager_rss_mb": rss_mb(self.manager.pid),
             "bench_client_rss_mb": rss_mb(os.getpid()),
         }

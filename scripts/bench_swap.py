@@ -444,22 +444,25 @@ def pss_mb(pids: list[int]) -> dict[str, float]:
 
 
 async def pool_memory(manager: SwapManager, loaded: list[str]) -> dict[str, Any]:
-    """`loaded` HOT and idle, nothing else: the manager and workers, then the spares
-    without weights ahead and with them."""
+    """`loaded` HOT and idle, nothing else: the manager, workers and fork server (its
+    imports' pages are shared with the workers it forked: PSS splits them), then the
+    spares without weights ahead and with them."""
     worker_pids: list[int] = []
     for name in loaded:
         reply = await manager.api.post(f"/models/{name}/load", timeout=LOAD_TIMEOUT_S)
         reply.raise_for_status()
         worker_pids.append(int(reply.json()["pid"]))
+    fork_server: int | None = (await manager.health())["fork_server_pid"]
+    pool_pids = [*worker_pids, *([fork_server] if fork_server else [])]
 
     async def spare_pids() -> list[int]:
-        return [c.pid for c in manager.note_children() if c.pid not in worker_pids]
+        return [c.pid for c in manager.note_children() if c.pid not in pool_pids]
 
     await _configure(manager, spare_preload=0)
     await asyncio.sleep(FREE_DELAY_SECONDS + 1)  # a worker frees what its spare held ahead
     await _steady_spares(manager)
     assert manager.pid is not None
-    pool = pss_mb([manager.pid, *worker_pids])
+    pool = pss_mb([manager.pid, *pool_pids])
     spares_bare = pss_mb(await spare_pids())
     await _configure(manager, spare_preload=4)
     others = [n for n in model_ids(len(manager.copies)) if n not in loaded]
@@ -469,6 +472,7 @@ async def pool_memory(manager: SwapManager, loaded: list[str]) -> dict[str, Any]
     return {
         "pool": pool,
         "workers": len(worker_pids),
+        "fork_server": fork_server is not None,
         "spares_no_weights_ahead": spares_bare,
         "spares_with_weights_ahead": spares_ahead,
     }

@@ -228,7 +228,9 @@ def swap_section(
         "",
         "| processes | PSS (MB) | RSS (MB) |",
         "| --- | --- | --- |",
-        f"| pool: manager + {memory['workers']} workers | {memory['pool']['pss_mb']} | "
+        f"| pool: manager + {memory['workers']} workers"
+        + (" + fork server" if memory.get("fork_server") else "")
+        + f" | {memory['pool']['pss_mb']} | "
         f"{memory['pool']['rss_mb']} |",
         f"| pool's spare worker, no weights ahead | {memory['spares_no_weights_ahead']['pss_mb']} "
         f"| {memory['spares_no_weights_ahead']['rss_mb']} |",

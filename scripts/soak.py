@@ -892,6 +892,8 @@ class Soak:
         while spare is None and time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 listed = {v.get("pid") for v in (await self.models()).values()}
+                # Not the fork server (it forks spares; the manager replaces it too).
+                listed.add((await self.health()).get("fork_server_pid"))
                 spares = [p for p, ours in self.children().items() if ours and p not in listed]
                 if spares:
                     spare = self.rng.choice(spares)

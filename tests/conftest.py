@@ -199,6 +199,14 @@ class Manager:
     def model(self, model_id: str) -> dict[str, Any]:
         return self.models()[model_id]
 
+    def worker_children(self) -> set[int]:
+        """The manager's child processes that are workers (spares included): all but the
+        fork server (pool_manager/fork_server.py), which serves no model."""
+        assert self.process is not None
+        children = {c.pid for c in psutil.Process(self.process.pid).children()}
+        fork_server = self.request("GET", "/health").json()["fork_server_pid"]
+        return children - {fork_server}
+
     def load(self, model_id: str) -> dict[str, Any]:
         reply = self.request("POST", f"/models/{model_id}/load")
         assert reply.status_code == 200, reply.text

@@ -148,11 +148,10 @@ def test_header_reader_reads_the_real_model() -> None:
 
 
 def _spare_pids(manager: Manager) -> list[int]:
-    assert manager.process is not None
     loaded = {m["pid"] for m in manager.models().values() if m["pid"]}
-    children = psutil.Process(manager.process.pid).children()
-    manager.seen_worker_pids.update(c.pid for c in children)
-    return [c.pid for c in children if c.pid not in loaded]
+    children = manager.worker_children()
+    manager.seen_worker_pids.update(children)
+    return [pid for pid in children if pid not in loaded]
 
 
 def _settled(pid: int) -> bool:

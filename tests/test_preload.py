@@ -137,8 +137,7 @@ def test_a_spare_taken_by_a_load_is_replaced_after_the_first_request(
     )
     assert chat.status_code == 200, chat.text
     wait_for(lambda: _health(manager)["spare_workers"] == 1, 60, message="a replacement")
-    assert manager.process is not None
-    children = {c.pid for c in psutil.Process(manager.process.pid).children()}
+    children = manager.worker_children()
     assert len(children - {a["pid"]}) == 1, "one spare beside a:1's worker"
     for pid in children:
         assert os.getsid(pid) == os.getsid(manager.process.pid), "the manager's session"
@@ -179,8 +178,7 @@ def test_an_evicted_worker_goes_back_to_the_spares_with_its_weights(
     )
     second_model = manager.load("b:1")  # a:1 evicted: its worker goes back to the spares
     assert manager.model("a:1")["state"] == "COLD" and pid_alive(first["pid"])
-    assert manager.process is not None
-    children = {c.pid for c in psutil.Process(manager.process.pid).children()}
+    children = manager.worker_children()
     assert first["pid"] in children, "the evicted worker is a spare now"
     wait_for(
         lambda: "a:1" in _health(manager)["preloaded_models"],

@@ -38,11 +38,14 @@ IDS = ("race:a", "race:b")
 
 
 def _worker_pids(manager: Manager) -> set[int]:
-    """The manager's live worker processes (spares included)."""
+    """The manager's live worker processes (spares included; not the fork server)."""
     assert manager.process is not None
     children = psutil.Process(manager.process.pid).children(recursive=True)
+    fork_server = manager.request("GET", "/health").json()["fork_server_pid"]
     pids = set()
     for child in children:
+        if child.pid == fork_server:
+            continue
         with contextlib.suppress(psutil.Error):
             is_worker = any(arg.startswith("model_service") for arg in child.cmdline())
             if is_worker and child.status() != psutil.STATUS_ZOMBIE:
