@@ -8,11 +8,14 @@ the end-to-end ones run the real manager, its real fork server and real inferenc
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -24,6 +27,17 @@ from pool_manager.worker_process import SpareOptions, WorkerProcess, worker_envi
 from tests.conftest import Manager, ManagerFactory, model_entry, pid_alive, wait_for
 
 OPTIONS = SpareOptions(graceful_seconds=5, log_level="WARNING")
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """This pytest process as the manager makes itself, for this test only: orphans of
+    later tests' daemons (`ray start`) must not become its zombies."""
+    assert become_subreaper() is None
+    yield
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    assert libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) == 0
 
 
 def _parent(pid: int) -> int:
@@ -49,8 +63,9 @@ async def test_an_exit_code_is_read_through_the_pidfd() -> None:
     process.send_signal(signal.SIGKILL)  # gone: nothing is signalled, nothing raised
 
 
-async def test_spares_are_forked_become_our_children_and_outlive_the_fork_server() -> None:
-    assert become_subreaper() is None
+async def test_spares_are_forked_become_our_children_and_outlive_the_fork_server(
+    subreaper: None,
+) -> None:
     exits: list[ForkServer] = []
     server = await ForkServer.start(sandbox=False, env=worker_environment(), on_exit=exits.append)
     try:
@@ -74,8 +89,7 @@ async def test_spares_are_forked_become_our_children_and_outlive_the_fork_server
         await server.close()
 
 
-async def test_a_spare_whose_manager_end_closes_exits_and_is_reaped() -> None:
-    assert become_subreaper() is None
+async def test_a_spare_whose_manager_end_closes_exits_and_is_reaped(subreaper: None) -> None:
     server = await ForkServer.start(sandbox=False, env=worker_environment())
     try:
         process, ours = await server.fork(OPTIONS.worker_args(), worker_environment(), False)
