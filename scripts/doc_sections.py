@@ -304,10 +304,11 @@ def main() -> int:
         heading = (
             "### The same swap benchmark on a slower machine\n\n"
             "The same script on a slower machine of the same name (the tables above are "
-            "of the faster one; only ratios measured in one run compare). Its line for "
-            "the spare without weights ahead counts two spares: the loads just before it "
-            "were a burst, which keeps one spare more for 10 s, and the script did not "
-            "wait for it to go (it does since 12c5627)."
+            "of the faster one; only ratios measured in one run compare), run since new "
+            "spares are forked from the fork server (the run above predates it; see "
+            "ARCHITECTURE.md, Spare workers). The pool's memory line counts the fork "
+            "server with the manager and workers: the workers share its pages, which PSS "
+            "splits between them."
         )
         section = swap_section(
             json.loads(slow_json.read_text()), heading, "docs/bench_swap_slow_machine.json"
