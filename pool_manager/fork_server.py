@@ -20,6 +20,7 @@ import select
 import signal
 import socket
 import sys
+from collections import deque
 from collections.abc import Callable
 
 import psutil
@@ -133,7 +134,8 @@ class ForkServer:
         self._lock = asyncio.Lock()
         loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[None] = loop.create_future()
-        self._reply: asyncio.Future[ForkedEvent | FailedEvent | None] | None = None
+        # The forks asked for and not answered yet, oldest first.
+        self._replies: deque[asyncio.Future[ForkedEvent | FailedEvent | None]] = deque()
         self._unwanted: set[ForkedProcess] = set()  # forked for a caller that left
         self._reader_task: asyncio.Task[None] | None = None
 
@@ -227,33 +229,41 @@ class ForkServer:
                 if not self._ready.cancelled():
                     raise  # our caller was cancelled
                 raise OSError("the fork server exited") from None
-            reply = self._reply = asyncio.get_running_loop().create_future()
+            reply: asyncio.Future[ForkedEvent | FailedEvent | None]
+            reply = asyncio.get_running_loop().create_future()
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 line = ForkCommand(args=args, env=env, urgent=urgent).encode()
-                socket.send_fds(self._control, [line], [theirs.fileno()])
-                theirs.close()
-                event = await asyncio.wait_for(asyncio.shield(reply), FORK_TIMEOUT_SECONDS)
+                try:
+                    socket.send_fds(self._control, [line], [theirs.fileno()])
+                finally:
+                    theirs.close()
+                self._replies.append(reply)  # it answers in the order asked
+                try:
+                    event = await asyncio.wait_for(asyncio.shield(reply), FORK_TIMEOUT_SECONDS)
+                except TimeoutError:
+                    raise OSError("the fork server did not answer") from None
                 if not isinstance(event, ForkedEvent):
                     raise OSError(event.reason if event else "the fork server exited")
                 return ForkedProcess(event.pid), ours
-            except TimeoutError:
-                ours.close()
-                raise OSError("the fork server did not answer") from None
             except BaseException:
-                ours.close()  # a spare forked all the same reads EOF and exits
+                ours.close()  # a spare forked all the same reads EOF and exits...
+                reply.cancel()  # ...and `_answered` reaps it
                 raise
-            finally:
-                theirs.close()
 
     def _answered(self, event: ForkedEvent | FailedEvent | None) -> None:
-        """A fork's answer; one nobody waits for any more (its caller was cancelled, or
-        timed out) is a spare whose control socket is closed: it exits, and is reaped."""
-        if self._reply is not None and not self._reply.done():
-            self._reply.set_result(event)
-        elif isinstance(event, ForkedEvent):
-            with contextlib.suppress(OSError):
-                self._unwanted.add(ForkedProcess(event.pid))
+        """The oldest fork's answer (None: the fork server exited, for every fork still
+        waiting). One whose caller left (cancelled, or timed out) is a spare whose
+        control socket is closed: it exits, and is reaped."""
+        waiting = [self._replies.popleft()] if event is not None and self._replies else []
+        if event is None:
+            waiting, self._replies = list(self._replies), deque()
+        for reply in waiting:
+            if not reply.cancelled():
+                reply.set_result(event)
+            elif isinstance(event, ForkedEvent):
+                with contextlib.suppress(OSError):
+                    self._unwanted.add(ForkedProcess(event.pid))
         self._unwanted = {p for p in self._unwanted if p.returncode is None}
 
     async def close(self) -> None:

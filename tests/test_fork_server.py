@@ -22,6 +22,7 @@ import psutil
 import pytest
 from openai import OpenAI
 
+from pool_manager import fork_server
 from pool_manager.fork_server import ForkedProcess, ForkServer, become_subreaper
 from pool_manager.worker_process import SpareOptions, WorkerProcess, worker_environment
 from tests.conftest import Manager, ManagerFactory, model_entry, pid_alive, wait_for
@@ -97,6 +98,37 @@ async def test_a_spare_whose_manager_end_closes_exits_and_is_reaped(subreaper: N
         code = await asyncio.wait_for(process.wait(), 120)
         assert code in (0, -signal.SIGTERM)  # it ends itself with SIGTERM after EOF
         assert not psutil.pid_exists(process.pid), "reaped, no zombie left"
+    finally:
+        await server.close()
+
+
+async def test_a_fork_its_caller_left_is_reaped_and_the_next_gets_its_own_answer(
+    subreaper: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await ForkServer.start(sandbox=False, env=worker_environment())
+    try:
+        await _until(lambda: server.ready, 120, "the fork server's imports")
+        # No time to answer: the caller gives up right after asking.
+        monkeypatch.setattr(fork_server, "FORK_TIMEOUT_SECONDS", 0)
+        with pytest.raises(OSError, match="did not answer"):
+            await server.fork(OPTIONS.worker_args(), worker_environment(), urgent=False)
+        monkeypatch.undo()
+        before = {c.pid for c in psutil.Process().children()}
+        spare = await WorkerProcess.start_spare(OPTIONS, server)
+        # Had it been handed the first fork's answer, it would be the left spare, which
+        # exits (its socket is closed), and never say `spare` on this socket.
+        await _until(lambda: spare.is_warm_spare, 120, "the second spare to be ready")
+        assert spare.pid not in before
+        # The first spare exits (its socket is closed) and is reaped: without that it
+        # would stay our zombie child.
+        ours = {spare.pid, server.pid}
+        await _until(
+            lambda: {c.pid for c in psutil.Process().children()} == ours,
+            60,
+            "the left spare to be reaped",
+        )
+        spare.kill()
+        await spare.wait_exit()
     finally:
         await server.close()
 
