@@ -43,6 +43,29 @@ FORK_TIMEOUT_SECONDS = 10.0
 READY_TIMEOUT_SECONDS = 120.0
 
 
+async def start_spare_module(
+    args: list[str], env: dict[str, str]
+) -> tuple[asyncio.subprocess.Process, socket.socket]:
+    """Start `python -m model_service.spare ARGS --control-fd N` on this machine, N its end
+    of a new socket pair; the process and our end. It starts in the manager's session and
+    process group; a spare leaves the group itself (model_service/spare.py says why)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "model_service.spare", *args),
+            *("--control-fd", str(theirs.fileno())),
+            stdin=asyncio.subprocess.DEVNULL,
+            env=env,
+            pass_fds=(theirs.fileno(),),
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return process, ours
+
+
 def become_subreaper() -> str | None:
     """Make this process the parent of its descendants' orphans (the spares the fork
     server forks); None once it is, else why not."""
@@ -149,21 +172,8 @@ class ForkServer:
     ) -> ForkServer:
         """Start the fork server (it imports the worker meanwhile; `fork` waits for it).
         `on_exit` is called once it has closed its control socket (it exited)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [
-            *(sys.executable, "-m", "model_service.spare"),
-            *(["--sandbox"] if sandbox else []),
-            *("--fork-server", "--control-fd", str(theirs.fileno())),
-        ]
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *command, stdin=asyncio.subprocess.DEVNULL, env=env, pass_fds=(theirs.fileno(),)
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+        args = [*(["--sandbox"] if sandbox else []), "--fork-server"]
+        process, ours = await start_spare_module(args, env)
         server = cls(process, ours, on_exit)
         reader, writer = await asyncio.open_unix_connection(sock=ours.dup())
         server._reader_task = asyncio.create_task(

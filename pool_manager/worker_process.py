@@ -56,7 +56,7 @@ from model_service.sandbox import (
     Report,
 )
 from model_service.secrets import SECRET_ENV_PREFIX
-from pool_manager.fork_server import ForkServer
+from pool_manager.fork_server import ForkServer, start_spare_module
 
 log = logging.getLogger(__name__)
 
@@ -153,30 +153,13 @@ async def spawn_spare(
 ) -> tuple[asyncio.subprocess.Process, socket.socket]:
     """Start `python -m model_service.spare` on this machine; the process and our end of
     its control socket. Also what a cluster node's WorkerHost does (pool_manager/cluster.py)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     network = ["--network"] if options.network else []
-    command = [
-        *(sys.executable, "-m", "model_service.spare"),
+    args = [
         *(["--sandbox", *network] if options.sandbox else []),
         *(["--urgent"] if options.urgent else []),
-        *("--control-fd", str(theirs.fileno())),
         *options.worker_args(),
     ]
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.DEVNULL,
-            env=env,
-            pass_fds=(theirs.fileno(),),
-            # The manager's session, not one of its own: the worker leaves our process
-            # group itself (model_service/spare.py says why).
-        )
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
-    return process, ours
+    return await start_spare_module(args, env)
 
 
 class WorkerProcess:
