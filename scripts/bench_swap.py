@@ -372,9 +372,11 @@ async def swap_run(side: Side, sequence: list[str], names: dict[str, str]) -> di
             results.append((model, result))
 
     async with new_client() as http:
+        cpu_before = psutil.cpu_times()
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(CLIENTS)))
         wall = time.perf_counter() - started
+        cpu = machine_cpu(cpu_before, psutil.cpu_times())
     after = await side.counters()
     done = [r for _, r in results if failure_kind(r) is None]
     failures = Counter(kind for _, r in results if (kind := failure_kind(r)) is not None)
@@ -394,6 +396,29 @@ async def swap_run(side: Side, sequence: list[str], names: dict[str, str]) -> di
         "slowest": slowest(done),
         "loads": after["loads"] - before["loads"],
         "evictions": after["evictions"] - before["evictions"],
+        "machine_cpu": cpu,
+        "busy_core_s_per_completed": round(cpu["busy_core_s"] / len(done), 3) if done else None,
+    }
+
+
+def machine_cpu(before: Any, after: Any) -> dict[str, float]:
+    """The whole machine's CPU time between two psutil.cpu_times(), in core-seconds: busy
+    (user, nice, system) and idle (idle, iowait), and the busy share. Whether a side is
+    bound by the cores; llama.cpp's threads spin a little while they wait, and that
+    counts as busy on both sides alike."""
+
+    def busy(t: Any) -> float:
+        return float(t.user + t.nice + t.system)
+
+    def idle(t: Any) -> float:
+        return float(t.idle + getattr(t, "iowait", 0.0))
+
+    busy_s, idle_s = busy(after) - busy(before), idle(after) - idle(before)
+    total = busy_s + idle_s
+    return {
+        "busy_core_s": round(busy_s, 1),
+        "idle_core_s": round(idle_s, 1),
+        "busy_share": round(busy_s / total, 3) if total > 0 else 0.0,
     }
 
 
@@ -641,6 +666,8 @@ def summarize_swap(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "ttft_p50_ms": med("ttft_ms", "p50"),
         "loads": med("loads"),
         "evictions": med("evictions"),
+        "busy_share": med("machine_cpu", "busy_share"),
+        "busy_core_s_per_completed": med("busy_core_s_per_completed"),
         "failed": sum(sum(r["failed_by_kind"].values()) for r in runs),
     }
 

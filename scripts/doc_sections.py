@@ -186,9 +186,14 @@ def swap_section(
         ("time to first token p50 (ms)", "ttft_p50_ms", ""),
         ("loads", "loads", ""),
         ("evictions", "evictions", ""),
+        # The whole machine's CPU during the round (absent from runs made before it was).
+        ("machine CPU busy (share of all cores)", "busy_share", ""),
+        ("busy core-seconds per completed request", "busy_core_s_per_completed", ""),
         ("requests not completed", "failed", ""),
     ]
     for label, key, suffix in rows:
+        if not all(key in swap[k] for k in sides):
+            continue  # a run from before the figure was measured
         lines.append(
             f"| {label} | " + " | ".join(_cell(swap[k][key], suffix) for k in sides) + " |"
         )
