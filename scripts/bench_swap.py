@@ -59,6 +59,7 @@ from bench_harness import (
     all_idle,
     file_copies,
     log,
+    machine_busy_seconds,
     model_file,
     stream_http,
     wait_until_quiet,
@@ -372,11 +373,11 @@ async def swap_run(side: Side, sequence: list[str], names: dict[str, str]) -> di
             results.append((model, result))
 
     async with new_client() as http:
-        cpu_before = psutil.cpu_times()
+        busy_before = machine_busy_seconds()
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(CLIENTS)))
         wall = time.perf_counter() - started
-        cpu = machine_cpu(cpu_before, psutil.cpu_times())
+        cpu = machine_cpu(machine_busy_seconds() - busy_before, wall)
     after = await side.counters()
     done = [r for _, r in results if failure_kind(r) is None]
     failures = Counter(kind for _, r in results if (kind := failure_kind(r)) is not None)
@@ -401,24 +402,16 @@ async def swap_run(side: Side, sequence: list[str], names: dict[str, str]) -> di
     }
 
 
-def machine_cpu(before: Any, after: Any) -> dict[str, float]:
-    """The whole machine's CPU time between two psutil.cpu_times(), in core-seconds: busy
-    (user, nice, system) and idle (idle, iowait), and the busy share. Whether a side is
-    bound by the cores; llama.cpp's threads spin a little while they wait, and that
-    counts as busy on both sides alike."""
-
-    def busy(t: Any) -> float:
-        return float(t.user + t.nice + t.system)
-
-    def idle(t: Any) -> float:
-        return float(t.idle + getattr(t, "iowait", 0.0))
-
-    busy_s, idle_s = busy(after) - busy(before), idle(after) - idle(before)
-    total = busy_s + idle_s
+def machine_cpu(busy_s: float, wall_s: float) -> dict[str, float]:
+    """The whole machine's CPU over a round (`busy_s`, from machine_busy_seconds, in
+    `wall_s`): busy and idle core-seconds and the busy share. Whether a side is bound by
+    the cores; llama.cpp's threads spin a little while they wait, and that counts as busy
+    on both sides alike."""
+    capacity = wall_s * (psutil.cpu_count() or 1)
     return {
         "busy_core_s": round(busy_s, 1),
-        "idle_core_s": round(idle_s, 1),
-        "busy_share": round(busy_s / total, 3) if total > 0 else 0.0,
+        "idle_core_s": round(max(0.0, capacity - busy_s), 1),
+        "busy_share": round(min(1.0, busy_s / capacity), 3) if capacity > 0 else 0.0,
     }
 
 
